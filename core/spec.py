@@ -1,0 +1,314 @@
+"""The job spec: what to train, on what data, and how.
+
+A spec arrives as YAML, JSON or a dict and is validated here, once, at the
+edge: unknown fields are refused, every number is checked for sense, and each
+error names the field and the bad value. Inside the project a `JobSpec` is
+trusted as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Upper bounds that stop absurd requests (a billion workers, a trillion
+# parameters) before they reach the cluster. Generous for a numpy MLP.
+MAX_WORKERS = 1024
+MAX_SHARDS = 4096
+MAX_LAYER_WIDTH = 65_536
+MAX_HIDDEN_LAYERS = 64
+MAX_PARAMETERS = 200_000_000
+MAX_STEPS = 100_000_000
+MAX_BATCH = 10_000_000
+MAX_SYNTHETIC_SAMPLES = 10_000_000
+MAX_SYNTHETIC_FEATURES = 100_000
+MAX_CLASSES = 100_000
+
+BUILTIN_SOURCES = ("digits", "iris", "wine", "breast_cancer", "synthetic")
+
+
+def validation_rows(n_rows: int, validation_split: float) -> int:
+    """How many of n_rows the validation split holds (rounded down)."""
+    return int(math.floor(n_rows * validation_split))
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the field and the value."""
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused; "1" is not silently an int; NaN/Inf never pass.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def _positive(name: str, value: int | float, upper: int | float | None = None):
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {value!r}")
+    return value
+
+
+class DataSpec(_Strict):
+    source: str = Field(description="a built-in data set name or a path to a .npz/.csv file")
+    validation_split: float = Field(0.2, description="fraction of rows held out for validation, in [0, 1)")
+    shards: int = Field(4, description="number of logical shards of the training rows")
+    samples: int = Field(2000, description="synthetic only: number of rows")
+    features: int = Field(20, description="synthetic only: number of input columns")
+    classes: int = Field(3, description="synthetic only: number of classes")
+    label_column: str | int | None = Field(None, description="csv only: label column name or index (default: the last)")
+    standardize: bool = Field(True, description="scale inputs by the training split's mean and standard deviation")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("source must name a built-in data set or a file, got an empty string")
+        if v not in BUILTIN_SOURCES and Path(v).suffix.lower() not in (".npz", ".csv"):
+            raise ValueError(
+                f"source must be one of {', '.join(BUILTIN_SOURCES)} or a .npz/.csv path, got {v!r}"
+            )
+        return v
+
+    @field_validator("validation_split")
+    @classmethod
+    def _split(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, v: int) -> int:
+        return _positive("shards", v, MAX_SHARDS)
+
+    @field_validator("samples")
+    @classmethod
+    def _samples(cls, v: int) -> int:
+        return _positive("samples", v, MAX_SYNTHETIC_SAMPLES)
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: int) -> int:
+        return _positive("features", v, MAX_SYNTHETIC_FEATURES)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: int) -> int:
+        if v < 2 or v > MAX_CLASSES:
+            raise ValueError(f"classes must be in [2, {MAX_CLASSES}], got {v!r}")
+        return v
+
+
+class ModelSpec(_Strict):
+    hidden: list[int] = Field(default_factory=lambda: [64], description="hidden layer widths; [] for none")
+    activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+    output: Literal["softmax", "sigmoid", "identity"] = "softmax"
+    loss: Literal["cross_entropy", "squared_error"] = "cross_entropy"
+    bias: bool = True
+    init: Literal["he", "xavier", "lecun"] = "he"
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if len(v) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"hidden has {len(v)} layers, at most {MAX_HIDDEN_LAYERS} are allowed")
+        for i, width in enumerate(v):
+            if width <= 0 or width > MAX_LAYER_WIDTH:
+                raise ValueError(f"hidden[{i}] must be in [1, {MAX_LAYER_WIDTH}], got {width!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _not_too_large(self) -> "ModelSpec":
+        between = sum(a * b for a, b in zip(self.hidden, self.hidden[1:]))
+        if between > MAX_PARAMETERS:
+            raise ValueError(f"hidden {self.hidden} needs {between} weights, more than {MAX_PARAMETERS}")
+        return self
+
+    @model_validator(mode="after")
+    def _loss_fits_output(self) -> "ModelSpec":
+        if self.loss == "cross_entropy" and self.output == "identity":
+            raise ValueError(
+                "loss 'cross_entropy' needs output 'softmax' or 'sigmoid', got output 'identity' "
+                "(use loss 'squared_error' for regression)"
+            )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    step_size: int = Field(100, gt=0, le=MAX_STEPS)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=1e6)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "OptimizerSpec":
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
+        return self
+
+
+class TrainingSpec(_Strict):
+    mode: Literal["sync", "async"] = "sync"
+    workers: int = Field(2, description="gradient worker actors")
+    batch_size: int = Field(128, description="global batch of one step, split over the shards")
+    steps: int = Field(description="number of optimizer steps")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    dtype: Literal["float32", "float64"] = "float32"
+    eval_every: int = Field(25, description="evaluate on the validation split every N steps (0: only at the end)")
+    checkpoint_every: int = Field(50, description="write a checkpoint every N steps (0: only at the end)")
+    parameter_servers: int = Field(1, description="split the parameter server into k actors by parameter slice")
+    max_staleness: int = Field(4, description="async only: refuse gradients more than this many versions old")
+    max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
+    cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        return _positive("workers", v, MAX_WORKERS)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int) -> int:
+        return _positive("batch_size", v, MAX_BATCH)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return _positive("steps", v, MAX_STEPS)
+
+    @field_validator("parameter_servers")
+    @classmethod
+    def _servers(cls, v: int) -> int:
+        return _positive("parameter_servers", v, 64)
+
+    @field_validator("max_nonfinite_steps")
+    @classmethod
+    def _nonfinite(cls, v: int) -> int:
+        return _positive("max_nonfinite_steps", v, 1_000_000)
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _cpus(cls, v: int) -> int:
+        return _positive("cpus_per_worker", v, 256)
+
+    @field_validator("eval_every", "checkpoint_every", "max_staleness")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0 or v > MAX_STEPS:
+            raise ValueError(f"{info.field_name} must be in [0, {MAX_STEPS}], got {v!r}")
+        return v
+
+
+class JobSpec(_Strict):
+    name: str = Field("job", min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        t, d = self.training, self.data
+        if t.workers > d.shards:
+            raise ValueError(
+                f"training.workers ({t.workers}) must be <= data.shards ({d.shards}): "
+                "shards are the unit of work, a worker without one would idle"
+            )
+        if t.batch_size < d.shards:
+            raise ValueError(
+                f"training.batch_size ({t.batch_size}) must be >= data.shards ({d.shards}): "
+                "every shard contributes at least one row per step"
+            )
+        if d.source == "synthetic":
+            n_train = d.samples - validation_rows(d.samples, d.validation_split)
+            if n_train < d.shards:
+                raise ValueError(
+                    f"data.shards ({d.shards}) exceeds the training rows ({n_train}) of "
+                    f"{d.samples} synthetic samples with validation_split {d.validation_split}"
+                )
+        return self
+
+    def with_workers(self, workers: int) -> "JobSpec":
+        """The same spec with another worker count, validated again."""
+        raw = self.model_dump()
+        raw["training"]["workers"] = workers
+        return parse_spec(raw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def _reject_non_finite(value: Any, path: str) -> None:
+    """Refuse NaN/Inf anywhere, including spelled as strings ("nan", "-Infinity")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{path or 'spec'}: numbers must be finite, got {value!r}")
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        raise SpecError(f"{path or 'spec'}: numbers must be finite, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_non_finite(v, f"{path}[{i}]")
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        value = e.get("input")
+        quiet = isinstance(value, (dict, list)) or e["type"] == "missing" or "got " in msg
+        shown = "" if quiet else f" (got {value!r})"
+        parts.append(f"{loc or 'spec'}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def parse_spec(raw: Any) -> JobSpec:
+    """Validate a spec given as a dict; raise SpecError naming the field and value."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec must be a mapping of fields, got {type(raw).__name__}")
+    _reject_non_finite(raw, "")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err)) from None
+
+
+def load_spec(source: str | Path | dict | JobSpec) -> JobSpec:
+    """A JobSpec from a JobSpec, a dict, or a path to a YAML/JSON file."""
+    if isinstance(source, JobSpec):
+        return source
+    if isinstance(source, dict):
+        return parse_spec(source)
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"cannot read spec file {str(path)!r}: {err.strerror}") from None
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"spec file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    return parse_spec(raw)
