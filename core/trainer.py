@@ -1,0 +1,218 @@
+"""The single-process reference trainer, and the one definition of a step.
+
+A step is: each logical shard's gradient SUM at the current parameters, added
+in shard order, divided by the total sample count, checked for finiteness,
+and handed to the optimizer. `shard_gradient`, `reduce_gradients` and
+`apply_gradient` are that definition; the distributed trainer calls these same
+functions, which is why its weights match `train`'s bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from core.data import Dataset, load_dataset
+from core.mlp import MLP
+from core.optim import Optimizer, learning_rate, make_optimizer
+from core.shards import Shard, make_shards
+from core.spec import JobSpec, load_spec
+
+
+class TrainingError(RuntimeError):
+    """A job that cannot go on; the message says which step and why."""
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Pin BLAS to one thread: its results depend on its thread count (OpenBLAS
+    gives other bits with 1 and 2 threads), so shard gradients always use one
+    and parallelism comes from computing shards concurrently."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@dataclass
+class ShardGradient:
+    """One shard's contribution to one step: the SUM of per-sample gradients."""
+
+    shard: int
+    step: int
+    grad_sum: np.ndarray
+    count: int
+    loss_sum: float
+
+
+@dataclass
+class ShardedData:
+    """A job's data set and its logical shards: what a gradient worker holds."""
+
+    dataset: Dataset
+    shards: list[Shard]
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, data_roots: Sequence[str | Path] | None = None) -> "ShardedData":
+        ds = load_dataset(spec.data, spec.seed, spec.training.dtype, data_roots)
+        return cls(ds, make_shards(len(ds.X_train), spec.data.shards, spec.training.batch_size, spec.seed))
+
+
+def output_units(spec: JobSpec, dataset: Dataset) -> int:
+    """Output width: one unit per class, except one sigmoid unit for a binary
+    classifier trained with cross-entropy (its 0/1 labels are the targets)."""
+    if dataset.n_classes is None:
+        return dataset.n_targets
+    if spec.model.output == "sigmoid" and spec.model.loss == "cross_entropy" and dataset.n_classes == 2:
+        return 1
+    return dataset.n_classes
+
+
+def build_network(spec: JobSpec, dataset: Dataset) -> MLP:
+    """The job's network at step 0, deterministic in the spec's seed."""
+    m = spec.model
+    net = MLP(
+        [dataset.n_features, *m.hidden, output_units(spec, dataset)],
+        activation=m.activation, output=m.output, loss=m.loss, bias=m.bias,
+        init=m.init, seed=spec.seed, dtype=spec.training.dtype,
+    )
+    if dataset.mean is not None:
+        net.normalizer = (dataset.mean, dataset.scale)
+    return net
+
+
+def shard_gradient(net: MLP, data: ShardedData, shard: int, step: int) -> ShardGradient:
+    """Shard `shard`'s gradient sum at the parameters of version `step`.
+
+    The caller pins BLAS to one thread (`one_blas_thread`)."""
+    rows = data.shards[shard].batch(step)
+    loss_sum, grad_sum, count = net.grad_sum(data.dataset.X_train[rows], data.dataset.y_train[rows])
+    return ShardGradient(shard, step, grad_sum, count, float(loss_sum))
+
+
+def reduce_gradients(grads: Sequence[ShardGradient]) -> tuple[np.ndarray, float, int]:
+    """Mean gradient, mean loss and sample count of one step.
+
+    Gradients are added in shard order, ((g0 + g1) + g2) + ..., then divided
+    by the total count: float addition is not associative, so the order is
+    part of the definition."""
+    assert [g.shard for g in grads] == sorted(g.shard for g in grads), "gradients must come in shard order"
+    total = grads[0].grad_sum.copy()
+    for g in grads[1:]:
+        total += g.grad_sum
+    count = sum(g.count for g in grads)
+    np.divide(total, total.dtype.type(count), out=total)
+    loss = sum(g.loss_sum for g in grads) / count
+    return total, loss, count
+
+
+def apply_gradient(params: np.ndarray, optimizer: Optimizer, grad: np.ndarray, step: int) -> bool:
+    """Apply the optimizer in place if the gradient is finite; False if skipped."""
+    if not np.isfinite(grad).all():
+        return False
+    optimizer.apply(params, grad, step)
+    return True
+
+
+def evaluate(net: MLP, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[float | None, float | None]:
+    """Mean loss and accuracy (None for regression) over a held-out set."""
+    if len(X) == 0:
+        return None, None
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(X), chunk):
+        Xc, yc = X[start:start + chunk], y[start:start + chunk]
+        loss_sum += float(net.grad_sum(Xc, yc)[0])
+        if y.ndim == 1:
+            correct += int(np.sum(predicted_labels(net.forward(Xc)) == yc))
+    return loss_sum / len(X), (correct / len(X) if y.ndim == 1 else None)
+
+
+def predicted_labels(outputs: np.ndarray) -> np.ndarray:
+    """Class labels from output activations: argmax, or p > 0.5 for one sigmoid unit."""
+    if outputs.shape[1] == 1:
+        return (outputs[:, 0] > 0.5).astype(np.int64)
+    return np.argmax(outputs, axis=1)
+
+
+def step_record(spec: JobSpec, step: int, loss: float, count: int, seconds: float,
+                applied: bool, **extra) -> dict:
+    """One row of a job's history: the same fields for every trainer."""
+    return {
+        "step": step + 1,
+        "loss": loss,
+        "samples": count,
+        "samples_per_s": count / seconds if seconds > 0 else None,
+        "lr": learning_rate(spec.training.optimizer, step, spec.training.steps),
+        "skipped": not applied,
+        "val_loss": None,
+        "val_accuracy": None,
+        **extra,
+    }
+
+
+def should_evaluate(spec: JobSpec, step: int) -> bool:
+    """Evaluate after update `step` (0-based) every eval_every steps and at the end."""
+    done = step + 1
+    every = spec.training.eval_every
+    return done == spec.training.steps or (every > 0 and done % every == 0)
+
+
+class NonFiniteGuard:
+    """Counts skipped non-finite steps and fails the job after K in a row."""
+
+    def __init__(self, limit: int, streak: int = 0, skipped: int = 0):
+        self.limit, self.streak, self.skipped = limit, streak, skipped
+
+    def record(self, step: int, applied: bool, loss: float) -> None:
+        if applied:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.skipped += 1
+        if self.streak >= self.limit:
+            raise TrainingError(
+                f"step {step + 1}: {self.streak} non-finite steps in a row "
+                f"(training.max_nonfinite_steps is {self.limit}; last loss {loss}); "
+                "try a smaller learning rate"
+            )
+
+
+def train(
+    spec: JobSpec | dict | str | Path,
+    *,
+    data_roots: Sequence[str | Path] | None = None,
+    threads: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[MLP, list[dict]]:
+    """Train a job in this process; returns the network and its history.
+
+    Shards run concurrently on a pool of `threads` (default: every core),
+    each with one BLAS thread, so the bits do not depend on `threads`."""
+    spec = load_spec(spec)
+    data = ShardedData.from_spec(spec, data_roots)
+    net = build_network(spec, data.dataset)
+    t = spec.training
+    optimizer = make_optimizer(t.optimizer, net.params.size, net.params.dtype, t.steps)
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    history: list[dict] = []
+    S = len(data.shards)
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=min(S, threads or os.cpu_count() or 1)) as pool:
+        for step in range(t.steps):
+            began = time.perf_counter()
+            grads = list(pool.map(lambda s: shard_gradient(net, data, s, step), range(S)))
+            grad, loss, count = reduce_gradients(grads)
+            applied = apply_gradient(net.params, optimizer, grad, step)
+            guard.record(step, applied, loss)
+            record = step_record(spec, step, loss, count, time.perf_counter() - began, applied)
+            if should_evaluate(spec, step):
+                record["val_loss"], record["val_accuracy"] = evaluate(net, data.dataset.X_val, data.dataset.y_val)
+            history.append(record)
+            if on_step is not None:
+                on_step(record)
+    return net, history
