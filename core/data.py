@@ -102,6 +102,9 @@ def synthetic(samples: int, features: int, classes: int, seed: int) -> tuple[np.
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":  # np.load would try anything else as a pickle
+            raise DataError(f"{path}: not a readable .npz file (no zip archive header)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("X", "y") if k not in archive.files]

@@ -1,0 +1,93 @@
+"""The job spec: defaults, and every refusal names the field and the value."""
+
+import json
+
+import pytest
+
+from core.spec import SpecError, load_spec, parse_spec
+
+BASE = {"data": {"source": "digits"}, "training": {"steps": 10}}
+
+
+def spec_with(section, **fields):
+    raw = json.loads(json.dumps(BASE))
+    raw.setdefault(section, {}).update(fields)
+    return raw
+
+
+def test_minimal_spec_gets_documented_defaults():
+    spec = parse_spec(BASE)
+    assert spec.data.validation_split == 0.2 and spec.data.shards == 4
+    assert spec.model.hidden == [64] and spec.model.activation == "relu"
+    assert spec.training.dtype == "float32" and spec.training.mode == "sync"
+    assert spec.training.optimizer.name == "sgd" and spec.training.optimizer.momentum == 0.0
+
+
+@pytest.mark.parametrize("raw, words", [
+    (spec_with("training", steps=0), ["training.steps", "0"]),
+    (spec_with("training", steps=-5), ["training.steps", "-5"]),
+    (spec_with("training", workers=10**9), ["training.workers", "1000000000"]),
+    (spec_with("training", batch_size=0), ["training.batch_size", "0"]),
+    (spec_with("data", shards=0), ["data.shards", "0"]),
+    (spec_with("data", validation_split=1.0), ["data.validation_split", "1.0"]),
+    (spec_with("data", validation_split=-0.1), ["data.validation_split", "-0.1"]),
+    (spec_with("model", hidden=[10**9]), ["model.hidden", "1000000000"]),
+    (spec_with("model", hidden=[0]), ["model.hidden", "0"]),
+    (spec_with("model", activation="swish"), ["model.activation", "swish"]),
+    (spec_with("model", output="identity"), ["cross_entropy", "identity"]),
+    (spec_with("training", steps="10"), ["training.steps", "'10'"]),
+    (spec_with("training", steps=float("nan")), ["training.steps", "nan"]),
+    (spec_with("training", optimizer={"lr": "Infinity"}), ["training.optimizer.lr", "Infinity"]),
+    (spec_with("training", optimizer={"lr": float("inf")}), ["training.optimizer.lr", "inf"]),
+    (spec_with("training", optimizer={"momentum": 1.5}), ["training.optimizer.momentum", "1.5"]),
+    (spec_with("training", optimizer={"nesterov": True}), ["nesterov", "momentum"]),
+    (spec_with("training", optimizer={"name": "rmsprop"}), ["training.optimizer.name", "rmsprop"]),
+    (spec_with("data", colour="blue"), ["data.colour", "unknown field"]),
+    ({**BASE, "extra": 1}, ["extra", "unknown field"]),
+    (spec_with("training", workers=5), ["training.workers (5)", "data.shards (4)"]),
+    (spec_with("training", batch_size=3), ["training.batch_size (3)", "data.shards (4)"]),
+    (spec_with("data", source="weights.pkl"), ["data.source", "weights.pkl"]),
+    ({"data": {"source": "synthetic", "samples": 3, "shards": 4}, "training": {"steps": 1, "workers": 1, "batch_size": 4}},
+     ["data.shards (4)", "training rows (3)"]),
+    ({"training": {"steps": 1}}, ["data", "Field required"]),
+    ({"data": {"source": "digits"}}, ["training", "Field required"]),
+])
+def test_bad_specs_are_refused_naming_field_and_value(raw, words):
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_non_mapping_spec_is_refused():
+    with pytest.raises(SpecError, match="mapping"):
+        parse_spec([1, 2, 3])
+
+
+def test_yaml_and_json_files_give_the_same_spec(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps(BASE))
+    (tmp_path / "job.yaml").write_text("data: {source: digits}\ntraining: {steps: 10}\n")
+    assert load_spec(tmp_path / "job.json") == load_spec(tmp_path / "job.yaml") == parse_spec(BASE)
+
+
+def test_unreadable_and_malformed_files_are_refused(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed")
+    with pytest.raises(SpecError, match="not valid"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_with_workers_revalidates():
+    spec = parse_spec(BASE)
+    assert spec.with_workers(4).training.workers == 4
+    with pytest.raises(SpecError, match="training.workers"):
+        spec.with_workers(0)
+
+
+def test_examples_are_valid():
+    from pathlib import Path
+    examples = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+    assert examples
+    for path in examples:
+        load_spec(path)
