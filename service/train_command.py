@@ -1,0 +1,132 @@
+"""`shardprop train`: run one job directly, on Ray or in this process.
+
+Without a service: a private local Ray by default, an existing cluster with
+`--address`, or core's single-process reference trainer with `--reference`.
+Shows a progress bar and writes the trained model file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.data import DataError
+from core.spec import SpecError, load_spec
+from core.trainer import TrainingError, train
+
+RUNS = Path.home() / ".shardprop" / "runs"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="run a job directly on Ray (or in-process with --reference)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", help="job spec, YAML or JSON")
+    p.add_argument("--workers", type=int, help="gradient workers (overrides training.workers)")
+    p.add_argument("--address", help="attach to this Ray cluster instead of starting a private one")
+    p.add_argument("--out", help="model file to write (default: <job name>.npz)")
+    p.add_argument("--checkpoint-dir", help=f"where checkpoints go (default: a new folder under {RUNS})")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run whose checkpoints are in DIR")
+    p.add_argument("--reference", action="store_true", help="core's single-process trainer, without Ray")
+    p.add_argument("--data-root", action="append", help="confine data paths to these folders")
+
+
+class Progress:
+    """A tqdm bar fed by per-step records."""
+
+    def __init__(self, total: int, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=None)
+        self.last_val = None
+
+    def __call__(self, record: dict) -> None:
+        if record.get("val_accuracy") is not None:
+            self.last_val = record["val_accuracy"]
+        shown = {"loss": f"{record['loss']:.4f}"}
+        if record.get("samples_per_s"):
+            shown["samples/s"] = f"{record['samples_per_s']:.0f}"
+        if self.last_val is not None:
+            shown["val_acc"] = f"{self.last_val:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"shardprop train: error: {message}", file=sys.stderr)
+    return code
+
+
+def run(args) -> int:
+    try:
+        spec = load_spec(args.job)
+        if args.workers is not None:
+            spec = spec.with_workers(args.workers)
+    except SpecError as err:
+        return _fail(str(err), 2)
+    out = Path(args.out or f"{spec.name}.npz")
+    history: list[dict] = []
+    progress = Progress(spec.training.steps)
+
+    def on_step(record: dict) -> None:
+        history.append(record)
+        progress(record)
+
+    try:
+        if args.reference:
+            net, _ = train(spec, data_roots=args.data_root, on_step=on_step)
+        else:
+            net = _run_on_ray(spec, args, on_step, progress)
+            if net is None:
+                return 130
+    except (DataError, TrainingError, ValueError) as err:
+        progress.close()
+        return _fail(str(err))
+    progress.close()
+    net.save(out)
+    evaluated = [r for r in history if r.get("val_accuracy") is not None]
+    summary = f"wrote {out}"
+    if history:
+        summary += f"; final loss {history[-1]['loss']:.4f}"
+    if evaluated:
+        summary += f", validation accuracy {evaluated[-1]['val_accuracy']:.4f}"
+    print(summary)
+    return 0
+
+
+def _run_on_ray(spec, args, on_step, progress):
+    from workers.coordinator import Coordinator, JobCancelled
+    from workers.checkpoint import list_checkpoints
+    from workers.runtime import connect_ray
+
+    if args.resume:
+        directory = Path(args.resume)
+        if not list_checkpoints(directory):
+            raise ValueError(f"--resume {directory}: no checkpoints there")
+    else:
+        directory = Path(args.checkpoint_dir) if args.checkpoint_dir else \
+            RUNS / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if list_checkpoints(directory):
+            raise ValueError(f"--checkpoint-dir {directory} already holds checkpoints: "
+                             f"pass --resume {directory} to continue that run, or choose an empty folder")
+    connect_ray(args.address, spec.training.workers)
+
+    def on_event(kind: str, detail: dict) -> None:
+        if kind == "resumed":
+            progress.bar.update(detail["step"] - progress.bar.n)
+        elif kind == "recovery":
+            progress.bar.write(f"recovered at step {detail['step']} in {detail['seconds']:.1f} s")
+
+    coordinator = Coordinator(spec, directory, data_roots=args.data_root, on_step=on_step, on_event=on_event)
+    print(f"checkpoints: {directory}", file=sys.stderr)
+    try:
+        return coordinator.run(resume=bool(args.resume))
+    except (KeyboardInterrupt, JobCancelled):
+        progress.close()
+        print(f"interrupted; continue with: shardprop train {args.job} --resume {directory}", file=sys.stderr)
+        return None

@@ -1,0 +1,69 @@
+"""Shared fixtures: one real Ray instance (and one 3-raylet cluster) per test
+session, each checked after every test that uses it: no actor of ours left
+alive and every CPU free again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+def _our_live_actors():
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=20)
+            if a.class_name in ("GradientWorker", "ParameterServer")]
+
+
+def assert_cluster_clean(timeout: float = 30.0) -> None:
+    """Wait (briefly) for killed actors to release their CPUs, then insist."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        free = ray.available_resources().get("CPU", 0)
+        alive = _our_live_actors()
+        if free == total and not alive:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cluster not clean: {free}/{total} CPUs free, live actors {alive}")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_session():
+    """Three raylets on this machine standing in for three machines (2 CPUs
+    each; the head holds none), with fast failure detection. One per test
+    session: every Ray test attaches to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": {
+            "health_check_period_ms": 500, "health_check_failure_threshold": 3,
+            "health_check_initial_delay_ms": 0,
+        }},
+    )
+    for _ in range(3):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1"}},
+             log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(ray_cluster_session):
+    """The session's cluster, checked clean after the test."""
+    yield ray_cluster_session
+    assert_cluster_clean()
+
+
+@pytest.fixture
+def ray_local(ray_cluster):
+    """The session's Ray address (a string for `ray.init(address=...)`)."""
+    yield ray_cluster.address

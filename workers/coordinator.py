@@ -1,0 +1,423 @@
+"""The coordinator: drives one job step by step on Ray.
+
+It starts the job's parameter server(s) and gradient workers, assigns logical
+shards to workers, and submits each step as a small graph of actor calls —
+workers compute shard gradients from the published parameters, the servers
+reduce and apply them — without the data ever passing through it. It keeps
+up to `pipeline_depth` steps in flight, so no driver round trip sits on the
+critical path, and reads each step's statistics as they complete: loss,
+samples/s, time per phase, evaluations and checkpoints.
+
+When a worker or a server dies it restarts what is missing and submits the
+lost steps again (from the latest checkpoint for a server); the arithmetic is
+fixed by the step and the shard, so the result is the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from core.mlp import MLP
+from core.spec import JobSpec, load_spec
+from core.trainer import (NonFiniteGuard, ShardedData, TrainingError, build_network, evaluate,
+                          should_evaluate, step_record)
+from workers.checkpoint import Checkpoint, latest_checkpoint, write_checkpoint
+from workers.gradient_worker import GradientWorker
+from workers.parameter_server import ParameterServer, slice_bounds
+from workers.runtime import connect_ray
+
+WORKER_START_TIMEOUT_S = 300.0
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; its actors are gone and its CPUs free."""
+
+
+class ActorLost(Exception):
+    """An actor of the job died; `servers` says whether a parameter server did."""
+
+    def __init__(self, servers: bool, detail: str):
+        super().__init__(detail)
+        self.servers = servers
+
+
+@dataclass
+class InFlight:
+    step: int
+    params_in: list  # object refs of the parameters the step started from
+    results: list  # worker result refs
+    stats: ray.ObjectRef
+    params_out: list = field(default_factory=list)  # refs of the parameters the step produces
+    state: list | None = None  # refs of the servers' state, when the step is checkpointed
+
+
+@dataclass
+class Counters:
+    """Failure and recovery accounting that the service exports as metrics."""
+
+    worker_failures: int = 0
+    server_failures: int = 0
+    recoveries: int = 0
+    steps_replayed: int = 0
+    recovery_seconds: float = 0.0
+    nonfinite_skipped: int = 0
+    damaged_checkpoints: int = 0
+    nodes: set = field(default_factory=set)
+
+
+def join_optimizer_states(states: list[dict], sizes: list[int]) -> dict:
+    """One optimizer state from k slices: per-element arrays are joined,
+    scalars (step counts) are the same on every slice and kept once."""
+    joined = {}
+    for key in states[0]:
+        parts = [s[key] for s in states]
+        if parts[0].ndim == 1 and [p.size for p in parts] == sizes:
+            joined[key] = np.concatenate(parts)
+        else:
+            joined[key] = parts[0]
+    return joined
+
+
+def split_optimizer_state(state: dict | None, bounds: list[tuple[int, int]], size: int) -> list[dict | None]:
+    if not state:
+        return [None] * len(bounds)
+    return [{k: (v[a:b] if v.ndim == 1 and v.size == size else v) for k, v in state.items()}
+            for a, b in bounds]
+
+
+class Coordinator:
+    def __init__(self, spec: JobSpec | dict | str | Path, checkpoint_dir: str | Path, *,
+                 data_roots: list[str | Path] | None = None, job_id: str | None = None,
+                 on_step: Callable[[dict], None] | None = None,
+                 on_event: Callable[[str, dict], None] | None = None,
+                 faults: dict[int, dict] | None = None, pipeline_depth: int = 2):
+        self.spec = load_spec(spec)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.data_roots = [str(r) for r in data_roots] if data_roots else None
+        self.job_id = job_id or self.spec.name
+        self.on_step = on_step or (lambda record: None)
+        self.on_event = on_event or (lambda kind, detail: None)
+        self.faults = faults or {}  # worker index -> knobs (see GradientWorker); tests and benchmarks only
+        self.pipeline_depth = max(1, pipeline_depth)
+        self.counters = Counters()
+        self.step = 0  # highest version reported; never goes backwards
+        self._cancelled = threading.Event()
+        self._target_workers = self.spec.training.workers
+        self._lock = threading.Lock()
+        self.workers: list = []
+        self.servers: list = []
+        self._next_worker_index = 0
+
+    # ----------------------------------------------------------- control
+
+    @property
+    def required_cpus(self) -> int:
+        return self.spec.training.workers * self.spec.training.cpus_per_worker
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def resize(self, workers: int) -> None:
+        """Use `workers` gradient workers from the next step boundary on."""
+        shards = self.spec.data.shards
+        if not isinstance(workers, int) or not 1 <= workers <= shards:
+            raise ValueError(f"workers must be in [1, {shards}] (data.shards), got {workers!r}")
+        with self._lock:
+            self._target_workers = workers
+
+    # ----------------------------------------------------------- running
+
+    def run(self, resume: bool = False) -> MLP:
+        """Train to the end; returns the trained network."""
+        connect_ray(None, self.spec.training.workers)
+        spec = self.spec
+        # Loading the data here checks it before any actor starts, and gives the
+        # initial network; the workers load their own copies.
+        self.data = data = ShardedData.from_spec(spec, self.data_roots)
+        self.net = net = build_network(spec, data.dataset)
+        start, optimizer_state = 0, None
+        self.guard = NonFiniteGuard(spec.training.max_nonfinite_steps)
+        if resume:
+            ckpt = self._latest_checkpoint()
+            if ckpt is not None:
+                net.params[:] = ckpt.params
+                start, optimizer_state = ckpt.step, ckpt.optimizer
+                self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
+                self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+                self.on_event("resumed", {"step": start})
+        self.step = start
+        try:
+            if start == 0:
+                self._write_checkpoint(0, net.params, None)
+            self._start_servers(net.params, start, optimizer_state)
+            self._start_workers(self._target_workers)
+            params_refs = self._train(start)
+            net.params[:] = self._fetch(params_refs)
+            final_state = ray.get([s.state.remote() for s in self.servers])
+            self._write_checkpoint(spec.training.steps, net.params, final_state)
+            return net
+        finally:
+            self._shutdown()
+
+    def _train(self, start: int) -> list:
+        spec = self.spec
+        steps = spec.training.steps
+        params_refs = [s.publish.remote() for s in self.servers]
+        step, pending = start, deque()
+        last_done = time.perf_counter()
+        while step < steps or pending:
+            if self._cancelled.is_set():
+                raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
+            with self._lock:
+                target = self._target_workers
+            if target != len(self.workers) and not pending:
+                self._resize_now(target)
+            while step < steps and len(pending) < self.pipeline_depth and target == len(self.workers):
+                flight = self._submit(step, params_refs)
+                pending.append(flight)
+                params_refs = flight.params_out
+                step += 1
+            if not pending:
+                continue
+            flight = pending[0]
+            try:
+                stats = self._wait(flight)
+                state = self._server_state(flight)
+            except ActorLost as lost:
+                step, params_refs = self._recover(lost, pending)
+                pending.clear()
+                last_done = time.perf_counter()
+                continue
+            pending.popleft()
+            now = time.perf_counter()
+            self._finish_step(flight, stats, state, now - last_done)
+            last_done = now
+        return params_refs
+
+    def _submit(self, step: int, params_refs: list) -> InFlight:
+        """Submit one step's actor calls; nothing waits here."""
+        assignment = self._assignment()
+        results = [w.compute.remote(step, shards, params_refs) for w, shards in zip(self.workers, assignment)]
+        finite = [s.reduce.remote(step, results) for s in self.servers]
+        commits = [s.commit.remote(step, finite) for s in self.servers]
+        flight = InFlight(step, params_refs, results, commits[0][1], [p for p, _ in commits])
+        if self._should_checkpoint(step):
+            flight.state = [s.state.remote() for s in self.servers]
+        return flight
+
+    def _should_checkpoint(self, step: int) -> bool:
+        every = self.spec.training.checkpoint_every
+        return every > 0 and (step + 1) % every == 0 and step + 1 < self.spec.training.steps
+
+    def _assignment(self) -> list[list[int]]:
+        """Shards round-robin over the live workers: shard s to worker s mod W."""
+        W = len(self.workers)
+        return [list(range(w, self.spec.data.shards, W)) for w in range(W)]
+
+    def _wait(self, flight: InFlight) -> dict:
+        """The step's statistics, polling so that a cancel is seen promptly."""
+        while True:
+            if self._cancelled.is_set():
+                raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
+            try:
+                return ray.get(flight.stats, timeout=0.5)
+            except GetTimeoutError:
+                continue
+            except (RayActorError, RayTaskError) as err:
+                raise self._diagnose(flight, err) from None
+
+    def _diagnose(self, flight: InFlight, err: Exception) -> Exception:
+        """Why a step failed: a dead actor (recoverable) or an error in a worker or
+        a server (fatal, reported with the worker, shard and step)."""
+        dead_workers = []
+        for w, ref in zip(self.workers, flight.results):
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead_workers.append(w)
+            except RayTaskError as task_err:
+                return TrainingError(str(task_err.cause if task_err.cause is not None else task_err).strip())
+        servers_dead = not self._servers_alive()
+        if dead_workers or servers_dead:
+            return ActorLost(servers_dead, f"{len(dead_workers)} worker(s) lost, servers lost: {servers_dead}")
+        if isinstance(err, RayTaskError):
+            return TrainingError(f"step {flight.step + 1}: {err.cause if err.cause is not None else err}")
+        return ActorLost(True, str(err))
+
+    def _servers_alive(self) -> bool:
+        try:
+            ray.get([s.publish.remote() for s in self.servers], timeout=30)
+            return True
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            return False
+
+    def _server_state(self, flight: InFlight) -> list | None:
+        if flight.state is None:
+            return None
+        try:
+            return ray.get(flight.state)
+        except (RayActorError, RayTaskError) as err:
+            raise ActorLost(True, f"parameter server lost before its checkpoint: {err}") from None
+
+    def _finish_step(self, flight: InFlight, stats: dict, state, seconds: float) -> None:
+        step = flight.step
+        self.guard.record(step, stats["applied"], stats["loss"])
+        self.counters.nonfinite_skipped = self.guard.skipped
+        if step + 1 <= self.step:
+            return  # a replayed step: already reported, and its numbers are the same
+        record = step_record(
+            self.spec, step, stats["loss"], stats["count"], seconds, stats["applied"],
+            workers=len(self.workers), version=stats["version"],
+            phases={"compute": stats["compute_s"], "transfer": stats["transfer_s"] + stats["gradient_transfer_s"],
+                    "reduce_apply": stats["reduce_apply_s"], "wait": stats["wait_s"]},
+        )
+        if should_evaluate(self.spec, step):
+            # The coordinator holds the validation split; workers hold only training shards' work.
+            ds = self.data.dataset
+            net = self.net.bind(self._fetch(flight.params_out))
+            record["val_loss"], record["val_accuracy"] = evaluate(net, ds.X_val, ds.y_val)
+        if state is not None:
+            params = np.concatenate([s["params"] for s in state])
+            self._write_checkpoint(step + 1, params, state)
+        self.step = step + 1
+        self.on_step(record)
+
+    # ----------------------------------------------------------- failures
+
+    def _recover(self, lost: ActorLost, pending: deque) -> tuple[int, list]:
+        """Restart what died and return (next step, its parameter refs)."""
+        began = time.perf_counter()
+        first = pending[0].step
+        self.counters.worker_failures += sum(1 for w in self.workers if not _alive(w))
+        self.workers = [w for w in self.workers if _alive(w)]
+        if lost.servers:
+            self.counters.server_failures += 1
+            for s in self.servers:
+                ray.kill(s, no_restart=True)
+            ckpt = self._latest_checkpoint()
+            if ckpt is None:
+                raise TrainingError("a parameter server died and no checkpoint is left to restore it from")
+            self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
+            self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+            self._start_servers(ckpt.params, ckpt.step, ckpt.optimizer)
+            step, params_refs = ckpt.step, [s.publish.remote() for s in self.servers]
+        else:
+            step, params_refs = first, pending[0].params_in
+        missing = self._target_workers - len(self.workers)
+        if missing > 0:
+            self._start_workers(missing, renumber=False)
+        replayed = max(0, self.step - step)
+        seconds = time.perf_counter() - began
+        self.counters.recoveries += 1
+        self.counters.steps_replayed += replayed
+        self.counters.recovery_seconds += seconds
+        self.on_event("recovery", {"step": step, "steps_replayed": replayed, "seconds": seconds,
+                                   "servers": lost.servers, "workers": len(self.workers)})
+        return step, params_refs
+
+    # ----------------------------------------------------------- actors
+
+    def _start_servers(self, params: np.ndarray, version: int, optimizer_state) -> None:
+        k = self.spec.training.parameter_servers
+        bounds = slice_bounds(params.size, k)
+        if isinstance(optimizer_state, list):  # states of k live slices
+            optimizer_state = join_optimizer_states([s["optimizer"] for s in optimizer_state],
+                                                    [b - a for a, b in bounds])
+        states = split_optimizer_state(optimizer_state, bounds, params.size)
+        self.servers = [
+            ParameterServer.options(name=None).remote(self.spec, j, params[a:b], a, b, version, states[j])
+            for j, (a, b) in enumerate(bounds)
+        ]
+
+    def _start_workers(self, count: int, renumber: bool = True) -> None:
+        t = self.spec.training
+        new = []
+        for _ in range(count):
+            index = self._next_worker_index
+            self._next_worker_index += 1
+            new.append(GradientWorker.options(num_cpus=t.cpus_per_worker, scheduling_strategy="SPREAD").remote(
+                self.spec, index, self.data_roots, t.cpus_per_worker, self.faults.get(index)))
+        try:
+            where = ray.get([w.location.remote() for w in new], timeout=WORKER_START_TIMEOUT_S)
+        except GetTimeoutError:
+            for w in new:
+                ray.kill(w, no_restart=True)
+            raise TrainingError(
+                f"{count} worker(s) of {t.cpus_per_worker} CPU(s) could not be placed within "
+                f"{WORKER_START_TIMEOUT_S:.0f} s; cluster resources: {ray.available_resources()}"
+            ) from None
+        except RayTaskError as err:
+            for w in new:
+                ray.kill(w, no_restart=True)
+            raise TrainingError(f"a worker could not start: {err.cause or err}") from None
+        self.counters.nodes.update(loc["node_id"] for loc in where)
+        self.workers.extend(new)
+        self.on_event("workers", {"count": len(self.workers), "nodes": sorted({l["node_id"] for l in where})})
+
+    def _resize_now(self, target: int) -> None:
+        before = len(self.workers)
+        if target > before:
+            self._start_workers(target - before)
+        else:
+            for w in self.workers[target:]:
+                ray.kill(w, no_restart=True)
+            self.workers = self.workers[:target]
+        self.on_event("resize", {"from": before, "to": target, "step": self.step})
+
+    def _shutdown(self) -> None:
+        for actor in self.workers + self.servers:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.workers, self.servers = [], []
+
+    # ----------------------------------------------------------- checkpoints
+
+    def _fetch(self, params_refs: list) -> np.ndarray:
+        slices = ray.get(params_refs)
+        return np.concatenate(slices) if len(slices) > 1 else np.array(slices[0])
+
+    def _write_checkpoint(self, step: int, params: np.ndarray, server_states) -> None:
+        optimizer = {}
+        if server_states:
+            bounds = slice_bounds(params.size, len(server_states))
+            optimizer = join_optimizer_states([s["optimizer"] for s in server_states],
+                                              [b - a for a, b in bounds])
+        counters = {"nonfinite_streak": self.guard.streak, "nonfinite_skipped": self.guard.skipped}
+        path = write_checkpoint(self.checkpoint_dir, Checkpoint(step, params, optimizer, self._spec_key(), counters))
+        self.on_event("checkpoint", {"step": step, "path": str(path)})
+
+    def _spec_key(self) -> str:
+        """The spec as stored in checkpoints: the worker count may change on resume."""
+        raw = self.spec.model_dump(mode="json")
+        raw["training"]["workers"] = None
+        return json.dumps(raw, sort_keys=True)
+
+    def _latest_checkpoint(self) -> Checkpoint | None:
+        def damaged(path, err):
+            self.counters.damaged_checkpoints += 1
+            self.on_event("checkpoint_damaged", {"path": str(path), "error": str(err)})
+
+        ckpt = latest_checkpoint(self.checkpoint_dir, on_damaged=damaged)
+        if ckpt is not None and ckpt.spec_json != self._spec_key():
+            raise TrainingError(f"the checkpoints in {self.checkpoint_dir} belong to a different job spec")
+        return ckpt
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.location.remote(), timeout=30)
+        return True
+    except (RayActorError, GetTimeoutError):
+        return False

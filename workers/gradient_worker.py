@@ -1,0 +1,86 @@
+"""The gradient worker: a Ray actor that turns parameters into shard gradients.
+
+Each worker loads the job's data itself (the driver never ships it) and, for
+a step, computes through core's `shard_gradient` the gradient sum and sample
+count of every logical shard it is given, at the published parameters. A
+worker with c CPUs computes up to c shards at once, each with one BLAS thread,
+so the bits never depend on where or how widely a shard ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import ray
+from threadpoolctl import threadpool_limits
+
+from core.spec import JobSpec
+from core.trainer import ShardedData, build_network, shard_gradient
+
+
+def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
+    """The full parameter vector from the server slices' object refs, with the
+    seconds spent waiting for it to be published and transferring it."""
+    began = time.perf_counter()
+    ray.wait(param_refs, num_returns=len(param_refs), fetch_local=False)
+    ready = time.perf_counter()
+    slices = ray.get(param_refs)
+    flat = slices[0] if len(slices) == 1 else np.concatenate(slices)
+    return flat, ready - began, time.perf_counter() - ready
+
+
+class WorkerFault(RuntimeError):
+    """Raised on purpose by the `fail_at` test knob."""
+
+
+@ray.remote
+class GradientWorker:
+    def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None,
+                 threads: int = 1, faults: dict | None = None):
+        # One BLAS thread for the life of the process: see core.trainer.one_blas_thread.
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        self.index = index
+        self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None)
+        self.net = build_network(spec, self.data.dataset)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        # Test and benchmark knobs, off by default: {"fail_at": [shard, step]} raises while
+        # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
+        # {"delay_s": seconds} slows every compute call (a straggler).
+        self.faults = faults or {}
+
+    def location(self) -> dict:
+        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def _shard(self, net, shard: int, step: int):
+        where = f"worker {self.index}, shard {shard}, step {step + 1}"
+        if self.faults.get("fail_at") == [shard, step]:
+            raise WorkerFault(f"{where}: injected failure")
+        X = self.data.dataset.X_train
+        rows = self.data.shards[shard].batch(step)
+        if self.faults.get("nan_rows_at") == [shard, step]:
+            X[rows[0], 0] = np.nan  # the loaded data goes bad under a running job
+        # Rows were checked when the data was loaded; a cheap second look per
+        # batch turns data that went bad into a clear error, not a skipped step.
+        if not np.isfinite(X[rows]).all():
+            raise ValueError(f"{where}: the shard's input rows hold non-finite values")
+        return shard_gradient(net, self.data, shard, step)
+
+    def compute(self, step: int, shards: list[int], param_refs: list) -> dict:
+        """Gradient sums of `shards` at the parameters of version `step`."""
+        params, wait_s, transfer_s = fetch_params(param_refs)
+        began = time.perf_counter()
+        net = self.net.bind(params)
+        grads = list(self.pool.map(lambda s: self._shard(net, s, step), shards))
+        if "delay_s" in self.faults:
+            time.sleep(float(self.faults["delay_s"]))
+        return {
+            "worker": self.index,
+            "grads": grads,
+            "compute_s": time.perf_counter() - began,
+            "wait_s": wait_s,
+            "transfer_s": transfer_s,
+        }
