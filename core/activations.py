@@ -1,0 +1,144 @@
+"""Activation functions: the nonlinearity each layer applies to its weighted sums.
+
+Every activation works in place on an (n, k) array in the network's dtype:
+`forward(a)` overwrites the weighted sums `a` with `y = f(a)`, and
+`backward(y, grad)` turns the gradient with respect to the outputs `y` into
+the gradient with respect to the sums, again in place. Backward needs only the
+outputs `y`, so the sums never have to be kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Activation:
+    """One activation function; subclasses fill in forward and backward."""
+
+    name = ""
+
+    def forward(self, a: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, y: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def stable_sigmoid(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-a) without ever exponentiating a positive number.
+
+    With e = e^-|a| (always in (0, 1]): sigmoid(a) = 1 / (1 + e) for a >= 0 and
+    e / (1 + e) for a < 0. Both forms are exact rewrites, neither overflows.
+    `out` may be `a` itself.
+    """
+    negative = a < 0
+    e = np.abs(a)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    np.add(e, 1, out=out)
+    np.reciprocal(out, out=out)
+    np.multiply(out, e, out=out, where=negative)
+    return out
+
+
+class Sigmoid(Activation):
+    name = "sigmoid"
+
+    def forward(self, a):
+        return stable_sigmoid(a, out=a)
+
+    def backward(self, y, grad):
+        """d sigmoid(a) / da = sigmoid(a) * (1 - sigmoid(a)) = y * (1 - y)."""
+        one_minus_y = np.subtract(1, y, dtype=y.dtype)
+        grad *= y
+        grad *= one_minus_y
+        return grad
+
+
+class Tanh(Activation):
+    name = "tanh"
+
+    def forward(self, a):
+        return np.tanh(a, out=a)
+
+    def backward(self, y, grad):
+        """d tanh(a) / da = 1 - tanh(a)^2 = 1 - y^2."""
+        slope = np.multiply(y, y)
+        np.subtract(1, slope, out=slope)
+        grad *= slope
+        return grad
+
+
+class ReLU(Activation):
+    name = "relu"
+
+    def forward(self, a):
+        return np.maximum(a, 0, out=a)
+
+    def backward(self, y, grad):
+        """d relu(a) / da = 1 where a > 0 (equivalently y > 0), else 0.
+
+        At a = 0 we take the subgradient 0, as everyone does.
+        """
+        # y >= 0 after relu, so zeroing where y == 0 is the whole derivative.
+        np.copyto(grad, 0, where=y == 0)
+        return grad
+
+
+class Identity(Activation):
+    name = "identity"
+
+    def forward(self, a):
+        return a
+
+    def backward(self, y, grad):
+        """d a / da = 1: the gradient passes through unchanged."""
+        return grad
+
+
+class Softmax(Activation):
+    """Softmax over each row: y_j = e^(a_j) / sum_i e^(a_i)."""
+
+    name = "softmax"
+
+    def forward(self, a):
+        # Subtracting the row maximum changes nothing mathematically and keeps
+        # every exponent <= 0, so nothing overflows and the sum is >= 1.
+        a -= a.max(axis=1, keepdims=True)
+        np.exp(a, out=a)
+        a /= a.sum(axis=1, keepdims=True)
+        return a
+
+    def backward(self, y, grad):
+        """The softmax Jacobian is dy_j/da_m = y_j (delta_jm - y_m), so
+
+        dL/da_m = sum_j dL/dy_j * y_j (delta_jm - y_m) = y_m (g_m - sum_j g_j y_j)
+        with g = dL/dy. Softmax is not elementwise: every output moves every sum.
+        """
+        inner = np.einsum("ij,ij->i", grad, y)[:, None]
+        grad -= inner
+        grad *= y
+        return grad
+
+
+HIDDEN = {cls.name: cls() for cls in (Sigmoid, Tanh, ReLU)}
+OUTPUT = {cls.name: cls() for cls in (Softmax, Sigmoid, Identity)}
+
+
+def _lookup(table: dict, argument: str, name) -> Activation:
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"{argument} must be one of {', '.join(sorted(table))}, got {name!r}")
+    return table[name]
+
+
+def hidden_activation(name: str) -> Activation:
+    """The hidden-layer activation called `name` (ValueError for an unknown name)."""
+    return _lookup(HIDDEN, "activation", name)
+
+
+def output_activation(name: str) -> Activation:
+    """The output-layer activation called `name` (ValueError for an unknown name)."""
+    return _lookup(OUTPUT, "output", name)
