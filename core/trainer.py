@@ -127,7 +127,7 @@ def evaluate(net: MLP, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple
     loss_sum, correct = 0.0, 0
     for start in range(0, len(X), chunk):
         Xc, yc = X[start:start + chunk], y[start:start + chunk]
-        loss_sum += float(net.grad_sum(Xc, yc)[0])
+        loss_sum += net.loss_sum(Xc, yc)
         if y.ndim == 1:
             correct += int(np.sum(predicted_labels(net.forward(Xc)) == yc))
     return loss_sum / len(X), (correct / len(X) if y.ndim == 1 else None)
