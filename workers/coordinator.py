@@ -208,8 +208,11 @@ class Coordinator:
         """Submit one step's actor calls; nothing waits here."""
         assignment = self._assignment()
         results = [w.compute.remote(step, shards, params_refs) for w, shards in zip(self.workers, assignment)]
-        finite = [s.reduce.remote(step, results) for s in self.servers]
-        commits = [s.commit.remote(step, finite) for s in self.servers]
+        if len(self.servers) == 1:
+            commits = [self.servers[0].apply.remote(step, results)]
+        else:
+            finite = [s.reduce.remote(step, results) for s in self.servers]
+            commits = [s.commit.remote(step, finite) for s in self.servers]
         flight = InFlight(step, params_refs, results, commits[0][1], [p for p, _ in commits])
         if self._should_checkpoint(step):
             flight.state = [s.state.remote() for s in self.servers]
