@@ -117,6 +117,7 @@ class Coordinator:
         self.workers: list = []
         self.servers: list = []
         self._next_worker_index = 0
+        self._no_capacity_at = 0.0
 
     # ----------------------------------------------------------- control
 
@@ -178,11 +179,11 @@ class Coordinator:
         while step < steps or pending:
             if self._cancelled.is_set():
                 raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
-            with self._lock:
-                target = self._target_workers
-            if target != len(self.workers) and not pending:
-                self._resize_now(target)
-            while step < steps and len(pending) < self.pipeline_depth and target == len(self.workers):
+            change = self._wanted_worker_count()
+            if change is not None and not pending:
+                self._resize_now(change)
+                continue
+            while step < steps and len(pending) < self.pipeline_depth and change is None:
                 flight = self._submit(step, params_refs)
                 pending.append(flight)
                 params_refs = flight.params_out
@@ -203,6 +204,27 @@ class Coordinator:
             self._finish_step(flight, stats, state, now - last_done)
             last_done = now
         return params_refs
+
+    def _wanted_worker_count(self) -> int | None:
+        """The worker count to change to at the next step boundary, if any: a
+        resize, or growing back towards the target once lost capacity returns."""
+        with self._lock:
+            target = self._target_workers
+        have = len(self.workers)
+        if target <= have:
+            return target if target < have else None
+        now = time.monotonic()
+        if now - self._no_capacity_at < 1.0:  # asking the cluster costs a round trip
+            return None
+        placeable = self._placeable_workers()
+        if placeable <= 0:
+            self._no_capacity_at = now
+            return None
+        return have + min(placeable, target - have)
+
+    def _placeable_workers(self) -> int:
+        free = ray.available_resources().get("CPU", 0.0)
+        return int(free // self.spec.training.cpus_per_worker)
 
     def _submit(self, step: int, params_refs: list) -> InFlight:
         """Submit one step's actor calls; nothing waits here."""
@@ -242,6 +264,9 @@ class Coordinator:
     def _diagnose(self, flight: InFlight, err: Exception) -> Exception:
         """Why a step failed: a dead actor (recoverable) or an error in a worker or
         a server (fatal, reported with the worker, shard and step)."""
+        if not self._servers_alive():
+            # Workers waiting on a dead server's parameters fail too: not their fault.
+            return ActorLost(True, f"a parameter server died at step {flight.step + 1}")
         dead_workers = []
         for w, ref in zip(self.workers, flight.results):
             try:
@@ -249,9 +274,12 @@ class Coordinator:
             except RayActorError:
                 dead_workers.append(w)
             except RayTaskError as task_err:
+                if isinstance(task_err.cause, RayActorError):
+                    dead_workers.append(w)
+                    continue
                 return TrainingError(str(task_err.cause if task_err.cause is not None else task_err).strip())
-        servers_dead = not self._servers_alive()
-        if dead_workers or servers_dead:
+        servers_dead = False
+        if dead_workers:
             return ActorLost(servers_dead, f"{len(dead_workers)} worker(s) lost, servers lost: {servers_dead}")
         if isinstance(err, RayTaskError):
             return TrainingError(f"step {flight.step + 1}: {err.cause if err.cause is not None else err}")
@@ -274,8 +302,10 @@ class Coordinator:
 
     def _finish_step(self, flight: InFlight, stats: dict, state, seconds: float) -> None:
         step = flight.step
-        self.guard.record(step, stats["applied"], stats["loss"])
-        self.counters.nonfinite_skipped = self.guard.skipped
+        try:
+            self.guard.record(step, stats["applied"], stats["loss"])
+        finally:
+            self.counters.nonfinite_skipped = self.guard.skipped
         if step + 1 <= self.step:
             return  # a replayed step: already reported, and its numbers are the same
         record = step_record(
@@ -316,9 +346,18 @@ class Coordinator:
             step, params_refs = ckpt.step, [s.publish.remote() for s in self.servers]
         else:
             step, params_refs = first, pending[0].params_in
+        # Start what fits now; the rest comes back when capacity does (see
+        # _wanted_worker_count). The survivors take over the lost shards.
         missing = self._target_workers - len(self.workers)
-        if missing > 0:
-            self._start_workers(missing, renumber=False)
+        placeable = min(missing, self._placeable_workers())
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while not self.workers and placeable < 1:
+            if time.monotonic() > deadline:
+                raise TrainingError("every worker was lost and no capacity came back to restart one")
+            time.sleep(0.5)
+            placeable = min(missing, self._placeable_workers())
+        if placeable > 0:
+            self._start_workers(placeable)
         replayed = max(0, self.step - step)
         seconds = time.perf_counter() - began
         self.counters.recoveries += 1
@@ -342,7 +381,7 @@ class Coordinator:
             for j, (a, b) in enumerate(bounds)
         ]
 
-    def _start_workers(self, count: int, renumber: bool = True) -> None:
+    def _start_workers(self, count: int) -> None:
         t = self.spec.training
         new = []
         for _ in range(count):

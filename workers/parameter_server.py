@@ -17,6 +17,7 @@ A single server does both in one call, `apply`.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -49,6 +50,9 @@ class ParameterServer:
             self.optimizer.load_state_dict(optimizer_state)
         self.version = version
         self.pending: dict | None = None  # the step reduced but not yet committed
+
+    def location(self) -> dict:
+        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def publish(self) -> np.ndarray:
         """The current parameters (returned, hence placed in the object store)."""

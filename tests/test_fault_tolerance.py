@@ -1,0 +1,182 @@
+"""Failures on a real 3-raylet cluster lose nothing: each run below is
+compared bit for bit with core's reference trainer on the same spec (which the
+distributed trainer matches when undisturbed, see test_distributed.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+
+from core.spec import parse_spec
+from core.trainer import TrainingError, train
+from workers.checkpoint import list_checkpoints, latest_checkpoint, read_checkpoint
+from workers.coordinator import Coordinator
+from workers.gradient_worker import GradientWorker
+from workers.parameter_server import ParameterServer, StaleStep
+
+pytestmark = [pytest.mark.ray, pytest.mark.chaos]
+
+
+def spec(workers=2, shards=6, steps=16, **training):
+    return parse_spec({
+        "name": "chaos", "seed": 5,
+        "data": {"source": "digits", "shards": shards},
+        "model": {"hidden": [24]},
+        "training": {"workers": workers, "batch_size": 96, "steps": steps, "eval_every": 0,
+                     "checkpoint_every": 4, "optimizer": {"name": "adam", "lr": 0.01}, **training},
+    })
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {key: train(spec(**kw))[0].params for key, kw in
+            {"default": {}, "six": {"workers": 6}}.items()}
+
+
+def run_with(coordinator_spec, tmp_path, at_step, action, **kw):
+    """Run a job, calling action(coordinator) once when `at_step` is reported."""
+    records, events = [], []
+
+    def on_step(record):
+        records.append(record["step"])
+        if record["step"] == at_step:
+            action(coordinator)
+
+    coordinator = Coordinator(coordinator_spec, tmp_path / "run", on_step=on_step,
+                              on_event=lambda kind, detail: events.append((kind, detail)), **kw)
+    net = coordinator.run()
+    assert records == sorted(set(records)), "reported steps went backwards or repeated"
+    return net, coordinator, events
+
+
+def test_a_killed_worker_process_loses_nothing(ray_cluster, tmp_path, reference):
+    def kill_worker(coordinator):
+        pid = ray.get(coordinator.workers[1].location.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+    net, coordinator, events = run_with(spec(), tmp_path, 5, kill_worker)
+    assert np.array_equal(net.params, reference["default"])
+    assert coordinator.counters.worker_failures == 1 and coordinator.counters.recoveries == 1
+    assert any(kind == "recovery" for kind, _ in events)
+
+
+def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_cluster, tmp_path, reference):
+    """Six workers fill the three 2-CPU nodes: losing one leaves no spare capacity."""
+    state = {}
+
+    def remove_a_node(coordinator):
+        locations = ray.get([w.location.remote() for w in coordinator.workers])
+        node_id = locations[0]["node_id"]
+        node = next(n for n in ray_cluster.worker_nodes if n.node_id == node_id)
+        ray_cluster.remove_node(node, allow_graceful=False)
+        state["removed"] = node_id
+
+    def add_back(kind, detail):
+        if kind == "recovery" and "added" not in state:
+            state["workers_after_loss"] = detail["workers"]
+            state["added"] = ray_cluster.add_node(num_cpus=2)
+
+    records = []
+    coordinator = Coordinator(spec(workers=6, steps=40), tmp_path / "run",
+                              on_step=lambda r: (records.append(r["workers"]),
+                                                 r["step"] == 5 and remove_a_node(coordinator)),
+                              on_event=add_back)
+    net = coordinator.run()
+    assert np.array_equal(net.params, train(spec(workers=6, steps=40))[0].params)
+    assert state["workers_after_loss"] == 4  # no spare capacity: survivors took the shards
+    assert records[-1] == 6, "the returning node was not used again"
+    assert state["added"].node_id in coordinator.counters.nodes
+
+
+def test_a_killed_parameter_server_restores_from_its_checkpoint(ray_cluster, tmp_path, reference):
+    def kill_server(coordinator):
+        pid = ray.get(coordinator.servers[0].location.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+    net, coordinator, events = run_with(spec(), tmp_path, 7, kill_server)
+    assert np.array_equal(net.params, reference["default"])
+    assert coordinator.counters.server_failures == 1
+    recovery = next(d for kind, d in events if kind == "recovery")
+    # restored from a checkpoint (every 4 steps; steps run up to two ahead of the reports)
+    assert recovery["servers"] and recovery["step"] in (4, 8)
+    assert coordinator.counters.steps_replayed == recovery["steps_replayed"]
+
+
+def test_a_duplicate_gradient_is_rejected_and_changes_nothing(ray_cluster):
+    s = spec(workers=1, shards=2)
+    from core.trainer import ShardedData, build_network
+    net = build_network(s, ShardedData.from_spec(s).dataset)
+    server = ParameterServer.remote(s, 0, net.params, 0, net.params.size, 0)
+    worker = GradientWorker.options(num_cpus=1).remote(s, 0)
+    try:
+        params0 = [server.publish.remote()]
+        result = worker.compute.remote(0, [0, 1], params0)
+        after_first, _ = server.apply.remote(0, [result])
+        first = ray.get(after_first)
+        again, _ = server.apply.remote(0, [result])  # the same (step, shards) pushed twice
+        with pytest.raises(ray.exceptions.RayTaskError, match="expected step 2"):
+            ray.get(again)
+        assert np.array_equal(ray.get(server.publish.remote()), first)
+        assert not np.array_equal(first, net.params)
+    finally:
+        ray.kill(server)
+        ray.kill(worker)
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, tmp_path, reference):
+    s = spec()
+    stop = {}
+
+    def cancel_at_12(kind, detail):
+        if kind == "checkpoint" and detail["step"] == 12:
+            stop["coordinator"].cancel()
+
+    stop["coordinator"] = Coordinator(s, tmp_path / "run", on_event=cancel_at_12)
+    with pytest.raises(Exception):
+        stop["coordinator"].run()
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert read_checkpoint(newest).step == 12
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit in the middle of the parameters
+    newest.write_bytes(bytes(data))
+    (tmp_path / "run" / "ckpt-000000016.npz.tmp").write_bytes(b"half-written")  # an interrupted write
+    damaged = []
+    assert latest_checkpoint(tmp_path / "run", on_damaged=lambda p, e: damaged.append(p)).step == 8
+    assert damaged == [newest]
+    events = []
+    net = Coordinator(s, tmp_path / "run", on_event=lambda k, d: events.append((k, d))).run(resume=True)
+    assert ("resumed", {"step": 8}) in events
+    assert np.array_equal(net.params, reference["default"])
+
+
+def test_non_finite_steps_are_skipped_then_fail_the_job_keeping_the_last_good_checkpoint(ray_cluster, tmp_path):
+    exploding = parse_spec({**spec().model_dump(), "model": {"hidden": [24], "output": "identity",
+                            "loss": "squared_error"}, "training": {**spec().training.model_dump(),
+                            "optimizer": {"name": "sgd", "lr": 1e3}, "max_nonfinite_steps": 3, "steps": 40}})
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row") as reference_error:
+        train(exploding)
+    records = []
+    coordinator = Coordinator(exploding, tmp_path / "run", on_step=records.append)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row") as err:
+        coordinator.run()
+    assert str(err.value) == str(reference_error.value)
+    skipped = [r["step"] for r in records if r["skipped"]]
+    assert len(skipped) == 2 and coordinator.counters.nonfinite_skipped == 3  # the third fails the job
+    last = read_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert np.isfinite(last.params).all()
+
+
+def test_resizing_a_running_job_changes_the_map_not_the_trajectory(ray_cluster, tmp_path, reference):
+    def resize(coordinator):
+        coordinator.resize(3)
+
+    net, coordinator, events = run_with(spec(), tmp_path, 4, resize)
+    assert np.array_equal(net.params, reference["default"])
+    resizes = [d for k, d in events if k == "resize"]
+    assert len(resizes) == 1 and resizes[0]["from"] == 2 and resizes[0]["to"] == 3 and resizes[0]["step"] >= 4
+    with pytest.raises(ValueError, match=r"workers must be in \[1, 6\]"):
+        coordinator.resize(7)
