@@ -1,0 +1,1 @@
+"""shardprop's product surface: the `shardprop` command, and the job service."""
