@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/shardprop train examples/digits.yaml --reference --out digits-model.npz
+	$(VENV)/bin/shardprop train examples/digits.yaml --out digits-model.npz
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
