@@ -180,6 +180,13 @@ class TrainingSpec(_Strict):
     max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
     cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
 
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v != "sync":
+            raise ValueError(f"mode {v!r} is not available yet; use 'sync'")
+        return v
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, v: int) -> int:
