@@ -180,13 +180,6 @@ class TrainingSpec(_Strict):
     max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
     cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
 
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        if v != "sync":
-            raise ValueError(f"mode {v!r} is not available yet; use 'sync'")
-        return v
-
     @field_validator("workers")
     @classmethod
     def _workers(cls, v: int) -> int:
@@ -239,6 +232,10 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"training.workers ({t.workers}) must be <= data.shards ({d.shards}): "
                 "shards are the unit of work, a worker without one would idle"
+            )
+        if t.mode == "async" and t.parameter_servers != 1:
+            raise ValueError(
+                f"training.parameter_servers ({t.parameter_servers}) must be 1 in async mode"
             )
         if t.batch_size < d.shards:
             raise ValueError(

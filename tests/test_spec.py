@@ -43,7 +43,7 @@ def test_minimal_spec_gets_documented_defaults():
     (spec_with("training", optimizer={"nesterov": True}), ["nesterov", "momentum"]),
     (spec_with("training", optimizer={"name": "rmsprop"}), ["training.optimizer.name", "rmsprop"]),
     (spec_with("data", colour="blue"), ["data.colour", "unknown field"]),
-    (spec_with("training", mode="async"), ["training.mode", "async", "not available"]),
+    (spec_with("training", mode="async", parameter_servers=2), ["parameter_servers (2)", "async"]),
     ({**BASE, "extra": 1}, ["extra", "unknown field"]),
     (spec_with("training", workers=5), ["training.workers (5)", "data.shards (4)"]),
     (spec_with("training", batch_size=3), ["training.batch_size (3)", "data.shards (4)"]),

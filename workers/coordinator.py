@@ -72,6 +72,8 @@ class Counters:
     recovery_seconds: float = 0.0
     nonfinite_skipped: int = 0
     damaged_checkpoints: int = 0
+    stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
+    staleness: list = field(default_factory=list)  # async: staleness of each applied update
     nodes: set = field(default_factory=set)
 
 
@@ -162,7 +164,7 @@ class Coordinator:
                 self._write_checkpoint(0, net.params, None)
             self._start_servers(net.params, start, optimizer_state)
             self._start_workers(self._target_workers)
-            params_refs = self._train(start)
+            params_refs = self._train(start) if spec.training.mode == "sync" else self._train_async(start)
             net.params[:] = self._fetch(params_refs)
             final_state = ray.get([s.state.remote() for s in self.servers])
             self._write_checkpoint(spec.training.steps, net.params, final_state)
@@ -225,6 +227,74 @@ class Coordinator:
     def _placeable_workers(self) -> int:
         free = ray.available_resources().get("CPU", 0.0)
         return int(free // self.spec.training.cpus_per_worker)
+
+    def _train_async(self, start: int) -> list:
+        """Async mode: each worker computes one shard at a time on the newest
+        parameters it was given and the server applies each shard gradient as
+        it arrives, refusing any computed more than `max_staleness` versions
+        ago. Not bit-reproducible: the order of updates follows timing."""
+        spec, t = self.spec, self.spec.training
+        server = self.servers[0]
+        params_ref = server.publish.remote()
+        version = start
+        S = spec.data.shards
+        taken = [start // S] * S  # batches each shard has contributed (approximate on resume)
+        assignment = self._assignment()
+        turns = [0] * len(self.workers)
+        inflight: dict = {}
+
+        def submit(w: int) -> None:
+            shard = assignment[w][turns[w] % len(assignment[w])]
+            ref = self.workers[w].compute.remote(taken[shard], [shard], [params_ref])
+            inflight[ref] = (w, shard, version)
+
+        for w in range(len(self.workers)):
+            submit(w)
+        last_done = time.perf_counter()
+        while version < t.steps:
+            if self._cancelled.is_set():
+                raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            if not ready:
+                continue
+            w, shard, computed_at = inflight.pop(ready[0])
+            new_params, stats_ref = server.push.remote(computed_at, t.max_staleness, [ready[0]])
+            try:
+                stats = ray.get(stats_ref)
+            except RayTaskError as err:
+                raise TrainingError(str(err.cause if err.cause is not None else err).strip()) from None
+            if stats["accepted"]:
+                params_ref, version = new_params, stats["version"]
+                taken[shard] += 1
+                turns[w] += 1
+                now = time.perf_counter()
+                self._finish_async_update(version - 1, stats, params_ref, now - last_done, len(self.workers))
+                last_done = now
+            else:
+                self.counters.stale_rejected += 1
+            if version < t.steps:
+                submit(w)
+        return [params_ref]
+
+    def _finish_async_update(self, step: int, stats: dict, params_ref, seconds: float, workers: int) -> None:
+        applied = stats["skipped"] == 0
+        try:
+            self.guard.record(step, applied, stats["loss"])
+        finally:
+            self.counters.nonfinite_skipped = self.guard.skipped
+        self.counters.staleness.append(stats["staleness"])
+        record = step_record(self.spec, step, stats["loss"], stats["count"], seconds, applied,
+                             workers=workers, version=stats["version"], staleness=stats["staleness"],
+                             phases={"compute": stats["compute_s"], "reduce_apply": stats["reduce_apply_s"]})
+        if should_evaluate(self.spec, step):
+            ds = self.data.dataset
+            record["val_loss"], record["val_accuracy"] = evaluate(self.net.bind(self._fetch([params_ref])),
+                                                                  ds.X_val, ds.y_val)
+        if self._should_checkpoint(step):
+            state = ray.get(self.servers[0].state.remote())
+            self._write_checkpoint(step + 1, state["params"], [state])
+        self.step = step + 1
+        self.on_step(record)
 
     def _submit(self, step: int, params_refs: list) -> InFlight:
         """Submit one step's actor calls; nothing waits here."""

@@ -110,6 +110,34 @@ class ParameterServer:
         self.reduce(step, result_refs)
         return self.commit(step, [])
 
+    @ray.method(num_returns=2)
+    def push(self, computed_at: int, max_staleness: int, result_refs: list):
+        """Async mode: apply one worker's shard gradients as they arrive.
+
+        `computed_at` is the parameter version the worker computed on; a
+        gradient more than `max_staleness` versions old is refused. Each shard's
+        mean gradient is one update. Returns the parameters and the statistics."""
+        staleness = self.version - computed_at
+        stats = {"staleness": staleness, "accepted": staleness <= max_staleness, "updates": 0,
+                 "loss": None, "count": 0, "skipped": 0}
+        if stats["accepted"]:
+            began = time.perf_counter()
+            result = ray.get(result_refs)[0]
+            for g in result["grads"]:
+                mean = g.grad_sum[self.start:self.stop] / g.grad_sum.dtype.type(g.count)
+                if np.isfinite(mean).all():
+                    self.optimizer.apply(self.params, mean, self.version)
+                else:
+                    stats["skipped"] += 1
+                self.version += 1
+                stats["updates"] += 1
+                stats["count"] += g.count
+                stats["loss"] = g.loss_sum / g.count
+            stats["reduce_apply_s"] = time.perf_counter() - began
+            stats["compute_s"] = result["compute_s"]
+        stats["version"] = self.version
+        return self.params, stats
+
     def state(self) -> dict:
         """Parameters, optimizer state and version, for a checkpoint."""
         return {"params": self.params, "optimizer": self.optimizer.state_dict(), "version": self.version}
