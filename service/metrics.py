@@ -1,0 +1,141 @@
+"""Prometheus metrics: every shardprop metric, defined once, here.
+
+Per running job, labelled `job_id` (not `job`, which Prometheus rewrites on
+scrape): its loss, accuracy, learning rate, progress, workers, time per phase
+and failure counters. A finished job's series are removed after a retention
+period so that the number of series stays bounded. Base units throughout:
+seconds, samples, steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PHASES = ("compute", "transfer", "reduce_apply", "wait")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+# coordinator counter name -> metric attribute
+FAILURE_COUNTERS = {
+    "worker_failures": "worker_failures",
+    "recoveries": "recoveries",
+    "steps_replayed": "steps_replayed",
+    "nonfinite_skipped": "nonfinite_skipped",
+}
+
+
+class ServiceMetrics:
+    """The service's metrics in a registry of its own (one per app, so tests
+    can run several services in one process)."""
+
+    def __init__(self, retention_s: float = 300.0):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.retention_s = retention_s
+        job = ["job_id"]
+        self.train_loss = Gauge("shardprop_train_loss", "Training loss of the latest step", job, registry=r)
+        self.validation_loss = Gauge("shardprop_validation_loss", "Loss on the validation split", job, registry=r)
+        self.validation_accuracy = Gauge("shardprop_validation_accuracy", "Accuracy on the validation split "
+                                         "(fraction, 0-1)", job, registry=r)
+        self.learning_rate = Gauge("shardprop_learning_rate", "Learning rate of the latest step", job, registry=r)
+        self.steps = Counter("shardprop_steps", "Optimizer steps completed", job, registry=r)
+        self.samples = Counter("shardprop_samples", "Training samples processed", job, registry=r)
+        self.workers = Gauge("shardprop_workers", "Gradient workers of the job", job, registry=r)
+        self.parameter_version = Gauge("shardprop_parameter_version", "Highest applied parameter version",
+                                       job, registry=r)
+        self.step_seconds = Histogram("shardprop_step_seconds", "Time per step in each phase",
+                                      ["job_id", "phase"], buckets=STEP_BUCKETS, registry=r)
+        self.worker_failures = Counter("shardprop_worker_failures", "Gradient workers lost", job, registry=r)
+        self.recoveries = Counter("shardprop_recoveries", "Recoveries from lost workers, nodes or servers",
+                                  job, registry=r)
+        self.steps_replayed = Counter("shardprop_steps_replayed", "Steps computed again after a recovery",
+                                      job, registry=r)
+        self.nonfinite_skipped = Counter("shardprop_nonfinite_steps_skipped", "Steps skipped for a non-finite "
+                                         "gradient", job, registry=r)
+        self.staleness = Histogram("shardprop_staleness", "Versions between computing and applying a gradient "
+                                   "(async mode)", job, buckets=STALENESS_BUCKETS, registry=r)
+        self.jobs = Gauge("shardprop_jobs", "Jobs by state", ["state"], registry=r)
+        for state in STATES:
+            self.jobs.labels(state=state).set(0)
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict] = {}  # job -> last cumulative failure counters
+        self._finished: dict[str, float] = {}  # job -> when it ended
+
+    # ------------------------------------------------------------ updates
+
+    def observe_step(self, job_id: str, record: dict) -> None:
+        """One step record from the coordinator."""
+        self._forget_expired()
+        if record.get("loss") is not None:
+            self.train_loss.labels(job_id).set(record["loss"])
+        if record.get("val_loss") is not None:
+            self.validation_loss.labels(job_id).set(record["val_loss"])
+        if record.get("val_accuracy") is not None:
+            self.validation_accuracy.labels(job_id).set(record["val_accuracy"])
+        self.learning_rate.labels(job_id).set(record.get("lr") or 0.0)
+        self.steps.labels(job_id).inc()
+        self.samples.labels(job_id).inc(record.get("samples") or 0)
+        if record.get("workers") is not None:
+            self.workers.labels(job_id).set(record["workers"])
+        self.parameter_version.labels(job_id).set(record.get("version", record["step"]))
+        for phase, seconds in (record.get("phases") or {}).items():
+            if phase in PHASES and seconds is not None:
+                self.step_seconds.labels(job_id, phase).observe(seconds)
+        if record.get("staleness") is not None:
+            self.staleness.labels(job_id).observe(record["staleness"])
+
+    def observe_counters(self, job_id: str, counters) -> None:
+        """Cumulative failure counters (a coordinator's `counters`): exported as
+        increments since the last call."""
+        with self._lock:
+            last = self._seen.setdefault(job_id, {})
+            for name, attr in FAILURE_COUNTERS.items():
+                value = getattr(counters, name, 0)
+                delta = value - last.get(name, 0)
+                child = getattr(self, attr).labels(job_id)  # the series exists from the start, at 0
+                if delta > 0:
+                    child.inc(delta)
+                last[name] = value
+
+    def set_job_states(self, counts: dict[str, int]) -> None:
+        for state in STATES:
+            self.jobs.labels(state=state).set(counts.get(state, 0))
+
+    def job_finished(self, job_id: str) -> None:
+        """Start the retention clock of a finished job's series."""
+        with self._lock:
+            self._finished[job_id] = time.monotonic()
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [j for j, at in self._finished.items() if now - at >= self.retention_s]
+            for job_id in expired:
+                del self._finished[job_id]
+                self._seen.pop(job_id, None)
+        for job_id in expired:
+            self.forget(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Remove every series of a job."""
+        for metric in (self.train_loss, self.validation_loss, self.validation_accuracy, self.learning_rate,
+                       self.steps, self.samples, self.workers, self.parameter_version, self.worker_failures,
+                       self.recoveries, self.steps_replayed, self.nonfinite_skipped, self.staleness):
+            try:
+                metric.remove(job_id)
+            except KeyError:
+                pass
+        for phase in PHASES:
+            try:
+                self.step_seconds.remove(job_id, phase)
+            except KeyError:
+                pass
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format and its content type, after dropping expired jobs."""
+        self._forget_expired()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
