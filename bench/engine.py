@@ -1,0 +1,126 @@
+"""core's training step against PyTorch on CPU, and against the GEMM limit.
+
+One step = forward, backward and a plain SGD update of a 784-256-256-10 relu
+MLP with softmax cross-entropy, batch 256, float32, both engines at the same
+BLAS thread count. Rounds alternate (core, then torch) and we report medians
+and the median of per-round ratios. The limit: the matrix-product FLOPs one
+step really needs (forward and weight-gradient products of every layer,
+input-gradient products of all but the first) at this machine's float32 GEMM
+rate, measured in the same run. torch is a benchmark baseline only
+(`pip install -e '.[bench]'`).
+
+    .venv/bin/python bench/engine.py [--threads 1] [--rounds 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.mlp import MLP  # noqa: E402
+
+SIZES = [784, 256, 256, 10]
+BATCH = 256
+
+
+def step_flops(sizes=SIZES, batch=BATCH) -> float:
+    """2·m·k·n per product: forward and weight gradient per layer, input gradient but for the first."""
+    layers = list(zip(sizes, sizes[1:]))
+    forward = sum(2 * batch * i * o for i, o in layers)
+    weight_grads = forward
+    input_grads = sum(2 * batch * i * o for i, o in layers[1:])
+    return float(forward + weight_grads + input_grads)
+
+
+def gemm_rate(size: int = 1536, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    b = a.T.copy()
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - began)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def core_steps(n: int, X, y, lr=0.01) -> float:
+    net = MLP(SIZES, seed=0)
+    grad = np.empty_like(net.params)
+    lr = np.float32(lr)
+    began = time.perf_counter()
+    for _ in range(n):
+        _, grad, count = net.grad_sum(X, y, out=grad)
+        grad *= lr / np.float32(count)
+        net.params -= grad
+    return time.perf_counter() - began
+
+
+def torch_steps(n: int, X, y, lr=0.01) -> float:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    began = time.perf_counter()
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(Xt), yt).backward()
+        opt.step()
+    return time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=60, help="steps per engine per round")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((BATCH, 784)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH)
+    flops = step_flops()
+    rows = []
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        core_steps(5, X, y), torch_steps(5, X, y)  # warm up both
+        for _ in range(args.rounds):
+            c = core_steps(args.steps, X, y)
+            t = torch_steps(args.steps, X, y)
+            g = gemm_rate()
+            rows.append({"core": BATCH * args.steps / c, "torch": BATCH * args.steps / t, "gemm_flops": g,
+                         "core_limit": (flops * args.steps / c) / g, "torch_limit": (flops * args.steps / t) / g})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ratio = statistics.median(r["core"] / r["torch"] for r in rows)
+    blas = [f"{i.get('internal_api')} {i.get('version')}" for i in threadpool_info() if i.get("user_api") == "blas"]
+    result = {"threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps, "step_flops": flops,
+              "median": med, "core_over_torch": ratio, "numpy": np.__version__, "torch": torch.__version__,
+              "blas": blas}
+    print(f"784-256-256-10 relu softmax-CE, batch {BATCH}, float32, {args.threads} thread(s), "
+          f"medians of {args.rounds} alternating rounds")
+    print(f"  core   {med['core']:9.0f} samples/s   {med['core_limit']:6.1%} of the GEMM limit")
+    print(f"  torch  {med['torch']:9.0f} samples/s   {med['torch_limit']:6.1%} of the GEMM limit")
+    print(f"  core / torch: x{ratio:.2f}   (GEMM rate {med['gemm_flops'] / 1e9:.1f} GFLOP/s, "
+          f"{flops / 1e6:.1f} MFLOP per step; BLAS {', '.join(blas)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
