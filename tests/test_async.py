@@ -29,7 +29,7 @@ def test_async_reaches_sync_accuracy_within_one_and_a_half_times_the_samples(ray
     target = sync_records[-1]["val_accuracy"]
     # each async update is one shard's batch (128 / 4 rows): 1.5x the samples is 360 updates
     async_records = []
-    coordinator = Coordinator(digits("async", 360, eval_every=20, max_staleness=4), tmp_path / "async",
+    coordinator = Coordinator(digits("async", 360, eval_every=10, max_staleness=4), tmp_path / "async",
                               on_step=async_records.append)
     coordinator.run()
     assert sum(r["samples"] for r in async_records) == pytest.approx(1.5 * sync_samples)

@@ -81,12 +81,13 @@ def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_clus
             state["added"] = ray_cluster.add_node(num_cpus=2)
 
     records = []
-    coordinator = Coordinator(spec(workers=6, steps=40), tmp_path / "run",
+    # Slowed steps (20 ms per worker call) keep the job running while Ray notices the lost node.
+    coordinator = Coordinator(spec(workers=6, steps=150), tmp_path / "run",
                               on_step=lambda r: (records.append(r["workers"]),
                                                  r["step"] == 5 and remove_a_node(coordinator)),
-                              on_event=add_back)
+                              on_event=add_back, faults={i: {"delay_s": 0.02} for i in range(12)})
     net = coordinator.run()
-    assert np.array_equal(net.params, train(spec(workers=6, steps=40))[0].params)
+    assert np.array_equal(net.params, train(spec(workers=6, steps=150))[0].params)
     assert state["workers_after_loss"] == 4  # no spare capacity: survivors took the shards
     assert records[-1] == 6, "the returning node was not used again"
     assert state["added"].node_id in coordinator.counters.nodes
