@@ -1,17 +1,71 @@
-"""The `shardprop` command."""
+"""The `shardprop` command: run the service, and talk to it.
+
+    shardprop serve [--host H] [--port P] [--store PATH] [--data-root DIR ...] [--ray-address ADDR]
+    shardprop submit JOB.yaml [--follow]
+    shardprop list | status ID | metrics ID | cancel ID | resize ID N
+    shardprop model ID -o FILE | predict ID ROWS.csv
+    shardprop train JOB.yaml ...       (without a service)
+
+`--server URL` picks the service (default http://127.0.0.1:8470); the token
+comes from SHARDPROP_TOKEN.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 from service import train_command
+from service.client import DEFAULT_SERVER, Client, ClientError
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class CommandError(Exception):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardprop", description="distributed data-parallel training")
+    parser = argparse.ArgumentParser(prog="shardprop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default=os.environ.get("SHARDPROP_SERVER", DEFAULT_SERVER),
+                        help=f"the service's URL (default {DEFAULT_SERVER})")
     sub = parser.add_subparsers(dest="command", required=True)
     train_command.add_parser(sub)
+
+    p = sub.add_parser("serve", help="run the job service (HTTP API, queue, job store)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs SHARDPROP_TOKEN)")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--store", help="the SQLite job store (default ~/.shardprop/shardprop.db); "
+                                   "checkpoints and models go beside it")
+    p.add_argument("--data-root", action="append", help="folders data paths are confined to (default: cwd)")
+    p.add_argument("--ray-address", help="attach to this Ray cluster instead of a private local one")
+    p.add_argument("--max-concurrent-jobs", type=int, default=1, help="jobs run at once (0 pauses execution)")
+    p.add_argument("--log-level", default="info")
+
+    p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
+    p.add_argument("job")
+    p.add_argument("--follow", action="store_true", help="show live progress until the job ends")
+    p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+
+    p = sub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    for name, text in (("status", "a job's state, progress and latest metrics"),
+                       ("metrics", "a job's per-step history"), ("cancel", "cancel a queued or running job")):
+        sub.add_parser(name, help=text).add_argument("id")
+    p = sub.add_parser("resize", help="change the number of workers of a running job")
+    p.add_argument("id")
+    p.add_argument("workers", type=int)
+    p = sub.add_parser("model", help="download the trained model file")
+    p.add_argument("id")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p = sub.add_parser("predict", help="predict for the rows of a CSV file (numbers only; a header is skipped)")
+    p.add_argument("id")
+    p.add_argument("rows")
     return parser
 
 
@@ -19,7 +73,200 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train_command.run(args)
-    return 2
+    try:
+        if args.command == "serve":
+            return serve(args)
+        with Client(args.server) as client:
+            return COMMANDS[args.command](client, args)
+    except (ClientError, CommandError) as err:
+        print(f"shardprop {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------- serve
+
+
+def serve(args) -> int:
+    from service.settings import Settings, is_loopback
+
+    token = os.environ.get("SHARDPROP_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise CommandError(f"refusing to bind {args.host} (not loopback) without a token: set SHARDPROP_TOKEN")
+    if args.max_concurrent_jobs < 0:
+        raise CommandError(f"--max-concurrent-jobs must be >= 0, got {args.max_concurrent_jobs}")
+    kw = {"host": args.host, "port": args.port, "token": token, "ray_address": args.ray_address,
+          "max_concurrent_jobs": args.max_concurrent_jobs}
+    if args.store:
+        kw["store_path"] = Path(args.store).resolve()
+    if args.data_root:
+        kw["data_roots"] = [Path(r).resolve() for r in args.data_root]
+    settings = Settings(**kw)
+
+    import uvicorn
+
+    from service.api import create_app
+
+    metrics, routers = _metrics_and_routers()
+    app = create_app(settings, extra_routers=routers, metrics=metrics)
+    print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def _metrics_and_routers():
+    """Prometheus metrics and the dashboard (`/metrics`, `/`), when present."""
+    try:
+        from service.dashboard import dashboard_router
+        from service.metrics import ServiceMetrics
+    except ImportError:
+        return None, []
+    metrics = ServiceMetrics()
+    return metrics, [dashboard_router(metrics)]
+
+
+# ---------------------------------------------------------------- client commands
+
+
+def _load_spec_file(path: str) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise CommandError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        raw = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise CommandError(f"{path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise CommandError(f"{path}: a job spec is a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def cmd_submit(client: Client, args) -> int:
+    job = client.submit(_load_spec_file(args.job), idempotency_key=args.idempotency_key)
+    print(job["id"])
+    if not args.follow:
+        return 0
+    return follow(client, job["id"], job.get("steps") or 0)
+
+
+def follow(client: Client, job_id: str, total: int, interval: float = 0.25) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, desc=job_id)
+    last_step, last_val = 0, None
+    try:
+        while True:
+            job = client.status(job_id)
+            for m in client.metrics(job_id, since=last_step):
+                last_step = max(last_step, m["step"])
+                if m.get("val_accuracy") is not None:
+                    last_val = m["val_accuracy"]
+                shown = {"loss": f"{m['loss']:.4f}" if m.get("loss") is not None else "nan"}
+                if m.get("samples_per_s"):
+                    shown["samples/s"] = f"{m['samples_per_s']:.0f}"
+                if last_val is not None:
+                    shown["val_acc"] = f"{last_val:.3f}"
+                bar.set_postfix(shown, refresh=False)
+            bar.update(last_step - bar.n)
+            if job["state"] in TERMINAL:
+                break
+            time.sleep(interval)
+    finally:
+        bar.close()
+    line = f"job {job_id} {job['state']} at step {job['step']}/{job['steps']}"
+    if job.get("error"):
+        line += f": {job['error']}"
+    print(line)
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def cmd_list(client: Client, args) -> int:
+    jobs = client.list(args.state)
+    print(f"{'ID':<14}{'NAME':<24}{'STATE':<11}{'STEP':>13}  CREATED")
+    for j in jobs:
+        print(f"{j['id']:<14}{j['name'][:23]:<24}{j['state']:<11}{j['step']:>6}/{j['steps']:<6}  {j['created_at']}")
+    return 0
+
+
+def cmd_status(client: Client, args) -> int:
+    job = client.status(args.id)
+    print(json.dumps(job, indent=2))
+    return 0
+
+
+def cmd_metrics(client: Client, args) -> int:
+    rows = client.metrics(args.id)
+    print("step,loss,val_loss,val_accuracy,samples_per_s,workers,lr")
+    for m in rows:
+        print(",".join("" if m.get(k) is None else str(m[k])
+                       for k in ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr")))
+    return 0
+
+
+def cmd_cancel(client: Client, args) -> int:
+    job = client.cancel(args.id)
+    print(f"job {job['id']} {job['state']}")
+    return 0
+
+
+def cmd_resize(client: Client, args) -> int:
+    job = client.resize(args.id, args.workers)
+    print(f"job {job['id']} resizing to {job['workers']} workers")
+    return 0
+
+
+def cmd_model(client: Client, args) -> int:
+    data = client.model(args.id)
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise CommandError(f"cannot write {out}: {err.strerror}") from None
+    print(f"wrote {out} ({len(data)} bytes)")
+    return 0
+
+
+def _read_rows(path: str) -> list[list[float]]:
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            lines = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except OSError as err:
+        raise CommandError(f"cannot read {path}: {err.strerror}") from None
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append([float(c) for c in line])
+        except ValueError:
+            if i == 0:
+                continue  # a header
+            raise CommandError(f"{path} line {i + 1}: not all numbers: {','.join(line)[:80]}") from None
+    if not rows:
+        raise CommandError(f"{path} holds no rows")
+    return rows
+
+
+def cmd_predict(client: Client, args) -> int:
+    result = client.predict(args.id, _read_rows(args.rows))
+    if result.get("labels") is not None:
+        for label in result["labels"]:
+            print(label)
+    else:
+        for row in result["outputs"]:
+            print(",".join(repr(v) for v in row))
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "metrics": cmd_metrics,
+            "cancel": cmd_cancel, "resize": cmd_resize, "model": cmd_model, "predict": cmd_predict}
 
 
 if __name__ == "__main__":

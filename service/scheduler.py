@@ -1,0 +1,274 @@
+"""The queue: runs stored jobs on Ray, first in first out.
+
+A job waits while the concurrency limit is reached (0 pauses execution) or
+while the cluster lacks the CPUs it asks for. Each running job is one
+Coordinator driven from a thread of this process. Jobs found `running` when
+the scheduler starts (the service was killed) resume from their latest
+checkpoint. Ray is connected lazily, when the first job is about to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from core.spec import SpecError, parse_spec
+from service.settings import Settings
+from service.store import IllegalTransition, NotFound, Store, TERMINAL
+
+log = logging.getLogger("shardprop.scheduler")
+
+
+class NotRunning(Exception):
+    pass
+
+
+@dataclass
+class Active:
+    job_id: str
+    coordinator: object
+    thread: threading.Thread | None = None
+    cpus: int = 0
+    cancel_requested: bool = False
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, store: Store, metrics=None):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics  # duck-typed: observe_step, observe_counters, job_finished, set_job_states
+        self._lock = threading.Lock()
+        self._active: dict[str, Active] = {}
+        self._resume: list[str] = []  # jobs found running at start, oldest first
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._ray_connected = False
+        self.max_concurrent_jobs = settings.max_concurrent_jobs
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._resume = [j["id"] for j in self.store.jobs_in_state("running")]
+        self._stop.clear()
+        self._loop = threading.Thread(target=self._run_loop, name="shardprop-scheduler", daemon=True)
+        self._loop.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop scheduling; running jobs are interrupted but stay `running`
+        in the store, so that the next start resumes them."""
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            active = list(self._active.values())
+        for a in active:
+            a.coordinator.cancel()
+        for a in active:
+            if a.thread is not None:
+                a.thread.join(timeout)
+        if self._loop is not None:
+            self._loop.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def set_max_concurrent_jobs(self, n: int) -> None:
+        self.max_concurrent_jobs = n
+        self.wake()
+
+    # ------------------------------------------------------------ control
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.store.get_job(job_id)
+        if job["state"] == "cancelled":
+            return job
+        if job["state"] in TERMINAL:
+            raise IllegalTransition(f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
+        with self._lock:
+            active = self._active.get(job_id)
+            if active is not None:
+                active.cancel_requested = True
+                active.coordinator.cancel()
+                return self.store.get_job(job_id)
+            if job_id in self._resume:
+                self._resume.remove(job_id)
+        try:
+            job = self.store.transition(job_id, "cancelled", "cancelled by request")
+        except IllegalTransition:
+            job = self.store.get_job(job_id)  # it started (or ended) meanwhile
+            with self._lock:
+                active = self._active.get(job_id)
+                if active is not None:
+                    active.cancel_requested = True
+                    active.coordinator.cancel()
+        self._finished(job_id)
+        self.wake()
+        return job
+
+    def resize(self, job_id: str, workers: int) -> dict:
+        job = self.store.get_job(job_id)
+        with self._lock:
+            active = self._active.get(job_id)
+        if active is None or job["state"] != "running":
+            raise NotRunning(f"job {job_id} is {job['state']}; only running jobs can be resized")
+        active.coordinator.resize(workers)  # ValueError names the bounds
+        self.store.set_workers(job_id, workers)
+        return self.store.get_job(job_id)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                started = self._schedule_one()
+            except Exception:  # never let the loop die
+                log.exception("scheduler loop")
+                started = False
+            if not started:
+                self._wake.wait(self.settings.poll_interval_s)
+                self._wake.clear()
+
+    def _next(self) -> tuple[dict, bool] | None:
+        while self._resume:
+            job_id = self._resume[0]
+            job = self.store.get_job(job_id, details=True)
+            if job["state"] == "running":
+                return job, True
+            self._resume.pop(0)
+        queued = self.store.jobs_in_state("queued")
+        return (queued[0], False) if queued else None
+
+    def _connect(self) -> None:
+        if not self._ray_connected:
+            from workers.runtime import connect_ray
+
+            connect_ray(self.settings.ray_address)
+            self._ray_connected = True
+
+    def _free_cpus(self) -> float:
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 0.0)
+        available = ray.available_resources().get("CPU", 0.0)
+        with self._lock:
+            ours = sum(a.cpus for a in self._active.values())
+        # Actors of a job just started may not hold their CPUs yet.
+        return min(available, total - ours)
+
+    def _schedule_one(self) -> bool:
+        with self._lock:
+            if len(self._active) >= self.max_concurrent_jobs:
+                return False
+            nxt = self._next()
+        if nxt is None:
+            return False
+        job, resume = nxt
+        job_id = job["id"]
+        try:
+            spec = parse_spec(job["spec"])
+            if job["workers"] != spec.training.workers:
+                spec = spec.with_workers(job["workers"])
+        except SpecError as err:
+            self._fail(job_id, f"spec no longer valid: {err}")
+            return True
+        from workers.coordinator import Coordinator
+
+        coordinator = Coordinator(
+            spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
+            job_id=job_id, on_step=lambda record: self._on_step(job_id, record),
+            on_event=lambda kind, detail: self._on_event(job_id, kind, detail))
+        self._connect()
+        if self._free_cpus() < coordinator.required_cpus:
+            return False  # FIFO: the head of the queue waits, nothing overtakes it
+        active = Active(job_id, coordinator, cpus=coordinator.required_cpus)
+        with self._lock:
+            if resume:
+                self._resume.remove(job_id)
+            else:
+                try:
+                    self.store.transition(job_id, "running", "started", allowed_from={"queued"})
+                except IllegalTransition:
+                    return True  # cancelled meanwhile
+            self._active[job_id] = active
+        active.thread = threading.Thread(target=self._run_job, args=(active, resume),
+                                         name=f"shardprop-job-{job_id}", daemon=True)
+        active.thread.start()
+        return True
+
+    def _run_job(self, active: Active, resume: bool) -> None:
+        from core.trainer import TrainingError
+        from workers.coordinator import JobCancelled
+
+        job_id, coordinator = active.job_id, active.coordinator
+        try:
+            net = coordinator.run(resume=resume)
+            path = self.settings.model_path(job_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            net.save(path)
+            self._transition(job_id, "succeeded", "finished")
+        except JobCancelled:
+            if active.cancel_requested or not self._stop.is_set():
+                self._transition(job_id, "cancelled", "cancelled by request")
+            # else: the service is stopping; the job stays running and resumes on restart
+        except (TrainingError, ValueError) as err:
+            self._fail(job_id, str(err))
+        except Exception as err:
+            log.exception("job %s", job_id)
+            self._fail(job_id, f"{type(err).__name__}: {err}")
+        finally:
+            if self.metrics is not None:
+                try:
+                    self.metrics.observe_counters(job_id, coordinator.counters)
+                except Exception:
+                    log.exception("metrics")
+            with self._lock:
+                self._active.pop(job_id, None)
+            self._finished(job_id)
+            self.wake()
+
+    # ------------------------------------------------------------ callbacks
+
+    def _transition(self, job_id: str, to: str, reason: str, error: str | None = None) -> None:
+        try:
+            self.store.transition(job_id, to, reason, error=error)
+        except (IllegalTransition, NotFound) as err:
+            log.warning("%s", err)
+
+    def _fail(self, job_id: str, error: str) -> None:
+        self._transition(job_id, "failed", "error", error=error)
+        self._finished(job_id)
+
+    def _finished(self, job_id: str) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.job_finished(job_id)
+            except Exception:
+                log.exception("metrics")
+
+    def _on_step(self, job_id: str, record: dict) -> None:
+        self.store.record_metric(job_id, record)
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_step(job_id, record)
+            except Exception:
+                log.exception("metrics")
+
+    def _on_event(self, job_id: str, kind: str, detail: dict) -> None:
+        if kind == "checkpoint":
+            self.store.set_checkpoint(job_id, int(detail["step"]))
+        elif kind == "resize":
+            self.store.set_workers(job_id, int(detail["to"]))
+        elif kind == "recovery" and self.metrics is not None:
+            with self._lock:
+                active = self._active.get(job_id)
+            if active is not None:
+                try:
+                    self.metrics.observe_counters(job_id, active.coordinator.counters)
+                except Exception:
+                    log.exception("metrics")
