@@ -53,12 +53,13 @@ def run_with(coordinator_spec, tmp_path, at_step, action, **kw):
     return net, coordinator, events
 
 
-def test_a_killed_worker_process_loses_nothing(ray_cluster, tmp_path, reference):
-    def kill_worker(coordinator):
-        pid = ray.get(coordinator.workers[1].location.remote())["pid"]
-        os.kill(pid, signal.SIGKILL)
+def sigkill(actor) -> None:
+    """Kill an actor's process the hard way, as the OOM killer would."""
+    os.kill(ray.get(actor.location.remote())["pid"], signal.SIGKILL)
 
-    net, coordinator, events = run_with(spec(), tmp_path, 5, kill_worker)
+
+def test_a_killed_worker_process_loses_nothing(ray_cluster, tmp_path, reference):
+    net, coordinator, events = run_with(spec(), tmp_path, 5, lambda c: sigkill(c.workers[1]))
     assert np.array_equal(net.params, reference["default"])
     assert coordinator.counters.worker_failures == 1 and coordinator.counters.recoveries == 1
     assert any(kind == "recovery" for kind, _ in events)
@@ -94,11 +95,7 @@ def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_clus
 
 
 def test_a_killed_parameter_server_restores_from_its_checkpoint(ray_cluster, tmp_path, reference):
-    def kill_server(coordinator):
-        pid = ray.get(coordinator.servers[0].location.remote())["pid"]
-        os.kill(pid, signal.SIGKILL)
-
-    net, coordinator, events = run_with(spec(), tmp_path, 7, kill_server)
+    net, coordinator, events = run_with(spec(), tmp_path, 7, lambda c: sigkill(c.servers[0]))
     assert np.array_equal(net.params, reference["default"])
     assert coordinator.counters.server_failures == 1
     recovery = next(d for kind, d in events if kind == "recovery")
