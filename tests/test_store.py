@@ -1,0 +1,108 @@
+"""The SQLite job store: states, transitions, metrics upserts, idempotency, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
+
+SPEC = {"name": "a", "training": {"steps": 10, "workers": 2}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "s.db")
+    yield s
+    s.close()
+
+
+def test_wal_and_persistence(tmp_path):
+    s = Store(tmp_path / "s.db")
+    job, created = s.create_job(SPEC)
+    assert created and job["state"] == "queued" and job["steps"] == 10 and job["workers"] == 2
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    again = Store(tmp_path / "s.db")
+    assert again.get_job(job["id"], details=True)["spec"] == SPEC
+    again.close()
+
+
+def test_legal_and_illegal_transitions(store):
+    job, _ = store.create_job(SPEC)
+    with pytest.raises(IllegalTransition):
+        store.transition(job["id"], "succeeded")
+    store.transition(job["id"], "running", "started")
+    with pytest.raises(IllegalTransition):
+        store.transition(job["id"], "queued")
+    store.transition(job["id"], "failed", "error", error="boom")
+    for to in ("running", "succeeded", "cancelled", "queued"):
+        with pytest.raises(IllegalTransition):
+            store.transition(job["id"], to)
+    got = store.get_job(job["id"], details=True)
+    assert got["error"] == "boom"
+    assert [(t["from"], t["to"]) for t in got["transitions"]] == [
+        (None, "queued"), ("queued", "running"), ("running", "failed")]
+    with pytest.raises(NotFound):
+        store.get_job("nope")
+    with pytest.raises(NotFound):
+        store.transition("nope", "running")
+
+
+def test_metrics_upsert_replayed_steps(store):
+    job, _ = store.create_job(SPEC)
+    store.record_metric(job["id"], {"step": 1, "loss": 2.0, "phases": {"compute": 0.1}})
+    store.record_metric(job["id"], {"step": 2, "loss": 1.5, "val_accuracy": 0.5})
+    store.record_metric(job["id"], {"step": 2, "loss": 1.4, "val_accuracy": 0.6})  # replayed
+    store.record_metric(job["id"], {"step": 1, "loss": float("nan")})
+    rows = store.metrics(job["id"])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["loss"] == 1.4 and rows[1]["val_accuracy"] == 0.6 and rows[0]["loss"] is None
+    assert store.get_job(job["id"])["step"] == 2
+    assert store.metrics(job["id"], since=1)[0]["step"] == 2
+
+
+def test_idempotency(store):
+    a, created = store.create_job(SPEC, idempotency_key="k", body_hash="h1")
+    b, again = store.create_job(SPEC, idempotency_key="k", body_hash="h1")
+    assert created and not again and a["id"] == b["id"]
+    with pytest.raises(IdempotencyConflict):
+        store.create_job(SPEC, idempotency_key="k", body_hash="h2")
+    assert len(store.list_jobs()) == 1
+
+
+def test_list_newest_first_filter_and_counts(store):
+    ids = [store.create_job(SPEC)[0]["id"] for _ in range(3)]
+    store.transition(ids[0], "cancelled")
+    assert [j["id"] for j in store.list_jobs()] == ids[::-1]
+    assert [j["id"] for j in store.list_jobs("queued")] == ids[:0:-1]
+    assert [j["id"] for j in store.jobs_in_state("queued")] == ids[1:]
+    assert store.counts() == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1}
+
+
+def test_threads_each_job_once_and_one_winner_per_transition(store):
+    made = []
+
+    def submit(i):
+        for k in range(10):
+            made.append(store.create_job(SPEC, idempotency_key=f"{k}", body_hash="h")[0]["id"])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(set(made)) == 10 and len(store.list_jobs()) == 10
+    job = made[0]
+    wins = []
+
+    def move():
+        try:
+            store.transition(job, "cancelled")
+            wins.append(1)
+        except IllegalTransition:
+            pass
+
+    threads = [threading.Thread(target=move) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert wins == [1]
