@@ -87,6 +87,8 @@ class ServiceMetrics:
                 self.step_seconds.labels(job_id, phase).observe(seconds)
         if record.get("staleness") is not None:
             self.staleness.labels(job_id).observe(record["staleness"])
+        for attr in FAILURE_COUNTERS.values():
+            getattr(self, attr).labels(job_id)  # a running job's failure counters exist, at 0
 
     def observe_counters(self, job_id: str, counters) -> None:
         """Cumulative failure counters (a coordinator's `counters`): exported as

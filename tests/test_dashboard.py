@@ -1,0 +1,127 @@
+"""The live dashboard and /metrics, served by a real service (uvicorn on
+loopback, a real SQLite file, the session's Ray cluster), driven in headless
+Chromium (Debian's package) through Playwright."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.api import create_app
+from service.dashboard import dashboard_router
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+JOB = {"name": "dash", "seed": 0, "data": {"source": "digits", "shards": 2},
+       "model": {"hidden": [32]},
+       "training": {"workers": 2, "batch_size": 64, "steps": 400, "eval_every": 20, "checkpoint_every": 100,
+                    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}}
+PHASES = {"compute", "transfer", "reduce_apply", "wait"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def service(ray_local, tmp_path):
+    metrics = ServiceMetrics(retention_s=3.0)
+    settings = Settings(port=free_port(), store_path=tmp_path / "store.db", data_roots=[tmp_path],
+                        ray_address=ray_local, token=None)
+    app = create_app(settings, metrics=metrics, extra_routers=[dashboard_router(metrics)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def wait_for(predicate, timeout=120.0, every=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def scrape(url):
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return text, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_while_a_job_runs_then_gone_after_retention(service):
+    job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
+    jid = job["id"]
+    wait_for(lambda: httpx.get(f"{service}/v1/jobs/{jid}", timeout=10).json()["step"] >= 30)
+    text, fams = scrape(service)
+    running = {n: f for n, f in fams.items() if any(s.labels.get("job_id") == jid for s in f.samples)}
+    for name, kind in [("shardprop_train_loss", "gauge"), ("shardprop_validation_loss", "gauge"),
+                       ("shardprop_validation_accuracy", "gauge"), ("shardprop_learning_rate", "gauge"),
+                       ("shardprop_steps", "counter"), ("shardprop_samples", "counter"),
+                       ("shardprop_workers", "gauge"), ("shardprop_parameter_version", "gauge"),
+                       ("shardprop_step_seconds", "histogram"), ("shardprop_worker_failures", "counter"),
+                       ("shardprop_recoveries", "counter"), ("shardprop_steps_replayed", "counter"),
+                       ("shardprop_nonfinite_steps_skipped", "counter")]:
+        assert name in running and running[name].type == kind, name
+    phases = {s.labels["phase"] for s in running["shardprop_step_seconds"].samples}
+    assert phases == PHASES
+    assert {s.labels["state"] for s in fams["shardprop_jobs"].samples} >= {"running", "queued", "succeeded"}
+    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for(lambda: httpx.get(f"{service}/v1/jobs/{jid}", timeout=10).json()["state"] == "succeeded")
+    time.sleep(3.5)  # the retention configured above
+    _, fams = scrape(service)
+    assert not any(s.labels.get("job_id") == jid for f in fams.values() for s in f.samples)
+
+
+def test_dashboard_chart_grows_live_and_the_table_shows_success(service):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is installed by .ci/run"
+    job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{service}/?job={job['id']}")
+            points = lambda: int(page.locator("#loss").get_attribute("data-points") or 0)  # noqa: E731
+            first = wait_for(lambda: points() or None, timeout=60)
+            grown = wait_for(lambda: points() > first and points(), timeout=60)
+            assert grown > first  # more points, no reload
+            row = page.locator(f"tr.job[data-id='{job['id']}']")
+            wait_for(lambda: row.get_attribute("data-state") == "succeeded", timeout=120)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(f"{service}/?job={job['id']}")
+            wait_for(lambda: int(phone.locator("#loss").get_attribute("data-points") or 0) > 0, timeout=30)
+            phone.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+        finally:
+            browser.close()
