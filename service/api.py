@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -113,6 +114,13 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise _error(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
                               f"got {len(idempotency_key)}")
+        # validation and SQLite off the event loop
+        job, created = await run_in_threadpool(_create, raw, idempotency_key)
+        if created:
+            scheduler.wake()
+        return JSONResponse(job, status_code=201 if created else 200)
+
+    def _create(raw, idempotency_key: str | None) -> tuple[dict, bool]:
         try:
             spec = parse_spec(raw)
         except SpecError as err:
@@ -123,13 +131,10 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
             except DataError as err:
                 raise _error(422, str(err))
         try:
-            job, created = store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
-                                            body_hash=_canonical_hash(raw) if idempotency_key else None)
+            return store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
+                                    body_hash=_canonical_hash(raw) if idempotency_key else None)
         except IdempotencyConflict as err:
             raise _error(409, str(err))
-        if created:
-            scheduler.wake()
-        return JSONResponse(job, status_code=201 if created else 200)
 
     @router.get("", summary="List jobs, newest first")
     def list_jobs(state: str | None = Query(None, description="one of " + ", ".join(STATES)),
@@ -174,7 +179,7 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
         if not isinstance(workers, int) or isinstance(workers, bool):
             raise _error(422, f"workers must be an integer, got {workers!r}")
         try:
-            scheduler.resize(job_id, workers)
+            await run_in_threadpool(scheduler.resize, job_id, workers)
         except NotRunning as err:
             raise _error(409, str(err))
         except ValueError as err:
@@ -194,10 +199,13 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
     @router.post("/{job_id}/predict", dependencies=[Depends(require_token)],
                  summary='Predict: {"rows": [[...], ...]} -> {"outputs", "labels"}')
     async def predict(job_id: str, request: Request):
+        raw = await read_json(request, settings)
+        return await run_in_threadpool(_predict, job_id, raw)
+
+    def _predict(job_id: str, raw) -> dict:
         from core.mlp import MLP
         from core.trainer import predicted_labels
 
-        raw = await read_json(request, settings)
         job = get_or_404(job_id)
         path = settings.model_path(job_id)
         if job["state"] != "succeeded" or not path.exists():
@@ -208,10 +216,10 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
             if len(models) > 32:
                 models.pop(next(iter(models)))
         rows = _rows(raw, net.config["sizes"][0])
-        outputs = net.predict(rows)
-        result = {"outputs": np.asarray(outputs, dtype=float).tolist(), "labels": None}
+        outputs = np.asarray(net.predict(rows), dtype=float)
+        result = {"outputs": outputs.tolist(), "labels": None}
         if net.config.get("loss") == "cross_entropy":
-            result["labels"] = predicted_labels(np.asarray(outputs)).tolist()
+            result["labels"] = predicted_labels(outputs).tolist()
         return _clean(result)
 
     return router

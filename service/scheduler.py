@@ -126,6 +126,8 @@ class Scheduler:
     def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if self.metrics is not None:
+                    self.metrics.set_job_states(self.store.counts())
                 started = self._schedule_one()
             except Exception:  # never let the loop die
                 log.exception("scheduler loop")
