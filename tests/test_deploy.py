@@ -1,0 +1,138 @@
+"""What CI can check of the deployment without a Docker daemon: Prometheus's
+config, the compose file's commands against the real CLI, the Grafana
+dashboard's PromQL against a live service's /metrics — and a real Prometheus
+scraping a real service and answering with a job's train loss."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from service.cli import build_parser
+from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMQL_FUNCTIONS = {"rate", "increase", "histogram_quantile", "sum", "by", "le", "phase", "job_id", "label_values"}
+
+
+def test_prometheus_config_is_valid():
+    done = subprocess.run(["promtool", "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_services_run_commands_the_cli_has():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"ray-head", "ray-worker", "prometheus", "grafana"}
+    for name, svc in services.items():
+        image = svc.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag"
+    head = services["ray-head"]["command"]
+    script = head[-1] if isinstance(head, list) else head
+    serve = script.split("exec ", 1)[1]
+    argv = shlex.split(serve)
+    assert argv[0] == "shardprop"
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag
+    assert args.command == "serve" and args.data_root and args.ray_address
+    assert "jobstore" in compose["volumes"] and "data" in compose["volumes"]
+    assert "ray start --head" in script
+    assert services["ray-worker"]["command"][:2] == ["ray", "start"]
+
+
+def dashboard_metric_names() -> set[str]:
+    board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "shardprop.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs.append(board["templating"]["list"][0]["query"]["query"])
+    names = set()
+    for expr in exprs:
+        names |= {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r'"[^"]*"|\[[^\]]*\]', "", expr))
+                  if w not in PROMQL_FUNCTIONS}
+    return names
+
+
+@pytest.mark.ray
+def test_every_dashboard_query_names_a_metric_the_service_exports(service):  # noqa: F811
+    # an async job: it exports everything a sync one does, and staleness too
+    async_job = {**JOB, "training": {**JOB["training"], "steps": 200, "mode": "async"}}
+    job = httpx.post(f"{service}/v1/jobs", json=async_job, timeout=10).json()
+    wait_for(lambda: httpx.get(f"{service}/v1/jobs/{job['id']}", timeout=10).json()["step"] >= 20)
+    exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", httpx.get(f"{service}/metrics").text, re.M))
+    names = dashboard_metric_names()
+    assert names and names <= exported, names - exported
+
+
+@pytest.mark.ray
+def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa: F811
+    port = free_port()
+    target = service.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "shardprop", "static_configs": [{"targets": [target]}]}]}))
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
+
+        def loss_from_prometheus():
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                              params={"query": f'shardprop_train_loss{{job_id="{job["id"]}"}}'}, timeout=5).json()
+            except httpx.HTTPError:
+                return None
+            result = r.get("data", {}).get("result", [])
+            return float(result[0]["value"][1]) if result else None
+
+        loss = wait_for(loss_from_prometheus, timeout=90, every=0.5)
+        assert 0 < loss < 10
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
+    """The bare-machine commands of docs/deploy.md, on loopback; the head is
+    ended by its pid (never `ray stop`, which would end every Ray here)."""
+    import os
+    import signal
+
+    from tests.service_helpers import ServiceProcess, wait_state
+
+    gcs = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}, cwd=tmp_path)
+    server = None
+    try:
+        time.sleep(3)
+        assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+        server = ServiceProcess(tmp_path / "store.db", "--ray-address", f"127.0.0.1:{gcs}",
+                                "--data-root", str(tmp_path), env={"RAY_AUTH_MODE": "disabled"}).start()
+        small = {**JOB, "training": {**JOB["training"], "steps": 30}}
+        job = httpx.post(f"{server.url}/v1/jobs", json=small, timeout=10).json()
+        done = wait_state(server.url, job["id"], timeout=180)
+        assert done["state"] == "succeeded", done
+        assert done["step"] == 30
+    finally:
+        if server is not None:
+            server.stop()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
