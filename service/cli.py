@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"))
     for name, text in (("status", "a job's state, progress and latest metrics"),
-                       ("metrics", "a job's per-step history"), ("cancel", "cancel a queued or running job")):
+                       ("metrics", "a job's per-step history (CSV), or its curves as a PNG with --plot"),
+                       ("cancel", "cancel a queued or running job")):
         sub.add_parser(name, help=text).add_argument("id")
+    sub.choices["metrics"].add_argument("--plot", metavar="FILE.png",
+                                        help="draw loss, validation accuracy and samples/s into this PNG")
     p = sub.add_parser("resize", help="change the number of workers of a running job")
     p.add_argument("id")
     p.add_argument("workers", type=int)
@@ -201,6 +204,12 @@ def cmd_status(client: Client, args) -> int:
 
 def cmd_metrics(client: Client, args) -> int:
     rows = client.metrics(args.id)
+    if args.plot:
+        from service.plot import plot_history
+
+        plot_history(rows, args.plot, title=f"job {args.id}")
+        print(f"wrote {args.plot}")
+        return 0
     print("step,loss,val_loss,val_accuracy,samples_per_s,workers,lr")
     for m in rows:
         print(",".join("" if m.get(k) is None else str(m[k])

@@ -40,6 +40,10 @@ def test_submit_follow_model_predict(tmp_path, ray_local, capsys):
         assert main(["--server", url, "metrics", job_id]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].startswith("step,loss") and len(lines) == 31
+        png = tmp_path / "curves.png"
+        assert main(["--server", url, "metrics", job_id, "--plot", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        capsys.readouterr()
 
         model = tmp_path / "m.npz"
         assert main(["--server", url, "model", job_id, "-o", str(model)]) == 0
