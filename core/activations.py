@@ -30,17 +30,18 @@ class Activation:
 def stable_sigmoid(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """1 / (1 + e^-a) without ever exponentiating a positive number.
 
-    With e = e^-|a| (always in (0, 1]): sigmoid(a) = 1 / (1 + e) for a >= 0 and
-    e / (1 + e) for a < 0. Both forms are exact rewrites, neither overflows.
-    `out` may be `a` itself.
+    sigmoid(a) = e^min(a, 0) / (1 + e^-|a|): for a >= 0 that is 1 / (1 + e^-a),
+    for a < 0 it is e^a / (1 + e^a); both exponents are <= 0, so nothing
+    overflows. (One formula rather than a masked choice between two: masks
+    that flip at random cost more here than a second exp.) `out` may be `a`.
     """
-    negative = a < 0
-    e = np.abs(a)
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    np.add(e, 1, out=out)
-    np.reciprocal(out, out=out)
-    np.multiply(out, e, out=out, where=negative)
+    denominator = np.abs(a)
+    np.negative(denominator, out=denominator)
+    np.exp(denominator, out=denominator)
+    denominator += 1
+    np.minimum(a, 0, out=out)
+    np.exp(out, out=out)
+    out /= denominator
     return out
 
 
@@ -83,8 +84,9 @@ class ReLU(Activation):
 
         At a = 0 we take the subgradient 0, as everyone does.
         """
-        # y >= 0 after relu, so zeroing where y == 0 is the whole derivative.
-        np.copyto(grad, 0, where=y == 0)
+        # A multiply by the 0/1 mask: copyto(..., where=) branches on every
+        # element and is ten times slower on the random masks relu makes.
+        np.multiply(grad, y > 0, out=grad)
         return grad
 
 
