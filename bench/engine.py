@@ -9,13 +9,14 @@ input-gradient products of all but the first) at this machine's float32 GEMM
 rate, measured in the same run. torch is a benchmark baseline only
 (`pip install -e '.[bench]'`).
 
-    .venv/bin/python bench/engine.py [--threads 1] [--rounds 7] [--json out.json]
+    .venv/bin/python bench/engine.py [--threads 1 2] [--rounds 7] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,41 +83,56 @@ def torch_steps(n: int, X, y, lr=0.01) -> float:
     return time.perf_counter() - began
 
 
+def measure(threads: int, rounds: int, steps: int, X, y) -> dict:
+    """Alternating rounds of core then torch steps at `threads` BLAS/torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    flops = step_flops()
+    rows = []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        core_steps(5, X, y), torch_steps(5, X, y)  # warm up both
+        for _ in range(rounds):
+            c = core_steps(steps, X, y)
+            t = torch_steps(steps, X, y)
+            g = gemm_rate()
+            rows.append({"core": BATCH * steps / c, "torch": BATCH * steps / t, "gemm_flops": g,
+                         "core_limit": (flops * steps / c) / g, "torch_limit": (flops * steps / t) / g})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"threads": threads, "median": med, "core_over_torch": statistics.median(r["core"] / r["torch"] for r in rows),
+            "rounds": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to run, e.g. 1 2")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=60, help="steps per engine per round")
     parser.add_argument("--json")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(1)
     X = rng.standard_normal((BATCH, 784)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    flops = step_flops()
-    rows = []
-    with threadpool_limits(limits=args.threads, user_api="blas"):
-        core_steps(5, X, y), torch_steps(5, X, y)  # warm up both
-        for _ in range(args.rounds):
-            c = core_steps(args.steps, X, y)
-            t = torch_steps(args.steps, X, y)
-            g = gemm_rate()
-            rows.append({"core": BATCH * args.steps / c, "torch": BATCH * args.steps / t, "gemm_flops": g,
-                         "core_limit": (flops * args.steps / c) / g, "torch_limit": (flops * args.steps / t) / g})
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    ratio = statistics.median(r["core"] / r["torch"] for r in rows)
-    blas = [f"{i.get('internal_api')} {i.get('version')}" for i in threadpool_info() if i.get("user_api") == "blas"]
-    result = {"threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps, "step_flops": flops,
-              "median": med, "core_over_torch": ratio, "numpy": np.__version__, "torch": torch.__version__,
-              "blas": blas}
-    print(f"784-256-256-10 relu softmax-CE, batch {BATCH}, float32, {args.threads} thread(s), "
-          f"medians of {args.rounds} alternating rounds")
-    print(f"  core   {med['core']:9.0f} samples/s   {med['core_limit']:6.1%} of the GEMM limit")
-    print(f"  torch  {med['torch']:9.0f} samples/s   {med['torch_limit']:6.1%} of the GEMM limit")
-    print(f"  core / torch: x{ratio:.2f}   (GEMM rate {med['gemm_flops'] / 1e9:.1f} GFLOP/s, "
-          f"{flops / 1e6:.1f} MFLOP per step; BLAS {', '.join(blas)})")
+    runs = [measure(threads, args.rounds, args.steps, X, y) for threads in args.threads]
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    result = {"network": "784-256-256-10 relu softmax cross-entropy", "batch": BATCH, "dtype": "float32",
+              "rounds": args.rounds, "steps_per_round": args.steps, "step_flops": step_flops(),
+              "nproc": os.cpu_count(), "cpu": cpu, "numpy": np.__version__, "torch": torch.__version__,
+              "blas": blas, "runs": runs}
+    print(f"784-256-256-10 relu softmax-CE, batch {BATCH}, float32, medians of {args.rounds} alternating "
+          f"rounds of {args.steps} steps; {step_flops() / 1e6:.1f} MFLOP of matrix products per step")
+    print(f"{'threads':>7} {'core/s':>9} {'torch/s':>9} {'core/torch':>10} {'core limit':>10} {'torch limit':>11} "
+          f"{'GEMM GF/s':>9}")
+    for r in runs:
+        m = r["median"]
+        print(f"{r['threads']:>7} {m['core']:>9.0f} {m['torch']:>9.0f} {r['core_over_torch']:>10.2f} "
+              f"{m['core_limit']:>10.1%} {m['torch_limit']:>11.1%} {m['gemm_flops'] / 1e9:>9.1f}")
+    print(f"numpy {np.__version__}, torch {torch.__version__}, BLAS {', '.join(blas)}, {os.cpu_count()} CPUs ({cpu})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.activations import Activation, Sigmoid, Softmax, stable_sigmoid
+from core.activations import Activation, Sigmoid, Softmax, row_sums, shift_by_row_max, stable_sigmoid
 
 
 class Targets:
@@ -33,10 +33,19 @@ class Targets:
         self.matrix = matrix
         self.rows = np.arange(len(labels)) if labels is not None else None
 
+    def _label_entries(self, x: np.ndarray):
+        """x's entries at the labels, as something to read from and write to:
+        flat positions into x itself when it is contiguous (one index array is
+        cheaper than two), else a (rows, labels) pair."""
+        if x.flags.c_contiguous:
+            return x.reshape(-1), self.rows * x.shape[1] + self.labels
+        return x, (self.rows, self.labels)
+
     def subtract_from(self, x: np.ndarray) -> np.ndarray:
         """x -= t, in place."""
         if self.labels is not None:
-            x[self.rows, self.labels] -= 1
+            view, at = self._label_entries(x)
+            view[at] -= 1
         else:
             x -= self.matrix
         return x
@@ -44,7 +53,8 @@ class Targets:
     def dot(self, x: np.ndarray) -> np.floating:
         """sum over all samples and units of t * x."""
         if self.labels is not None:
-            return x[self.rows, self.labels].sum()
+            view, at = self._label_entries(x)
+            return view[at].sum()
         return np.multiply(self.matrix, x).sum()
 
     def row_sums(self, dtype) -> np.ndarray | None:
@@ -116,9 +126,9 @@ class CrossEntropy(Loss):
 
     @staticmethod
     def _softmax(a, targets):
-        a -= a.max(axis=1, keepdims=True)  # shifted sums s = a - max(a) <= 0
+        shift_by_row_max(a)  # shifted sums s = a - max(a) <= 0
         p = np.exp(a)
-        total = p.sum(axis=1, keepdims=True)
+        total = row_sums(p)
         # E_i = sum_j t_ij (log total_i - s_ij): the max cancels out.
         log_total = np.log(total)
         weights = targets.row_sums(a.dtype)

@@ -253,11 +253,13 @@ class MLP:
             ys, a = self._forward(X)
             loss, delta = self.loss.loss_and_delta(a, targets, self.output)
             grads = self._views(grad)
+            ones = np.ones(n, dtype=self.dtype) if self._bias else None
             for i in range(len(self.layers) - 1, -1, -1):
                 gW, gb = grads[i]
                 np.matmul(ys[i].T, delta, out=gW)  # straight into the flat buffer
                 if gb is not None:
-                    np.add.reduce(delta, axis=0, out=gb)
+                    # the column sums of delta as 1^T delta: a third of np.sum's time
+                    np.matmul(ones, delta, out=gb)
                 if i > 0:
                     delta = np.matmul(delta, self.layers[i][0].T)
                     self.hidden.backward(ys[i], delta)
