@@ -32,6 +32,7 @@ log = logging.getLogger("shardprop.api")
 
 MAX_PREDICT_ROWS = 100_000
 MAX_IDEMPOTENCY_KEY = 200
+CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
 
 def _error(status: int, detail: str, headers: dict | None = None) -> HTTPException:
@@ -102,9 +103,14 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
 
     def get_or_404(job_id: str, details: bool = False) -> dict:
         try:
-            return store.get_job(job_id, details=details)
+            return with_waiting(store.get_job(job_id, details=details))
         except NotFound as err:
             raise _error(404, str(err))
+
+    def with_waiting(job: dict) -> dict:
+        # FIFO: every queued job waits on what holds up the head of the queue
+        job["waiting_for"] = scheduler.waiting_for if job["state"] == "queued" else None
+        return job
 
     @router.post("", status_code=201, dependencies=[Depends(require_token)],
                  summary="Submit a job (body: the job spec as JSON)")
@@ -141,7 +147,7 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
                   limit: int = Query(1000, ge=1, le=100_000)):
         if state is not None and state not in STATES:
             raise _error(422, f"state must be one of {', '.join(STATES)}, got {state!r}")
-        return {"jobs": store.list_jobs(state, limit)}
+        return {"jobs": [with_waiting(job) for job in store.list_jobs(state, limit)]}
 
     @router.get("/{job_id}", summary="A job: spec, state, step, latest metrics, transitions")
     def get_job(job_id: str):
@@ -154,11 +160,12 @@ def jobs_router(settings: Settings, store: Store, scheduler: Scheduler) -> APIRo
         except NotFound as err:
             raise _error(404, str(err))
 
-    @router.post("/{job_id}/cancel", dependencies=[Depends(require_token)], summary="Cancel a job")
+    @router.post("/{job_id}/cancel", dependencies=[Depends(require_token)],
+                 summary="Cancel a job (a running one is given a few seconds to stop)")
     def cancel(job_id: str):
         get_or_404(job_id)
         try:
-            scheduler.cancel(job_id)
+            scheduler.cancel(job_id, wait_s=CANCEL_WAIT_S)
         except IllegalTransition as err:
             raise _error(409, str(err))
         return get_or_404(job_id)
@@ -255,7 +262,8 @@ def health_router(store: Store, scheduler: Scheduler) -> APIRouter:
     @router.get("/healthz")
     def healthz():
         return {"status": "ok", "jobs": store.counts(), "running": scheduler.running_ids(),
-                "max_concurrent_jobs": scheduler.max_concurrent_jobs}
+                "max_concurrent_jobs": scheduler.max_concurrent_jobs, "ray": scheduler.ray_status(),
+                "waiting_for": scheduler.waiting_for}
 
     return router
 

@@ -99,6 +99,8 @@ def serve(args) -> int:
         raise CommandError(f"refusing to bind {args.host} (not loopback) without a token: set SHARDPROP_TOKEN")
     if args.max_concurrent_jobs < 0:
         raise CommandError(f"--max-concurrent-jobs must be >= 0, got {args.max_concurrent_jobs}")
+    if args.ray_address:
+        _check_reachable(args.ray_address)
     kw = {"host": args.host, "port": args.port, "token": token, "ray_address": args.ray_address,
           "max_concurrent_jobs": args.max_concurrent_jobs}
     if args.store:
@@ -117,6 +119,21 @@ def serve(args) -> int:
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a Ray address nothing listens at: ray.init would retry
+    for minutes while jobs sat queued."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": left to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise CommandError(f"cannot reach Ray at --ray-address {address}: "
+                           f"{err.strerror or err}; is `ray start --head` running there?") from None
 
 
 def _metrics_and_routers():
@@ -161,10 +178,14 @@ def follow(client: Client, job_id: str, total: int, interval: float = 0.25) -> i
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, desc=job_id)
-    last_step, last_val = 0, None
+    last_step, last_val, waiting = 0, None, None
     try:
         while True:
             job = client.status(job_id)
+            if job.get("waiting_for") != waiting:
+                waiting = job.get("waiting_for")
+                if waiting:
+                    bar.write(f"queued: {waiting}", file=sys.stderr)
             for m in client.metrics(job_id, since=last_step):
                 last_step = max(last_step, m["step"])
                 if m.get("val_accuracy") is not None:
@@ -179,6 +200,11 @@ def follow(client: Client, job_id: str, total: int, interval: float = 0.25) -> i
             if job["state"] in TERMINAL:
                 break
             time.sleep(interval)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"stopped following; job {job_id} goes on (shardprop status {job_id}, "
+              f"shardprop cancel {job_id})", file=sys.stderr)
+        return 130
     finally:
         bar.close()
     line = f"job {job_id} {job['state']} at step {job['step']}/{job['steps']}"

@@ -46,6 +46,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._ray_connected = False
+        self.ray_error: str | None = None  # why connecting to Ray failed, if it did
+        self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
 
     # ------------------------------------------------------------ lifecycle
@@ -80,7 +82,9 @@ class Scheduler:
 
     # ------------------------------------------------------------ control
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str, wait_s: float = 0.0) -> dict:
+        """Cancel a queued job at once, or stop a running one; waits up to
+        `wait_s` for a running job to end (its actors killed, CPUs freed)."""
         job = self.store.get_job(job_id)
         if job["state"] == "cancelled":
             return job
@@ -91,7 +95,11 @@ class Scheduler:
             if active is not None:
                 active.cancel_requested = True
                 active.coordinator.cancel()
-                return self.store.get_job(job_id)
+        if active is not None:
+            if active.thread is not None and wait_s > 0:
+                active.thread.join(wait_s)
+            return self.store.get_job(job_id)
+        with self._lock:
             if job_id in self._resume:
                 self._resume.remove(job_id)
         try:
@@ -120,6 +128,11 @@ class Scheduler:
     def running_ids(self) -> list[str]:
         with self._lock:
             return list(self._active)
+
+    def ray_status(self) -> str:
+        if self.ray_error is not None:
+            return f"unreachable: {self.ray_error}"
+        return "connected" if self._ray_connected else "not connected yet (connects when a job is about to run)"
 
     # ------------------------------------------------------------ the loop
 
@@ -166,9 +179,13 @@ class Scheduler:
     def _schedule_one(self) -> bool:
         with self._lock:
             if len(self._active) >= self.max_concurrent_jobs:
+                self.waiting_for = (
+                    "execution is paused (max_concurrent_jobs is 0)" if self.max_concurrent_jobs == 0 else
+                    f"{len(self._active)} job(s) running, the limit (max_concurrent_jobs) is {self.max_concurrent_jobs}")
                 return False
             nxt = self._next()
         if nxt is None:
+            self.waiting_for = None
             return False
         job, resume = nxt
         job_id = job["id"]
@@ -185,9 +202,23 @@ class Scheduler:
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, on_step=lambda record: self._on_step(job_id, record),
             on_event=lambda kind, detail: self._on_event(job_id, kind, detail))
-        self._connect()
-        if self._free_cpus() < coordinator.required_cpus:
-            return False  # FIFO: the head of the queue waits, nothing overtakes it
+        try:
+            if not self._ray_connected:
+                self.waiting_for = f"connecting to Ray at {self.settings.ray_address or 'a private local instance'}"
+            self._connect()
+        except Exception as err:  # a wrong --ray-address: say so, try again later
+            self.waiting_for = f"cannot connect to Ray at {self.settings.ray_address}: {err}"
+            if self.ray_error != str(err):
+                log.error("%s", self.waiting_for)
+            self.ray_error = str(err)
+            return False
+        self.ray_error = None
+        free, need = self._free_cpus(), coordinator.required_cpus
+        if free < need:
+            # FIFO: the head of the queue waits, nothing overtakes it
+            self.waiting_for = f"job {job_id} needs {need} CPU(s); the cluster has {max(free, 0):g} free"
+            return False
+        self.waiting_for = None
         active = Active(job_id, coordinator, cpus=coordinator.required_cpus)
         with self._lock:
             if resume:

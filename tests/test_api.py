@@ -238,3 +238,40 @@ def test_cancel_running_job_frees_its_cpus(tmp_path, ray_local):
         wait_for(lambda: ray.available_resources().get("CPU", 0) == total, 30, what="CPUs freed")
         r = httpx.post(f"{url}/v1/jobs/{job['id']}/cancel")
         assert r.status_code == 200
+
+
+@pytest.mark.ray
+def test_queue_waits_for_cpus_first_in_first_out(tmp_path, ray_local):
+    """The head of the queue waits for the CPUs it asks for, says so, and
+    nothing behind it overtakes it, even a job that would fit."""
+    import ray
+
+    def spec(workers):
+        s = tiny_spec(workers=workers, steps=100000, checkpoint_every=0, eval_every=0)
+        s["data"]["shards"] = workers
+        return s
+
+    total = ray.cluster_resources()["CPU"]
+    with service(tmp_path, max_concurrent_jobs=3, ray_address=ray_local) as (url, app):
+        a = httpx.post(f"{url}/v1/jobs", json=spec(int(total) - 2)).json()
+        b = httpx.post(f"{url}/v1/jobs", json=spec(3)).json()  # needs 3 CPUs, 2 are free
+        c = httpx.post(f"{url}/v1/jobs", json=spec(1)).json()  # would fit, but comes after b
+        get = lambda job: httpx.get(f"{url}/v1/jobs/{job['id']}").json()  # noqa: E731
+        wait_for(lambda: get(a)["step"] >= 3, 90, what="the first job to make progress")
+        waiting = wait_for(lambda: get(b)["waiting_for"], 30, what="a waiting reason")
+        assert f"job {b['id']} needs 3 CPU(s)" in waiting, waiting
+        assert get(c)["state"] == "queued" and get(c)["waiting_for"] == waiting
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["ray"] == "connected" and health["running"] == [a["id"]]
+
+        assert httpx.post(f"{url}/v1/jobs/{a['id']}/cancel").json()["state"] in ("running", "cancelled")
+        assert wait_state(url, a["id"])["state"] == "cancelled"
+        wait_for(lambda: get(b)["state"] == get(c)["state"] == "running", 90, what="b and c to start")
+        started = {job["id"]: [t["at"] for t in get(job)["transitions"] if t["to"] == "running"][0] for job in (b, c)}
+        assert started[b["id"]] <= started[c["id"]]
+        assert get(b)["waiting_for"] is None
+        for job in (b, c):
+            assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel").status_code == 200
+        for job in (b, c):
+            assert wait_state(url, job["id"])["state"] == "cancelled"
+        wait_for(lambda: ray.available_resources().get("CPU", 0) == total, 30, what="CPUs freed")

@@ -10,7 +10,7 @@ import yaml
 
 from core.mlp import MLP
 from service.cli import main
-from service_helpers import service, tiny_spec
+from service_helpers import free_port, service, tiny_spec
 
 
 def _write_spec(tmp_path, spec) -> str:
@@ -112,12 +112,17 @@ def test_token_from_environment(tmp_path, capsys, monkeypatch):
         assert main(["--server", url, "submit", path]) == 0
 
 
-def test_unreachable_server_and_serve_refusals(capsys, monkeypatch):
+def test_unreachable_server_and_serve_refusals(tmp_path, capsys, monkeypatch):
     assert main(["--server", "http://127.0.0.1:9", "list"]) == 1
     assert "cannot reach" in capsys.readouterr().err
     monkeypatch.delenv("SHARDPROP_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 1
     assert "SHARDPROP_TOKEN" in capsys.readouterr().err
+    # nothing listens there: a clear error at once, not jobs queued behind a Ray retrying for minutes
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["serve", "--ray-address", address, "--store", str(tmp_path / "s.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach Ray at --ray-address {address}" in err and len(err.strip().splitlines()) == 1
 
 
 def test_python_dash_m_service_help():
