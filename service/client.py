@@ -21,6 +21,8 @@ class Client:
     def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout: float = 30.0):
         self.server = server.rstrip("/")
         token = token if token is not None else os.environ.get("SHARDPROP_TOKEN")
+        if token and not (token.isascii() and token.isprintable()):
+            raise ClientError("SHARDPROP_TOKEN must be printable ASCII (it travels in an HTTP header)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
@@ -40,7 +42,8 @@ class Client:
             raise ClientError(f"cannot reach the service at {self.server}: {err}") from None
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail")
+                body = response.json()
+                detail = body.get("detail") if isinstance(body, dict) else body
             except ValueError:
                 detail = response.text.strip()[:200]
             raise ClientError(f"{response.status_code}: {detail}", response.status_code)

@@ -108,6 +108,9 @@ def test_token_from_environment(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv("SHARDPROP_TOKEN", raising=False)
         assert main(["--server", url, "submit", path]) == 1
         assert "401" in capsys.readouterr().err
+        monkeypatch.setenv("SHARDPROP_TOKEN", "tøk")  # cannot travel in a header: one line, no traceback
+        assert main(["--server", url, "submit", path]) == 1
+        assert "printable ASCII" in capsys.readouterr().err
         monkeypatch.setenv("SHARDPROP_TOKEN", "tok")
         assert main(["--server", url, "submit", path]) == 0
 
