@@ -94,3 +94,16 @@ def test_records_carry_phase_timings_and_throughput(ray_cluster, tmp_path):
         assert set(r["phases"]) == {"compute", "transfer", "reduce_apply", "wait"}
         assert all(v >= 0 for v in r["phases"].values()) and r["phases"]["compute"] > 0
         assert r["samples"] == 101 and r["samples_per_s"] > 0 and r["workers"] == 2
+
+
+def test_a_cancel_is_seen_while_workers_wait_for_cpus(ray_cluster, tmp_path):
+    import threading
+    import time
+
+    # 3 CPUs per worker on 2-CPU nodes: the workers can never be placed
+    coordinator = Coordinator(small_spec(cpus_per_worker=3), tmp_path / "run")
+    threading.Timer(1.0, coordinator.cancel).start()
+    began = time.monotonic()
+    with pytest.raises(JobCancelled, match="while its workers were starting"):
+        coordinator.run()
+    assert time.monotonic() - began < 20

@@ -460,7 +460,7 @@ class Coordinator:
             new.append(GradientWorker.options(num_cpus=t.cpus_per_worker, scheduling_strategy="SPREAD").remote(
                 self.spec, index, self.data_roots, t.cpus_per_worker, self.faults.get(index)))
         try:
-            where = ray.get([w.location.remote() for w in new], timeout=WORKER_START_TIMEOUT_S)
+            where = self._placed([w.location.remote() for w in new], new)
         except GetTimeoutError:
             for w in new:
                 ray.kill(w, no_restart=True)
@@ -475,6 +475,20 @@ class Coordinator:
         self.counters.nodes.update(loc["node_id"] for loc in where)
         self.workers.extend(new)
         self.on_event("workers", {"count": len(self.workers), "nodes": sorted({l["node_id"] for l in where})})
+
+    def _placed(self, refs: list, actors: list) -> list:
+        """Wait for new workers to be placed and started, seeing a cancel promptly."""
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+            if len(ready) == len(refs):
+                return ray.get(refs)
+            if self._cancelled.is_set():
+                for w in actors:
+                    ray.kill(w, no_restart=True)
+                raise JobCancelled(f"job {self.job_id} cancelled while its workers were starting")
+            if time.monotonic() > deadline:
+                raise GetTimeoutError("workers not placed in time")
 
     def _resize_now(self, target: int) -> None:
         before = len(self.workers)
