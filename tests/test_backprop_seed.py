@@ -56,7 +56,8 @@ def test_engine_matches_the_corrected_closed_form_and_finite_differences():
         down = net.loss_and_grad(np.array([X]), np.array([T]))[0]
         net.params[i] = keep
         fd[i] = (up - down) / 2e-6
-    assert np.linalg.norm(fd - grad) / np.linalg.norm(fd + grad) < 1e-7
+    assert np.max(np.abs(fd - grad) / np.abs(grad)) < 1e-7  # every weight, relative to its own slope
+    assert np.max(np.abs(fd - expected) / np.abs(expected)) < 1e-7
 
 
 def test_the_articles_output_weight_formula_does_not_match():
@@ -83,3 +84,26 @@ def test_one_gradient_descent_step_by_hand():
     np.testing.assert_allclose(net.params, expected, rtol=1e-13)
     after = net.loss_and_grad(np.array([X]), np.array([T]))[0]
     assert after < before  # descending lowers the error
+
+
+def test_weight_index_convention_w_L_i_j_is_W_L_i_j():
+    """w110 (from y1 to z0) is layers[1][0][1, 0]: changing it moves z0 and leaves z1 alone."""
+    net = seed_network()
+    before = net.forward(np.array([X]))[0]
+    net.layers[1][0][1, 0] += 0.1
+    after = net.forward(np.array([X]))[0]
+    assert after[0] != before[0] and after[1] == before[1]
+    net = seed_network()
+    net.layers[0][0][1, 0] += 0.1  # w010: from x1 to y0; y1 and so z keep only y0's change
+    _, _, _, y, _ = corrected_gradient()
+    y0 = sigmoid((W0[0][0]) * X[0] + (W0[1][0] + 0.1) * X[1])
+    z = [sigmoid(W1[0][k] * y0 + W1[1][k] * y[1]) for k in range(2)]
+    np.testing.assert_allclose(net.forward(np.array([X]))[0], z, rtol=1e-14)
+
+
+def test_a_hidden_weight_needs_both_outputs():
+    """'and so on': dropping the z1 term from dE/dy0 (only the article's shown term) is wrong."""
+    _, g0, _, y, z = corrected_gradient()
+    dz0 = (z[0] - T[0]) * z[0] * (1 - z[0])
+    only_z0 = dz0 * W1[0][0] * y[0] * (1 - y[0]) * X[0]
+    assert not math.isclose(only_z0, g0[0][0], rel_tol=1e-3)
