@@ -6,7 +6,8 @@ BLAS thread count. Rounds alternate (core, then torch) and we report medians
 and the median of per-round ratios. The limit: the matrix-product FLOPs one
 step really needs (forward and weight-gradient products of every layer,
 input-gradient products of all but the first) at this machine's float32 GEMM
-rate, measured in the same run. torch is a benchmark baseline only
+rate, measured in the same run (np.matmul on 1024², 1536² and 2048²,
+median of 3 each, once per round; the median over the rounds). torch is a benchmark baseline only
 (`pip install -e '.[bench]'`).
 
     .venv/bin/python bench/engine.py [--threads 1 2] [--rounds 7] [--json out.json]
@@ -42,32 +43,40 @@ def step_flops(sizes=SIZES, batch=BATCH) -> float:
     return float(forward + weight_grads + input_grads)
 
 
-def gemm_rate(size: int = 1536, repeats: int = 5) -> float:
-    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
-    b = a.T.copy()
-    out = np.empty_like(a)
-    np.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        np.matmul(a, b, out=out)
-        times.append(time.perf_counter() - began)
-    return 2 * size ** 3 / statistics.median(times)
+def gemm_rate(sizes=(1024, 1536, 2048), repeats: int = 3) -> float:
+    """float32 np.matmul FLOP/s on square matrices: the median over all sizes and repeats."""
+    rates = []
+    for size in sizes:
+        a = np.random.default_rng(size).standard_normal((size, size)).astype(np.float32)
+        b = a.T.copy()
+        out = np.empty_like(a)
+        np.matmul(a, b, out=out)  # warm-up: pages touched, BLAS buffers allocated
+        for _ in range(repeats):
+            began = time.perf_counter()
+            np.matmul(a, b, out=out)
+            rates.append(2 * size ** 3 / (time.perf_counter() - began))
+    return statistics.median(rates)
 
 
-def core_steps(n: int, X, y, lr=0.01) -> float:
+def core_engine(X, y, lr=0.01):
+    """n steps of core: grad_sum into one reused flat buffer, then params -= lr/n * grad."""
     net = MLP(SIZES, seed=0)
     grad = np.empty_like(net.params)
     lr = np.float32(lr)
-    began = time.perf_counter()
-    for _ in range(n):
-        _, grad, count = net.grad_sum(X, y, out=grad)
-        grad *= lr / np.float32(count)
-        net.params -= grad
-    return time.perf_counter() - began
+
+    def run(n: int) -> float:
+        nonlocal grad
+        began = time.perf_counter()
+        for _ in range(n):
+            _, grad, count = net.grad_sum(X, y, out=grad)
+            grad *= lr / np.float32(count)
+            net.params -= grad
+        return time.perf_counter() - began
+    return run
 
 
-def torch_steps(n: int, X, y, lr=0.01) -> float:
+def torch_engine(X, y, lr=0.01):
+    """n steps of torch: the textbook loop with nn.Linear, CrossEntropyLoss and optim.SGD."""
     import torch
 
     model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
@@ -75,26 +84,31 @@ def torch_steps(n: int, X, y, lr=0.01) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = torch.nn.CrossEntropyLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    began = time.perf_counter()
-    for _ in range(n):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(Xt), yt).backward()
-        opt.step()
-    return time.perf_counter() - began
+
+    def run(n: int) -> float:
+        began = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(Xt), yt).backward()
+            opt.step()
+        return time.perf_counter() - began
+    return run
 
 
 def measure(threads: int, rounds: int, steps: int, X, y) -> dict:
-    """Alternating rounds of core then torch steps at `threads` BLAS/torch threads."""
+    """Alternating rounds of core then torch steps at `threads` BLAS/torch threads.
+    Both networks are built once, outside the timed loops, and warmed up."""
     import torch
 
     torch.set_num_threads(threads)
     flops = step_flops()
     rows = []
     with threadpool_limits(limits=threads, user_api="blas"):
-        core_steps(5, X, y), torch_steps(5, X, y)  # warm up both
+        core, torch_run = core_engine(X, y), torch_engine(X, y)
+        core(10), torch_run(10)
         for _ in range(rounds):
-            c = core_steps(steps, X, y)
-            t = torch_steps(steps, X, y)
+            c = core(steps)
+            t = torch_run(steps)
             g = gemm_rate()
             rows.append({"core": BATCH * steps / c, "torch": BATCH * steps / t, "gemm_flops": g,
                          "core_limit": (flops * steps / c) / g, "torch_limit": (flops * steps / t) / g})
