@@ -7,8 +7,9 @@ and the median of per-round ratios. The limit: the matrix-product FLOPs one
 step really needs (forward and weight-gradient products of every layer,
 input-gradient products of all but the first) at this machine's float32 GEMM
 rate, measured in the same run (np.matmul on 1024², 1536² and 2048²,
-median of 3 each, once per round; the median over the rounds). torch is a benchmark baseline only
-(`pip install -e '.[bench]'`).
+median of 3 each, once per round; the median over the rounds). torch is a
+benchmark baseline only (`.venv/bin/pip install torch==2.13.0` or
+`pip install -e '.[bench]'`).
 
     .venv/bin/python bench/engine.py [--threads 1 2] [--rounds 7] [--json out.json]
 """
