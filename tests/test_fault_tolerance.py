@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -53,49 +54,56 @@ def run_with(coordinator_spec, tmp_path, at_step, action, **kw):
     return net, coordinator, events
 
 
-def sigkill(actor) -> None:
+def sigkill(location: dict) -> None:
     """Kill an actor's process the hard way, as the OOM killer would."""
-    os.kill(ray.get(actor.location.remote())["pid"], signal.SIGKILL)
+    os.kill(location["pid"], signal.SIGKILL)
 
 
 def test_a_killed_worker_process_loses_nothing(ray_cluster, tmp_path, reference):
-    net, coordinator, events = run_with(spec(), tmp_path, 5, lambda c: sigkill(c.workers[1]))
+    net, coordinator, events = run_with(spec(), tmp_path, 5,
+                                        lambda c: sigkill(c.worker_locations[1]))
     assert np.array_equal(net.params, reference["default"])
     assert coordinator.counters.worker_failures == 1 and coordinator.counters.recoveries == 1
     assert any(kind == "recovery" for kind, _ in events)
 
 
 def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_cluster, tmp_path, reference):
-    """Six workers fill the three 2-CPU nodes: losing one leaves no spare capacity."""
+    """Six workers fill the three 2-CPU nodes: losing one leaves no spare capacity.
+
+    The job runs in a thread; this (main) thread removes and adds nodes, as
+    cluster_utils needs the main thread for its signal handling."""
     state = {}
+    step_5, lost = threading.Event(), threading.Event()
 
-    def remove_a_node(coordinator):
-        locations = ray.get([w.location.remote() for w in coordinator.workers])
-        node_id = locations[0]["node_id"]
-        node = next(n for n in ray_cluster.worker_nodes if n.node_id == node_id)
-        ray_cluster.remove_node(node, allow_graceful=False)
-        state["removed"] = node_id
-
-    def add_back(kind, detail):
-        if kind == "recovery" and "added" not in state:
+    def on_event(kind, detail):
+        if kind == "recovery" and "workers_after_loss" not in state:
             state["workers_after_loss"] = detail["workers"]
-            state["added"] = ray_cluster.add_node(num_cpus=2)
+            lost.set()
 
     records = []
     # Slowed steps (20 ms per worker call) keep the job running while Ray notices the lost node.
     coordinator = Coordinator(spec(workers=6, steps=150), tmp_path / "run",
-                              on_step=lambda r: (records.append(r["workers"]),
-                                                 r["step"] == 5 and remove_a_node(coordinator)),
-                              on_event=add_back, faults={i: {"delay_s": 0.02} for i in range(12)})
-    net = coordinator.run()
-    assert np.array_equal(net.params, train(spec(workers=6, steps=150))[0].params)
+                              on_step=lambda r: (records.append(r["workers"]), r["step"] == 5 and step_5.set()),
+                              on_event=on_event, faults={i: {"delay_s": 0.02} for i in range(12)})
+    job = threading.Thread(target=lambda: state.update(net=coordinator.run()))
+    job.start()
+    try:
+        assert step_5.wait(120), "the job did not reach step 5"
+        node_id = coordinator.worker_locations[0]["node_id"]
+        ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes if n.node_id == node_id),
+                                allow_graceful=False)
+        assert lost.wait(120), "the lost node was not recovered from"
+        added = ray_cluster.add_node(num_cpus=2)
+    finally:
+        job.join(300)
+    assert np.array_equal(state["net"].params, train(spec(workers=6, steps=150))[0].params)
     assert state["workers_after_loss"] == 4  # no spare capacity: survivors took the shards
     assert records[-1] == 6, "the returning node was not used again"
-    assert state["added"].node_id in coordinator.counters.nodes
+    assert added.node_id in coordinator.counters.nodes
 
 
 def test_a_killed_parameter_server_restores_from_its_checkpoint(ray_cluster, tmp_path, reference):
-    net, coordinator, events = run_with(spec(), tmp_path, 7, lambda c: sigkill(c.servers[0]))
+    net, coordinator, events = run_with(spec(), tmp_path, 7, lambda c: sigkill(c.server_locations[0]))
     assert np.array_equal(net.params, reference["default"])
     assert coordinator.counters.server_failures == 1
     recovery = next(d for kind, d in events if kind == "recovery")
@@ -111,13 +119,16 @@ def test_a_duplicate_gradient_is_rejected_and_changes_nothing(ray_cluster):
     server = ParameterServer.remote(s, 0, net.params, 0, net.params.size, 0)
     worker = GradientWorker.options(num_cpus=1).remote(s, 0)
     try:
-        params0 = [server.publish.remote()]
-        result = worker.compute.remote(0, [0, 1], params0)
-        after_first, _ = server.apply.remote(0, [result])
-        first = ray.get(after_first)
-        again, _ = server.apply.remote(0, [result])  # the same (step, shards) pushed twice
+        job = {"step": 0, "assignment": {0: [0, 1]}}
+        result = worker.step.remote(job, server.publish_step.remote(job))
+        ray.get(server.apply.remote(job, result))
+        first = ray.get(server.publish.remote())
+        again = server.apply.remote(job, result)  # the same (step, shards) pushed twice
         with pytest.raises(ray.exceptions.RayTaskError, match="expected step 2"):
             ray.get(again)
+        twice = server.apply.remote({"step": 1, "assignment": {0: [0, 1]}}, result, result)
+        with pytest.raises(ray.exceptions.RayTaskError, match="got shards"):
+            ray.get(twice)  # step 0's gradients, twice, offered as step 1's
         assert np.array_equal(ray.get(server.publish.remote()), first)
         assert not np.array_equal(first, net.params)
     finally:

@@ -69,18 +69,31 @@ class GradientWorker:
             raise ValueError(f"{where}: the shard's input rows hold non-finite values")
         return shard_gradient(net, self.data, shard, step)
 
-    def compute(self, step: int, shards: list[int], param_refs: list) -> dict:
-        """Gradient sums of `shards` at the parameters of version `step`."""
-        params, wait_s, transfer_s = fetch_params(param_refs)
+    def _compute(self, step: int, shards: list[int], params: np.ndarray) -> dict:
         began = time.perf_counter()
         net = self.net.bind(params)
         grads = list(self.pool.map(lambda s: self._shard(net, s, step), shards))
         if "delay_s" in self.faults:
             time.sleep(float(self.faults["delay_s"]))
-        return {
-            "worker": self.index,
-            "grads": grads,
-            "compute_s": time.perf_counter() - began,
-            "wait_s": wait_s,
-            "transfer_s": transfer_s,
-        }
+        return {"worker": self.index, "grads": grads, "compute_s": time.perf_counter() - began}
+
+    def compute(self, step: int, shards: list[int], param_refs: list) -> dict:
+        """Async mode: gradient sums of `shards` at the parameters in `param_refs`."""
+        params, wait_s, transfer_s = fetch_params(param_refs)
+        return self._compute(step, shards, params) | {"wait_s": wait_s, "transfer_s": transfer_s}
+
+    def step(self, job: dict, *param_slices: np.ndarray) -> dict:
+        """Sync mode, a node of the job's compiled graph: the gradient sums of
+        this worker's shards for `job["step"]`, at the parameters the servers
+        just published (one slice per server, in order).
+
+        `idle_s` is the time since this worker returned its previous step: its
+        gradients going to the servers, their reduce and apply, and the new
+        parameters coming back."""
+        arrived = time.perf_counter()
+        idle = arrived - self._returned_at if getattr(self, "_returned_at", None) else 0.0
+        params = param_slices[0] if len(param_slices) == 1 else np.concatenate(param_slices)
+        result = self._compute(job["step"], job["assignment"][self.index], params)
+        result["idle_s"] = idle
+        self._returned_at = time.perf_counter()
+        return result

@@ -1,18 +1,19 @@
 """The parameter server: a Ray actor holding the parameters and applying steps.
 
-It receives the shard gradients of a step as object references (straight
-from the workers, never through the coordinator), reduces them in shard order
-and averages by sample count through core's `reduce_gradients`, and applies
-the optimizer through core's `apply_gradient`. Its return value, the new
-parameters, is published once per step in the object store.
+In sync mode it is part of the job's compiled Ray graph (see the
+coordinator): it publishes the parameters of a step once, receives the
+workers' shard gradients straight from them (never through the coordinator),
+reduces them in shard order and averages by sample count through core's
+`reduce_gradients`, and applies the optimizer. In async mode it is called
+with object references and returns the new parameters to the object store.
 
 `training.parameter_servers: k` splits the vector into k contiguous slices,
 one actor each. Every optimizer rule is elementwise, so k slices give the same
 bits as one. Whether a step is applied must still be decided for the whole
 vector (a non-finite value in any slice skips the step everywhere), so a step
-is two calls: `reduce` (each slice reports whether its mean gradient is
+is two graph nodes: `reduce` (each slice reports whether its mean gradient is
 finite) then `commit` (each slice applies only if all slices were finite).
-A single server does both in one call, `apply`.
+A single server does both in one node, `apply`.
 """
 
 from __future__ import annotations
@@ -52,46 +53,58 @@ class ParameterServer:
         self.pending: dict | None = None  # the step reduced but not yet committed
 
     def location(self) -> dict:
-        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "version": self.version}
 
     def publish(self) -> np.ndarray:
         """The current parameters (returned, hence placed in the object store)."""
         return self.params
 
-    def reduce(self, step: int, result_refs: list) -> bool:
-        """Fetch every worker's result for `step`, reduce this slice; True if finite."""
+    def publish_step(self, job: dict) -> np.ndarray:
+        """Sync mode, the first node of a step's graph: the parameters of
+        version `job["step"]`, refusing a step that is not the next one."""
+        if job["step"] != self.version:
+            raise StaleStep(f"parameter server {self.index}: asked for step {job['step'] + 1}, "
+                            f"expected step {self.version + 1}")
+        return self.params
+
+    def reduce(self, job: dict, *results: dict) -> bool:
+        """Reduce every worker's shard gradients of this step over this slice,
+        in shard order; True if the mean is finite."""
+        step = job["step"]
         if step != self.version:
             raise StaleStep(f"parameter server {self.index}: got gradients for step {step + 1}, "
                             f"expected step {self.version + 1}")
         began = time.perf_counter()
-        ray.wait(result_refs, num_returns=len(result_refs), fetch_local=True)
-        fetched = time.perf_counter()
-        results = ray.get(result_refs)
-        got = time.perf_counter()
         grads = sorted((g for r in results for g in r["grads"]), key=lambda g: g.shard)
+        shards = [g.shard for g in grads]
+        if shards != sorted(set(shards)) or any(g.step != step for g in grads):
+            raise StaleStep(f"parameter server {self.index}: step {step + 1} got shards {shards} "
+                            f"of steps {sorted({g.step + 1 for g in grads})}")
         sliced = [ShardGradient(g.shard, g.step, g.grad_sum[self.start:self.stop], g.count, g.loss_sum)
                   for g in grads]
         mean, loss, count = reduce_gradients(sliced)
         finite = bool(np.isfinite(mean).all())
+        slowest = max(results, key=lambda r: r["compute_s"])
         self.pending = {
             "step": step, "mean": mean, "loss": loss, "count": count, "finite": finite,
-            "gradient_wait_s": fetched - began, "gradient_transfer_s": got - fetched,
-            "reduce_s": time.perf_counter() - got,
-            "compute_s": max(r["compute_s"] for r in results),
-            "wait_s": max(r["wait_s"] for r in results),
-            "transfer_s": max(r["transfer_s"] for r in results),
-            "shards": [g.shard for g in grads],
+            "reduce_s": time.perf_counter() - began,
+            "compute_s": slowest["compute_s"],
+            "idle_s": slowest["idle_s"],
+            "straggler_wait_s": slowest["compute_s"] - min(r["compute_s"] for r in results),
+            "shards": shards,
         }
         return finite
 
-    @ray.method(num_returns=2)
-    def commit(self, step: int, finite_refs: list):
-        """Apply the reduced step if every slice was finite; returns the new
-        parameters and the step's statistics."""
+    def commit(self, job: dict, *finite: bool) -> dict:
+        """Apply the reduced step if every slice was finite. Returns the step's
+        statistics, with this slice's new parameters if the job asks for them
+        (to evaluate) and its whole state if it asks for a checkpoint."""
+        step = job["step"]
         pending = self.pending
         if pending is None or pending["step"] != step:
             raise StaleStep(f"parameter server {self.index}: commit for step {step + 1} without its reduce")
-        all_finite = pending["finite"] and all(ray.get(finite_refs))
+        all_finite = pending["finite"] and all(finite)
         began = time.perf_counter()
         if all_finite:
             self.optimizer.apply(self.params, pending["mean"], step)
@@ -101,14 +114,17 @@ class ParameterServer:
         stats["applied"] = all_finite
         stats["reduce_apply_s"] = pending["reduce_s"] + time.perf_counter() - began
         stats["version"] = self.version
-        return self.params, stats
+        if job.get("params"):
+            stats["params"] = self.params.copy()
+        if job.get("state"):
+            stats["state"] = self.state()
+        return stats
 
-    @ray.method(num_returns=2)
-    def apply(self, step: int, result_refs: list):
+    def apply(self, job: dict, *results: dict) -> dict:
         """`reduce` then `commit` in one call, for a server that holds the whole
-        vector: one actor hop less on every step's critical path."""
-        self.reduce(step, result_refs)
-        return self.commit(step, [])
+        vector: one hop less on every step's critical path."""
+        self.reduce(job, *results)
+        return self.commit(job)
 
     @ray.method(num_returns=2)
     def push(self, computed_at: int, max_staleness: int, result_refs: list):
