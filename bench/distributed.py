@@ -9,7 +9,7 @@ Measures, in one run on a private local Ray instance:
      grows from 10k to 10M, and as the worker count grows, with a batch so
      small that compute is negligible.
 
-    .venv/bin/python bench/distributed.py [--steps 40] [--json out.json] [--plot docs/distributed.png]
+    .venv/bin/python bench/distributed.py [--steps 60] [--repeats 3] [--json out.json] [--plot docs/distributed.png]
 """
 
 from __future__ import annotations
@@ -70,34 +70,63 @@ def run_reference(spec) -> dict:
 
 def run_distributed(spec) -> dict:
     records, on_step = timed_records()
+    transports = []
+
+    def on_event(kind, detail):
+        if kind == "graph":
+            transports.append(detail["transport"])
+
     with tempfile.TemporaryDirectory() as tmp:
-        Coordinator(spec, tmp, on_step=on_step).run()
+        Coordinator(spec, tmp, on_step=on_step, on_event=on_event).run()
     steady = records[WARMUP:]
     phases = {p: statistics.median(r["phases"][p] for r in steady) for p in steady[0]["phases"]}
     step_s = [b["at"] - a["at"] for a, b in zip(records[WARMUP - 1:], steady)]
-    return {"samples_per_s": throughput(records), "phases_s": phases, "step_s": statistics.median(step_s)}
+    return {"samples_per_s": throughput(records), "phases_s": phases, "step_s": statistics.median(step_s),
+            "transport": "/".join(sorted(set(transports)))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
     connect_ray(None, 4)
     results = {"cores": os.cpu_count(), "steps": args.steps}
 
-    print("throughput: 784-256-256-10, batch 1024, float32, 4 shards", flush=True)
-    results["reference"] = run_reference(spec_for(2, args.steps))
-    print(f"  reference (thread pool) {results['reference']['samples_per_s']:9.0f} samples/s", flush=True)
+    print(f"throughput: 784-256-256-10, batch 1024, float32, 4 shards; {args.repeats} interleaved rounds",
+          flush=True)
+    rounds = []
+    for k in range(args.repeats):
+        row = {"reference": run_reference(spec_for(2, args.steps))}
+        for w in (1, 2, 4):
+            row[w] = run_distributed(spec_for(w, args.steps))
+        rounds.append(row)
+        print(f"  round {k + 1}: reference {row['reference']['samples_per_s']:9.0f} samples/s; "
+              + "; ".join(f"{w} worker(s) x{row[w]['samples_per_s'] / row['reference']['samples_per_s']:.2f}"
+                          for w in (1, 2, 4)), flush=True)
+    median = statistics.median
+    results["rounds"] = [{str(k): v for k, v in row.items()} for row in rounds]
+    results["reference"] = {"samples_per_s": median(r["reference"]["samples_per_s"] for r in rounds)}
+    print(f"  reference (thread pool) {results['reference']['samples_per_s']:9.0f} samples/s (median)", flush=True)
     results["workers"] = {}
     for w in (1, 2, 4):
-        r = run_distributed(spec_for(w, args.steps))
-        r["ratio_to_reference"] = r["samples_per_s"] / results["reference"]["samples_per_s"]
+        runs = [row[w] for row in rounds]
+        r = {
+            "samples_per_s": median(x["samples_per_s"] for x in runs),
+            "step_s": median(x["step_s"] for x in runs),
+            "phases_s": {p: median(x["phases_s"][p] for x in runs) for p in runs[0]["phases_s"]},
+            # the ratio within each round (same machine state), then its median
+            "ratio_to_reference": median(x["samples_per_s"] / row["reference"]["samples_per_s"]
+                                         for x, row in zip(runs, rounds)),
+            "transport": runs[0]["transport"],
+        }
         results["workers"][w] = r
         phases = "  ".join(f"{k} {v * 1e3:6.1f} ms" for k, v in r["phases_s"].items())
         print(f"  {w} worker(s)             {r['samples_per_s']:9.0f} samples/s  "
-              f"x{r['ratio_to_reference']:.2f}  step {r['step_s'] * 1e3:6.1f} ms  {phases}", flush=True)
+              f"x{r['ratio_to_reference']:.2f}  step {r['step_s'] * 1e3:6.1f} ms  {phases}  ({r['transport']})",
+              flush=True)
 
     print("per-step overhead (step time - compute) with a 4-row batch:", flush=True)
     results["overhead"] = []

@@ -38,6 +38,7 @@ from workers.parameter_server import ParameterServer, slice_bounds
 from workers.runtime import connect_ray, run_at_low_priority
 
 WORKER_START_TIMEOUT_S = 300.0
+CANCEL_GRACE_S = 5.0
 
 
 class JobCancelled(Exception):
@@ -123,7 +124,21 @@ class Coordinator:
         return self.spec.training.workers * self.spec.training.cpus_per_worker
 
     def cancel(self) -> None:
+        """Stop at the next step boundary. A compiled step cannot be
+        interrupted, so if the job has not stopped CANCEL_GRACE_S later (a
+        hung worker), its workers are killed, which ends the step at once."""
         self._cancelled.set()
+        timer = threading.Timer(CANCEL_GRACE_S, self._kill_workers_if_still_running)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_workers_if_still_running(self) -> None:
+        if self._graph is not None:
+            for w in list(self.workers):
+                try:
+                    ray.kill(w, no_restart=True)
+                except Exception:  # already gone
+                    pass
 
     def resize(self, workers: int) -> None:
         """Use `workers` gradient workers from the next step boundary on."""
@@ -620,6 +635,8 @@ class CompiledStep:
         return self.compiled.execute(job)
 
     def result(self, ref, cancelled: threading.Event):
+        if isinstance(ref, list):  # several servers: one output each
+            return [r.get(timeout=-1) for r in ref]
         return ref.get(timeout=-1)
 
     def close(self) -> None:

@@ -1,0 +1,69 @@
+"""Runs jobs on a private single-node Ray, where the coordinator compiles its
+step graph to shared-memory channels (the test session's cluster puts the
+driver on a node without CPUs, so its jobs take the object-store path).
+
+    python tests/compiled_runs.py CASES.json OUT_DIR
+
+CASES.json is a list of {"name", "spec", "faults"?, "kill"?: ["worker"|"server", step],
+"cancel_after"?: seconds};
+for each case OUT_DIR/<name>.npz gets the trained parameters, or
+OUT_DIR/<name>.json the error; OUT_DIR/<name>.events.json the coordinator's events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from core.spec import parse_spec  # noqa: E402
+from workers.coordinator import Coordinator  # noqa: E402
+from workers.runtime import connect_ray  # noqa: E402
+
+
+def run_case(case: dict, out: Path) -> None:
+    events = []
+    kill = case.get("kill")
+
+    def on_step(record):
+        if kill and record["step"] == kill[1] and not any(k == "recovery" for k, _ in events):
+            where = coordinator.worker_locations[-1] if kill[0] == "worker" else coordinator.server_locations[0]
+            os.kill(where["pid"], signal.SIGKILL)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step,
+                                  on_event=lambda kind, detail: events.append((kind, detail)),
+                                  faults={int(k): v for k, v in case.get("faults", {}).items()})
+        if "cancel_after" in case:
+            threading.Timer(case["cancel_after"], coordinator.cancel).start()
+        began = time.monotonic()
+        try:
+            net = coordinator.run()
+            np.save(out / f"{case['name']}.npy", net.params, allow_pickle=False)
+        except Exception as err:  # reported to the test, which checks the message
+            (out / f"{case['name']}.json").write_text(json.dumps({
+                "error": type(err).__name__, "message": str(err), "seconds": time.monotonic() - began}))
+    (out / f"{case['name']}.events.json").write_text(json.dumps(events, default=str))
+
+
+def main() -> int:
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    connect_ray(None, 4)
+    for case in cases:
+        run_case(case, out)
+        print(case["name"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The compiled (shared-memory) step graph gives the reference trainer's bits.
+
+On one node the coordinator compiles each step to shared-memory channels; this
+is the path `shardprop train` and the embedded service take, and the one the
+speed target is measured on. The jobs run in a subprocess with a private
+single-node Ray (tests/compiled_runs.py); each result is compared here with
+core's single-process trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.spec import parse_spec
+from core.trainer import train
+
+pytestmark = [pytest.mark.ray]
+
+OPTIMIZERS = {
+    "sgd": {"name": "sgd", "lr": 0.1},
+    "momentum": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    "adam": {"name": "adam", "lr": 0.01, "weight_decay": 1e-3, "schedule": {"name": "cosine", "warmup_steps": 3}},
+}
+
+
+def raw_spec(dtype="float32", optimizer="momentum", workers=2, **training):
+    return {
+        "name": "compiled", "seed": 11,
+        "data": {"source": "digits", "shards": 4, "validation_split": 0.2},
+        "model": {"hidden": [32, 16], "activation": "tanh"},
+        "training": {"workers": workers, "batch_size": 101, "steps": 12, "dtype": dtype,
+                     "optimizer": OPTIMIZERS[optimizer], "eval_every": 5, "checkpoint_every": 4, **training},
+    }
+
+
+CASES = [
+    *({"name": f"{dtype}-{opt}-w{w}", "spec": raw_spec(dtype, opt, w)}
+      for dtype in ("float32", "float64") for opt in OPTIMIZERS for w in (1, 3, 4)),
+    {"name": "two-servers", "spec": raw_spec(workers=3, parameter_servers=2)},
+    {"name": "worker-raises", "spec": raw_spec(), "faults": {"1": {"fail_at": [3, 5]}}},
+    {"name": "worker-killed", "spec": raw_spec(workers=3), "kill": ["worker", 5]},
+    {"name": "server-killed", "spec": raw_spec(), "kill": ["server", 6]},
+    {"name": "hung-then-cancelled", "spec": raw_spec(), "faults": {"0": {"delay_s": 600}}, "cancel_after": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    cases = out / "cases.json"
+    cases.write_text(json.dumps(CASES))
+    script = Path(__file__).with_name("compiled_runs.py")
+    done = subprocess.run([sys.executable, str(script), str(cases), str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def reference(spec: dict) -> np.ndarray:
+    return train(parse_spec(spec))[0].params
+
+
+def events(runs: Path, name: str) -> list:
+    return json.loads((runs / f"{name}.events.json").read_text())
+
+
+def params(runs: Path, name: str) -> np.ndarray:
+    path = runs / f"{name}.npy"
+    assert path.exists(), (runs / f"{name}.json").read_text()
+    return np.load(path, allow_pickle=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_compiled_steps_give_the_reference_bits(runs, dtype, optimizer):
+    expected = reference(raw_spec(dtype, optimizer))
+    for w in (1, 3, 4):
+        name = f"{dtype}-{optimizer}-w{w}"
+        assert [d["transport"] for kind, d in events(runs, name) if kind == "graph"] == ["shared memory"]
+        got = params(runs, name)
+        assert got.dtype == np.dtype(dtype)
+        assert np.array_equal(got, expected), f"{w} workers on the compiled graph differ from the reference"
+
+
+def test_two_servers_on_the_compiled_graph_give_the_same_bits(runs):
+    assert np.array_equal(params(runs, "two-servers"), reference(raw_spec(workers=3, parameter_servers=2)))
+
+
+def test_a_worker_error_on_the_compiled_graph_names_worker_shard_and_step(runs):
+    error = json.loads((runs / "worker-raises.json").read_text())
+    assert error["error"] == "TrainingError"
+    assert "worker 1, shard 3, step 6" in error["message"]
+
+
+def test_a_killed_worker_on_the_compiled_graph_loses_nothing(runs):
+    assert np.array_equal(params(runs, "worker-killed"), reference(raw_spec(workers=3)))
+    recoveries = [d for kind, d in events(runs, "worker-killed") if kind == "recovery"]
+    assert len(recoveries) == 1 and not recoveries[0]["servers"]
+    graphs = [d["transport"] for kind, d in events(runs, "worker-killed") if kind == "graph"]
+    assert graphs == ["shared memory", "shared memory"]  # compiled again over the new workers
+
+
+def test_a_killed_server_on_the_compiled_graph_restores_from_its_checkpoint(runs):
+    assert np.array_equal(params(runs, "server-killed"), reference(raw_spec()))
+    recoveries = [d for kind, d in events(runs, "server-killed") if kind == "recovery"]
+    assert len(recoveries) == 1 and recoveries[0]["servers"] and recoveries[0]["step"] in (4, 8)
+
+
+def test_a_cancel_ends_a_compiled_step_that_hangs(runs):
+    """A worker stuck for 600 s inside a step: the cancel kills the job's
+    workers after its grace period instead of waiting for the step."""
+    error = json.loads((runs / "hung-then-cancelled.json").read_text())
+    assert error["error"] == "JobCancelled", error
+    assert error["seconds"] < 60, error
