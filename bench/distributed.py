@@ -9,7 +9,7 @@ Measures, in one run on a private local Ray instance:
      grows from 10k to 10M, and as the worker count grows, with a batch so
      small that compute is negligible.
 
-    .venv/bin/python bench/distributed.py [--steps 60] [--repeats 3] [--json out.json] [--plot docs/distributed.png]
+    .venv/bin/python bench/distributed.py [--steps 300] [--repeats 3] [--json out.json] [--plot docs/distributed.png]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from core.trainer import train  # noqa: E402
 from workers.coordinator import Coordinator  # noqa: E402
 from workers.runtime import connect_ray  # noqa: E402
 
-WARMUP = 5
+WARMUP = 20
+SETTLE_S = 3.0  # lets the previous run's actor processes exit before the next is timed
 
 
 def spec_for(workers: int, steps: int, hidden=(256, 256), features=784, batch=1024, samples=20000):
@@ -69,6 +70,7 @@ def run_reference(spec) -> dict:
 
 
 def run_distributed(spec) -> dict:
+    time.sleep(SETTLE_S)
     records, on_step = timed_records()
     transports = []
 
@@ -87,7 +89,7 @@ def run_distributed(spec) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here")
@@ -133,7 +135,7 @@ def main() -> int:
     for width, layers in [(50, 2), (300, 2), (1000, 1), (3100, 1)]:
         hidden = [width] * layers
         for w in (1, 2, 4):
-            spec = spec_for(w, 25, hidden=hidden, features=width, batch=4, samples=400)
+            spec = spec_for(w, 60, hidden=hidden, features=width, batch=4, samples=400)
             params = sum(a * b + b for a, b in zip([width, *hidden], [*hidden, 10]))
             r = run_distributed(spec)
             overhead = r["step_s"] - r["phases_s"]["compute"]

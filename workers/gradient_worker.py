@@ -46,7 +46,8 @@ class GradientWorker:
         self.index = index
         self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None)
         self.net = build_network(spec, self.data.dataset)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads)
         # Test and benchmark knobs, off by default: {"fail_at": [shard, step]} raises while
         # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
         # {"delay_s": seconds} slows every compute call (a straggler).
@@ -72,7 +73,10 @@ class GradientWorker:
     def _compute(self, step: int, shards: list[int], params: np.ndarray) -> dict:
         began = time.perf_counter()
         net = self.net.bind(params)
-        grads = list(self.pool.map(lambda s: self._shard(net, s, step), shards))
+        if self.threads == 1:  # no hand-off to a pool thread and back
+            grads = [self._shard(net, s, step) for s in shards]
+        else:
+            grads = list(self.pool.map(lambda s: self._shard(net, s, step), shards))
         if "delay_s" in self.faults:
             time.sleep(float(self.faults["delay_s"]))
         return {"worker": self.index, "grads": grads, "compute_s": time.perf_counter() - began}
