@@ -115,6 +115,7 @@ class Coordinator:
         self.servers: list = []
         self._graph = None  # the compiled graph of one sync step over the current actors
         self._last_done = time.perf_counter()
+        self._arrivals: deque = deque(maxlen=9)  # arrival times of the last steps' results
         self._next_worker_index = 0
         self._no_capacity_at = 0.0
 
@@ -432,7 +433,13 @@ class Coordinator:
     def _finish_step(self, job: dict, stats: dict) -> None:
         step = job["step"]
         now = time.perf_counter()
-        seconds, self._last_done = now - self._last_done, now
+        # Results of pipelined steps arrive in bursts, so samples/s is taken over
+        # the last few arrivals rather than from one gap.
+        if not self._arrivals:
+            self._arrivals.append(self._last_done)
+        self._arrivals.append(now)
+        seconds = (now - self._arrivals[0]) / (len(self._arrivals) - 1)
+        self._last_done = now
         try:
             self.guard.record(step, stats["applied"], stats["loss"])
         finally:
@@ -510,6 +517,7 @@ class Coordinator:
         self.counters.steps_replayed += replayed
         self.counters.recovery_seconds += seconds
         self._last_done = time.perf_counter()
+        self._arrivals.clear()
         self.on_event("recovery", {"step": step, "steps_replayed": replayed, "seconds": seconds,
                                    "servers": lost.servers, "workers": len(self.workers)})
         return step
