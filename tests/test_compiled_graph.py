@@ -18,14 +18,10 @@ import pytest
 
 from core.spec import parse_spec
 from core.trainer import train
+from test_distributed import OPTIMIZERS
 
 pytestmark = [pytest.mark.ray]
 
-OPTIMIZERS = {
-    "sgd": {"name": "sgd", "lr": 0.1},
-    "momentum": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-    "adam": {"name": "adam", "lr": 0.01, "weight_decay": 1e-3, "schedule": {"name": "cosine", "warmup_steps": 3}},
-}
 
 
 def raw_spec(dtype="float32", optimizer="momentum", workers=2, **training):

@@ -113,7 +113,7 @@ class Coordinator:
         self._worker_indices: list[int] = []  # each worker's index (its fault knobs and its name in errors)
         self.locations: dict[int, dict] = {}  # worker index -> node ID and pid, for operators and tests
         self.servers: list = []
-        self._graph = None  # the compiled graph of one sync step over the current actors
+        self._graph = None  # the step graph over the current actors (CompiledStep or InterpretedStep)
         self._last_done = time.perf_counter()
         self._arrivals: deque = deque(maxlen=9)  # arrival times of the last steps' results
         self._next_worker_index = 0
@@ -261,18 +261,14 @@ class Coordinator:
         same graph runs as ordinary actor calls whose arguments are object refs,
         still without a driver round trip inside a step: Ray 2.60's cross-node
         compiled channels crashed a raylet on teardown here."""
-        with InputNode() as job:
-            params = [s.publish_step.bind(job) for s in self.servers]
-            results = [w.step.bind(job, *params) for w in self.workers]
-            if len(self.servers) == 1:
-                out = self.servers[0].apply.bind(job, *results)
-            else:
-                finite = [s.reduce.bind(job, *results) for s in self.servers]
-                out = MultiOutputNode([s.commit.bind(job, *finite) for s in self.servers])
         nodes = {loc["node_id"] for loc in ray.get([s.location.remote() for s in self.servers])}
         nodes |= {self.locations[i]["node_id"] for i in self._worker_indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
         if len(nodes) == 1:
+            with InputNode() as job:
+                out = step_graph(self.servers, self.workers, job, lambda method, *args: method.bind(*args))
+                if isinstance(out, list):
+                    out = MultiOutputNode(out)
             self._graph = CompiledStep(out.experimental_compile(_max_inflight_executions=self.pipeline_depth + 1))
         else:
             self._graph = InterpretedStep(self.servers, self.workers)
@@ -280,7 +276,7 @@ class Coordinator:
         return self._graph
 
     def _close_graph(self) -> None:
-        """Tear the compiled graph down, leaving its actors alive and callable."""
+        """Tear the step graph down, leaving its actors alive and callable."""
         graph, self._graph = self._graph, None
         if graph is not None:
             graph.close()
@@ -450,7 +446,7 @@ class Coordinator:
         # then moving gradients to the servers and the new parameters back (its
         # idle time less the servers' reduce and apply), and how long the
         # fastest worker waited for it.
-        transfer = max(0.0, stats["idle_s"] - stats["reduce_apply_s"]) if stats["idle_s"] else 0.0
+        transfer = max(0.0, stats["idle_s"] - stats["reduce_apply_s"])
         record = step_record(
             self.spec, step, stats["loss"], stats["count"], seconds, stats["applied"],
             workers=len(self.workers), version=stats["version"],
@@ -631,6 +627,20 @@ class Coordinator:
         return ckpt
 
 
+def step_graph(servers: list, workers: list, job, call):
+    """One sync step's actor calls, made through `call(method, *args)`: the
+    servers publish the parameters, every worker computes its shards from
+    them, the servers reduce and apply. With `bind` it describes a graph to
+    compile, with `remote` it makes the calls. Returns the output (a list of
+    outputs when there are several servers)."""
+    params = [call(s.publish_step, job) for s in servers]
+    results = [call(w.step, job, *params) for w in workers]
+    if len(servers) == 1:
+        return call(servers[0].apply, job, *results)
+    finite = [call(s.reduce, job, *results) for s in servers]
+    return [call(s.commit, job, *finite) for s in servers]
+
+
 class CompiledStep:
     """A step graph compiled to shared-memory channels (actors on one node).
 
@@ -668,12 +678,7 @@ class InterpretedStep:
         self.servers, self.workers = servers, workers
 
     def execute(self, job: dict):
-        params = [s.publish_step.remote(job) for s in self.servers]
-        results = [w.step.remote(job, *params) for w in self.workers]
-        if len(self.servers) == 1:
-            return self.servers[0].apply.remote(job, *results)
-        finite = [s.reduce.remote(job, *results) for s in self.servers]
-        return [s.commit.remote(job, *finite) for s in self.servers]
+        return step_graph(self.servers, self.workers, job, lambda method, *args: method.remote(*args))
 
     def result(self, ref, cancelled: threading.Event):
         while True:  # polling, so that a cancel is seen promptly

@@ -47,6 +47,7 @@ class GradientWorker:
         self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None)
         self.net = build_network(spec, self.data.dataset)
         self.threads = max(1, threads)
+        self._returned_at: float | None = None  # when `step` last returned (sync mode)
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
         # Test and benchmark knobs, off by default: {"fail_at": [shard, step]} raises while
         # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
@@ -95,7 +96,7 @@ class GradientWorker:
         gradients going to the servers, their reduce and apply, and the new
         parameters coming back."""
         arrived = time.perf_counter()
-        idle = arrived - self._returned_at if getattr(self, "_returned_at", None) else 0.0
+        idle = arrived - self._returned_at if self._returned_at is not None else 0.0
         params = param_slices[0] if len(param_slices) == 1 else np.concatenate(param_slices)
         result = self._compute(job["step"], job["assignment"][self.index], params)
         result["idle_s"] = idle
