@@ -179,6 +179,7 @@ class TrainingSpec(_Strict):
     max_staleness: int = Field(4, description="async only: refuse gradients more than this many versions old")
     max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
     cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
+    pin_cores: bool = Field(True, description="pin each worker to cores no other worker holds, while its machine has free ones")
 
     @field_validator("workers")
     @classmethod

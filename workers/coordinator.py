@@ -152,7 +152,7 @@ class Coordinator:
 
     @property
     def worker_locations(self) -> list[dict]:
-        """Node ID and pid of each live worker, in worker order."""
+        """Node ID, pid and pinned cores (None: not pinned) of each live worker, in worker order."""
         return [self.locations[i] for i in self._worker_indices]
 
     # ----------------------------------------------------------- running

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from core.spec import JobSpec
 from core.trainer import ShardedData, build_network, shard_gradient
+from workers.cores import claim_cores
 
 
 def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
@@ -53,9 +54,12 @@ class GradientWorker:
         # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
         # {"delay_s": seconds} slows every compute call (a straggler).
         self.faults = faults or {}
+        # Cores of its own while the machine has free ones: see workers.cores.
+        self._cores = claim_cores(self.threads) if spec.training.pin_cores else None
 
     def location(self) -> dict:
-        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "cores": list(self._cores.cores) if self._cores else None}
 
     def _shard(self, net, shard: int, step: int):
         where = f"worker {self.index}, shard {shard}, step {step + 1}"
