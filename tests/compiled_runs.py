@@ -5,9 +5,10 @@ driver on a node without CPUs, so its jobs take the object-store path).
     python tests/compiled_runs.py CASES.json OUT_DIR
 
 CASES.json is a list of {"name", "spec", "faults"?, "kill"?: ["worker"|"server", step],
-"cancel_after"?: seconds};
+"cancel_after"?: seconds, "shared_root"?: path for the shared arrays};
 for each case OUT_DIR/<name>.npz gets the trained parameters, or
-OUT_DIR/<name>.json the error; OUT_DIR/<name>.events.json the coordinator's events.
+OUT_DIR/<name>.json the error; OUT_DIR/<name>.events.json the coordinator's events;
+OUT_DIR/leftovers.json the jobs' shared-array directories still there at the end.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def run_case(case: dict, out: Path) -> None:
         coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step,
                                   on_event=lambda kind, detail: events.append((kind, detail)),
                                   faults={int(k): v for k, v in case.get("faults", {}).items()})
+        if "shared_root" in case:
+            coordinator.shared_root = Path(case["shared_root"])
         if "cancel_after" in case:
             threading.Timer(case["cancel_after"], coordinator.cancel).start()
         began = time.monotonic()
@@ -62,6 +65,9 @@ def main() -> int:
     for case in cases:
         run_case(case, out)
         print(case["name"], flush=True)
+    # every job removed its shared-array directory (workers.shared)
+    left = sorted(str(p) for p in Path("/dev/shm").glob(f"shardprop-{os.getuid()}-{os.getpid()}-*"))
+    (out / "leftovers.json").write_text(json.dumps(left))
     return 0
 
 

@@ -41,6 +41,7 @@ CASES = [
     {"name": "worker-raises", "spec": raw_spec(), "faults": {"1": {"fail_at": [3, 5]}}},
     {"name": "worker-killed", "spec": raw_spec(workers=3), "kill": ["worker", 5]},
     {"name": "server-killed", "spec": raw_spec(), "kill": ["server", 6]},
+    {"name": "no-room-for-shared-arrays", "spec": raw_spec(workers=3), "shared_root": "/nonexistent/shm"},
     {"name": "hung-then-cancelled", "spec": raw_spec(), "faults": {"0": {"delay_s": 600}}, "cancel_after": 3},
 ]
 
@@ -77,7 +78,8 @@ def test_compiled_steps_give_the_reference_bits(runs, dtype, optimizer):
     expected = reference(raw_spec(dtype, optimizer))
     for w in (1, 3, 4):
         name = f"{dtype}-{optimizer}-w{w}"
-        assert [d["transport"] for kind, d in events(runs, name) if kind == "graph"] == ["shared memory"]
+        assert [(d["transport"], d["zero_copy"]) for kind, d in events(runs, name) if kind == "graph"] == [
+            ("shared memory", True)]  # parameters and gradients in shared files, not serialized
         got = params(runs, name)
         assert got.dtype == np.dtype(dtype)
         assert np.array_equal(got, expected), f"{w} workers on the compiled graph differ from the reference"
@@ -85,6 +87,19 @@ def test_compiled_steps_give_the_reference_bits(runs, dtype, optimizer):
 
 def test_two_servers_on_the_compiled_graph_give_the_same_bits(runs):
     assert np.array_equal(params(runs, "two-servers"), reference(raw_spec(workers=3, parameter_servers=2)))
+
+
+def test_without_room_for_shared_arrays_the_channels_carry_them_with_the_same_bits(runs):
+    name = "no-room-for-shared-arrays"
+    assert [(d["transport"], d["zero_copy"]) for kind, d in events(runs, name) if kind == "graph"] == [
+        ("shared memory", False)]
+    assert np.array_equal(params(runs, name), reference(raw_spec(workers=3)))
+
+
+def test_every_job_removes_its_shared_arrays(runs):
+    # after successes, an error, a killed worker (its file and its successor's),
+    # a killed server and a cancel
+    assert json.loads((runs / "leftovers.json").read_text()) == []
 
 
 def test_a_worker_error_on_the_compiled_graph_names_worker_shard_and_step(runs):
@@ -97,8 +112,8 @@ def test_a_killed_worker_on_the_compiled_graph_loses_nothing(runs):
     assert np.array_equal(params(runs, "worker-killed"), reference(raw_spec(workers=3)))
     recoveries = [d for kind, d in events(runs, "worker-killed") if kind == "recovery"]
     assert len(recoveries) == 1 and not recoveries[0]["servers"]
-    graphs = [d["transport"] for kind, d in events(runs, "worker-killed") if kind == "graph"]
-    assert graphs == ["shared memory", "shared memory"]  # compiled again over the new workers
+    graphs = [(d["transport"], d["zero_copy"]) for kind, d in events(runs, "worker-killed") if kind == "graph"]
+    assert graphs == [("shared memory", True)] * 2  # compiled again over the new workers
 
 
 def test_a_killed_server_on_the_compiled_graph_restores_from_its_checkpoint(runs):

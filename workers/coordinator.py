@@ -33,6 +33,7 @@ from core.mlp import MLP
 from core.spec import JobSpec, load_spec
 from core.trainer import (NonFiniteGuard, ShardedData, TrainingError, build_network, evaluate,
                           should_evaluate, step_record)
+from workers import shared
 from workers.checkpoint import Checkpoint, latest_checkpoint, write_checkpoint
 from workers.gradient_worker import GradientWorker
 from workers.parameter_server import ParameterServer, slice_bounds
@@ -114,6 +115,10 @@ class Coordinator:
         self.locations: dict[int, dict] = {}  # worker index -> node ID and pid, for operators and tests
         self.servers: list = []
         self._graph = None  # the step graph over the current actors (CompiledStep or InterpretedStep)
+        # Parameters and gradients in shared files while the graph is compiled (workers.shared).
+        self.shared_root = shared.DEFAULT_ROOT
+        self._shared_dir: Path | None = None  # this job's directory there, made on first use
+        self._job_shared_dir: str | None = None  # what the current graph's jobs use (None: arrays in channels)
         self._last_done = time.perf_counter()
         self._arrivals: deque = deque(maxlen=9)  # arrival times of the last steps' results
         self._next_worker_index = 0
@@ -245,7 +250,8 @@ class Coordinator:
         and whether the servers return parameters (to evaluate) or their state
         (to checkpoint) with the step's statistics."""
         return {"step": step, "assignment": self._assignment_by_index(),
-                "params": should_evaluate(self.spec, step), "state": self._should_checkpoint(step)}
+                "params": should_evaluate(self.spec, step), "state": self._should_checkpoint(step),
+                "shared_dir": self._job_shared_dir}
 
     def _assignment_by_index(self) -> dict[int, list[int]]:
         return {index: shards for index, shards in zip(self._worker_indices, self._assignment())}
@@ -264,7 +270,9 @@ class Coordinator:
         nodes = {loc["node_id"] for loc in ray.get([s.location.remote() for s in self.servers])}
         nodes |= {self.locations[i]["node_id"] for i in self._worker_indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
+        self._job_shared_dir = None
         if len(nodes) == 1:
+            self._job_shared_dir = self._shared_arrays_dir()
             with InputNode() as job:
                 out = step_graph(self.servers, self.workers, job, lambda method, *args: method.bind(*args))
                 if isinstance(out, list):
@@ -272,8 +280,21 @@ class Coordinator:
             self._graph = CompiledStep(out.experimental_compile(_max_inflight_executions=self.pipeline_depth + 1))
         else:
             self._graph = InterpretedStep(self.servers, self.workers)
-        self.on_event("graph", {"transport": self._graph.transport, "nodes": len(nodes), "step": self.step})
+        self.on_event("graph", {"transport": self._graph.transport, "nodes": len(nodes), "step": self.step,
+                                "zero_copy": self._job_shared_dir is not None})
         return self._graph
+
+    def _shared_arrays_dir(self) -> str | None:
+        """This job's directory for shared parameters and gradients (made once;
+        None when the memory file system lacks the room: arrays then go
+        through the channels)."""
+        if self._shared_dir is None:
+            t = self.spec.training
+            size = self.net.params.size * np.dtype(t.dtype).itemsize
+            # the servers' parameters and one row per shard, twice over for
+            # workers replaced after a failure
+            self._shared_dir = shared.make_job_dir(size * (1 + 2 * self.spec.data.shards), self.shared_root)
+        return str(self._shared_dir) if self._shared_dir is not None else None
 
     def _close_graph(self) -> None:
         """Tear the step graph down, leaving its actors alive and callable."""
@@ -593,6 +614,8 @@ class Coordinator:
             except Exception:  # already gone
                 pass
         self.workers, self.servers, self._worker_indices = [], [], []
+        shared.remove_job_dir(self._shared_dir)
+        self._shared_dir = self._job_shared_dir = None
 
     # ----------------------------------------------------------- checkpoints
 

@@ -19,7 +19,8 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from core.spec import JobSpec
-from core.trainer import ShardedData, build_network, shard_gradient
+from core.trainer import ShardGradient, ShardedData, build_network, shard_gradient
+from workers import shared
 from workers.cores import claim_cores
 
 
@@ -56,6 +57,9 @@ class GradientWorker:
         self.faults = faults or {}
         # Cores of its own while the machine has free ones: see workers.cores.
         self._cores = claim_cores(self.threads) if spec.training.pin_cores else None
+        self._views = shared.SharedViews()  # the servers' parameter files
+        self._grads_file: tuple[str, np.ndarray] | None = None  # this worker's gradient rows
+        self._grads_generation = 0
 
     def location(self) -> dict:
         return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -91,7 +95,31 @@ class GradientWorker:
         params, wait_s, transfer_s = fetch_params(param_refs)
         return self._compute(step, shards, params) | {"wait_s": wait_s, "transfer_s": transfer_s}
 
-    def step(self, job: dict, *param_slices: np.ndarray) -> dict:
+    def _share(self, grads: list, directory: str) -> list:
+        """The shard gradients copied into this worker's shared file, as
+        handles (workers.shared); the arrays themselves if the file cannot be
+        made (no space: the job still runs, through the channels)."""
+        length, dtype = grads[0].grad_sum.size, grads[0].grad_sum.dtype
+        held = self._grads_file
+        if held is None or not held[0].startswith(directory + os.sep) or held[1].shape[0] < len(grads):
+            self._grads_generation += 1
+            path = Path(directory) / f"worker-{self.index}-{self._grads_generation}.grads"
+            try:
+                rows = shared.create(path, len(grads), length, dtype)
+            except OSError:
+                return grads
+            if held is not None and held[0].startswith(directory + os.sep):
+                Path(held[0]).unlink(missing_ok=True)
+            held = self._grads_file = (str(path), rows)
+        path, rows = held
+        out = []
+        for i, g in enumerate(grads):
+            rows[i] = g.grad_sum
+            out.append(ShardGradient(g.shard, g.step, shared.SharedArray(path, dtype.str, length, i),
+                                     g.count, g.loss_sum))
+        return out
+
+    def step(self, job: dict, *param_slices) -> dict:
         """Sync mode, a node of the job's compiled graph: the gradient sums of
         this worker's shards for `job["step"]`, at the parameters the servers
         just published (one slice per server, in order).
@@ -101,8 +129,11 @@ class GradientWorker:
         parameters coming back."""
         arrived = time.perf_counter()
         idle = arrived - self._returned_at if self._returned_at is not None else 0.0
-        params = param_slices[0] if len(param_slices) == 1 else np.concatenate(param_slices)
+        slices = [shared.resolve(p, self._views) for p in param_slices]
+        params = slices[0] if len(slices) == 1 else np.concatenate(slices)
         result = self._compute(job["step"], job["assignment"][self.index], params)
+        if job.get("shared_dir"):
+            result["grads"] = self._share(result["grads"], job["shared_dir"])
         result["idle_s"] = idle
         self._returned_at = time.perf_counter()
         return result

@@ -1,8 +1,9 @@
 """The parameter server: a Ray actor holding the parameters and applying steps.
 
-In sync mode it is part of the job's compiled Ray graph (see the
-coordinator): it publishes the parameters of a step once, receives the
-workers' shard gradients straight from them (never through the coordinator),
+In sync mode it is part of the job's step graph (see the coordinator): it
+publishes the parameters of a step once, receives the workers' shard
+gradients straight from them (never through the coordinator; on one node as
+handles to shared files, see workers.shared),
 reduces them in shard order and averages by sample count through core's
 `reduce_gradients`, and applies the optimizer. In async mode it is called
 with object references and returns the new parameters to the object store.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -27,6 +30,7 @@ import ray
 from core.optim import make_optimizer
 from core.spec import JobSpec
 from core.trainer import ShardGradient, reduce_gradients
+from workers import shared
 
 
 class StaleStep(RuntimeError):
@@ -51,6 +55,8 @@ class ParameterServer:
             self.optimizer.load_state_dict(optimizer_state)
         self.version = version
         self.pending: dict | None = None  # the step reduced but not yet committed
+        self._params_file: str | None = None  # where self.params lives when shared (workers.shared)
+        self._views = shared.SharedViews()  # the workers' gradient files
 
     def location(self) -> dict:
         return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -62,11 +68,29 @@ class ParameterServer:
 
     def publish_step(self, job: dict) -> np.ndarray:
         """Sync mode, the first node of a step's graph: the parameters of
-        version `job["step"]`, refusing a step that is not the next one."""
+        version `job["step"]`, refusing a step that is not the next one. When
+        the job names a shared directory, a handle to this server's parameter
+        file there instead (made on first use; from then on the optimizer
+        updates the file in place)."""
         if job["step"] != self.version:
             raise StaleStep(f"parameter server {self.index}: asked for step {job['step'] + 1}, "
                             f"expected step {self.version + 1}")
-        return self.params
+        directory = job.get("shared_dir")
+        if not directory:
+            return self.params
+        if self._params_file is None or not self._params_file.startswith(directory + os.sep):
+            # A server started after a failure gets a new file; the dead one's goes.
+            path = os.path.join(directory, f"server-{self.index}-{uuid.uuid4().hex[:8]}.params")
+            try:
+                mapped = shared.create(path, 1, self.params.size, self.params.dtype)[0]
+            except OSError:  # no space: send the array through the channel
+                return self.params
+            for old in Path(directory).glob(f"server-{self.index}-*.params"):
+                if str(old) != path:
+                    old.unlink(missing_ok=True)
+            mapped[:] = self.params
+            self.params, self._params_file = mapped, path  # updated in place from now on
+        return shared.SharedArray(self._params_file, self.params.dtype.str, self.params.size)
 
     def reduce(self, job: dict, *results: dict) -> bool:
         """Reduce every worker's shard gradients of this step over this slice,
@@ -81,8 +105,9 @@ class ParameterServer:
         if shards != sorted(set(shards)) or any(g.step != step for g in grads):
             raise StaleStep(f"parameter server {self.index}: step {step + 1} got shards {shards} "
                             f"of steps {sorted({g.step + 1 for g in grads})}")
-        sliced = [ShardGradient(g.shard, g.step, g.grad_sum[self.start:self.stop], g.count, g.loss_sum)
-                  for g in grads]
+        sliced = [ShardGradient(g.shard, g.step, shared.resolve(g.grad_sum, self._views)[self.start:self.stop],
+                                g.count, g.loss_sum) for g in grads]
+        self._views.forget_except({g.grad_sum.path for g in grads if isinstance(g.grad_sum, shared.SharedArray)})
         mean, loss, count = reduce_gradients(sliced)
         finite = bool(np.isfinite(mean).all())
         slowest = max(results, key=lambda r: r["compute_s"])

@@ -1,0 +1,92 @@
+"""Shared parameter and gradient files (workers/shared.py): what one process
+writes another reads, byte for byte; readers cannot write; space is checked
+before use; a dead driver's directory is swept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers import shared
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rows_written_here_are_read_in_another_process(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3, 1001)).astype(dtype)
+    rows = shared.create(tmp_path / "g", 3, 1001, np.dtype(dtype))
+    rows[:] = data
+    handles = [shared.SharedArray(str(tmp_path / "g"), np.dtype(dtype).str, 1001, i) for i in range(3)]
+    reader = textwrap.dedent("""
+        import json, sys
+        from workers import shared
+        views = shared.SharedViews()
+        handles = [shared.SharedArray(*h) for h in json.loads(sys.argv[1])]
+        sys.stdout.write(b"".join(shared.resolve(h, views).tobytes() for h in handles).hex())
+    """)
+    sent = json.dumps([[h.path, h.dtype, h.length, h.row] for h in handles])
+    out = subprocess.run([sys.executable, "-c", reader, sent], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert bytes.fromhex(out) == data.tobytes()
+
+
+def test_views_are_read_only_and_follow_in_place_updates(tmp_path):
+    rows = shared.create(tmp_path / "p", 1, 10, np.dtype("float32"))
+    rows[0] = np.arange(10, dtype=np.float32)
+    views = shared.SharedViews()
+    view = views.view(shared.SharedArray(str(tmp_path / "p"), "<f4", 10))
+    with pytest.raises(ValueError):
+        view[0] = 1.0
+    rows[0] *= 2  # the owner updates in place, as a server applies a step
+    assert np.array_equal(view, 2 * np.arange(10, dtype=np.float32))
+
+
+def test_a_removed_file_stays_readable_by_whoever_mapped_it(tmp_path):
+    rows = shared.create(tmp_path / "p", 1, 4, np.dtype("float64"))
+    rows[0] = [1, 2, 3, 4]
+    views = shared.SharedViews()
+    view = views.view(shared.SharedArray(str(tmp_path / "p"), "<f8", 4))
+    shared.remove_job_dir(tmp_path)
+    assert not tmp_path.exists() and view.tolist() == [1, 2, 3, 4]
+
+
+def test_resolve_passes_arrays_through():
+    a = np.ones(3)
+    assert shared.resolve(a, shared.SharedViews()) is a
+
+
+def test_no_directory_when_the_file_system_lacks_the_room(tmp_path):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert shared.make_job_dir(free, tmp_path) is None  # twice the need must be free
+    assert shared.make_job_dir(1 << 20, tmp_path / "missing") is None
+    made = shared.make_job_dir(1 << 20, tmp_path)
+    assert made is not None and made.parent == tmp_path and made.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_existing_file_is_never_reused(tmp_path):
+    shared.create(tmp_path / "p", 1, 4, np.dtype("float32"))
+    with pytest.raises(FileExistsError):
+        shared.create(tmp_path / "p", 1, 4, np.dtype("float32"))
+
+
+def test_directories_of_dead_drivers_are_swept_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that has just exited (reused pids are vanishingly rare)
+    uid = os.getuid()
+    stale = tmp_path / f"shardprop-{uid}-{dead.pid}-deadbeef"
+    live = tmp_path / f"shardprop-{uid}-{os.getpid()}-cafef00d"
+    other = tmp_path / f"shardprop-{uid + 1}-{dead.pid}-0badcafe"  # another user's: not ours to judge
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "server-0-x.params").write_bytes(b"\0" * 8)
+    assert shared.sweep_stale(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
