@@ -66,7 +66,7 @@ class ParameterServer:
         """The current parameters (returned, hence placed in the object store)."""
         return self.params
 
-    def publish_step(self, job: dict) -> np.ndarray:
+    def publish_step(self, job: dict) -> np.ndarray | shared.SharedArray:
         """Sync mode, the first node of a step's graph: the parameters of
         version `job["step"]`, refusing a step that is not the next one. When
         the job names a shared directory, a handle to this server's parameter
