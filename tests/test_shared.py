@@ -90,3 +90,19 @@ def test_directories_of_dead_drivers_are_swept_and_live_ones_kept(tmp_path):
         (d / "server-0-x.params").write_bytes(b"\0" * 8)
     assert shared.sweep_stale(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_ray_semaphores_of_dead_creators_are_swept_and_the_rest_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        f"sem.hdr{dead.pid}-1795931710237956838": False,  # dead creator: swept
+        f"sem.obj{dead.pid}-1795931710237956838": False,
+        f"sem.hdr{os.getpid()}-1795931710234497810": True,  # live creator: kept
+        f"sem.mp-{dead.pid}": True,  # not Ray's pattern
+        "pulse-shm-1315324054": True,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0" * 32)
+    assert shared.sweep_dead_ray_semaphores(tmp_path) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}

@@ -14,6 +14,8 @@ from typing import Callable, TypeVar
 
 import ray
 
+from workers import shared
+
 T = TypeVar("T")
 
 
@@ -27,6 +29,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     # Worker processes import shardprop from the same checkout as the driver.
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
     if address is None:
+        # What earlier, now dead, local instances left in shared memory.
+        shared.sweep_dead_ray_semaphores()
+        shared.sweep_stale()
         cores = os.cpu_count() or 1
         ray.init(
             address="local",

@@ -81,6 +81,41 @@ def sweep_stale(root: Path = DEFAULT_ROOT) -> list[Path]:
     return removed
 
 
+def sweep_dead_ray_semaphores(root: Path = DEFAULT_ROOT) -> int:
+    """Remove the named semaphores (`sem.hdr<pid>-*`, `sem.obj<pid>-*`) that
+    Ray's compiled-graph channels left behind, once the process that made
+    them (a raylet) is gone. Ray 2.60 leaves about 30 of these per compiled
+    graph (a page of the memory file system each) and never removes them.
+    Only this user's, only a dead creator's: a process that still has one
+    open keeps it, since removing a name does not close the semaphore.
+    Returns how many were removed."""
+    removed = 0
+    alive: dict[int, bool] = {}
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith("sem.hdr") or name.startswith("sem.obj")) or "-" not in name:
+            continue
+        try:
+            pid = int(name[7:name.index("-")])
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except (ValueError, OSError):
+            continue
+        if pid not in alive:
+            alive[pid] = _pid_alive(pid)
+        if not alive[pid]:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def make_job_dir(needed_bytes: int, root: Path = DEFAULT_ROOT) -> Path | None:
     """A new directory for one job's shared arrays, or None when `root` is not
     there or has less than twice `needed_bytes` free (the job then sends
