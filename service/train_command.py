@@ -114,6 +114,9 @@ def _run_on_ray(spec, args, on_step, progress):
         if list_checkpoints(directory):
             raise ValueError(f"--checkpoint-dir {directory} already holds checkpoints: "
                              f"pass --resume {directory} to continue that run, or choose an empty folder")
+    import ray
+
+    ours = not ray.is_initialized()  # a caller already connected keeps its connection
     connect_ray(args.address, spec.training.workers)
 
     def on_event(kind: str, detail: dict) -> None:
@@ -130,3 +133,9 @@ def _run_on_ray(spec, args, on_step, progress):
         progress.close()
         print(f"interrupted; continue with: shardprop train {args.job} --resume {directory}", file=sys.stderr)
         return None
+    finally:
+        # Stop (or detach from) the Ray this command connected to now, not in
+        # the interpreter's finalization, where a driver whose compiled graphs
+        # lost actors has crashed (see tests/compiled_runs.py).
+        if ours:
+            ray.shutdown()

@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
     script = Path(__file__).with_name("compiled_runs.py")
     done = subprocess.run([sys.executable, str(script), str(cases), str(out)], capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"cases done: {done.stdout.split()}\n{done.stderr[-3000:]}"
     return out
 
 
