@@ -41,8 +41,12 @@ def run_case(case: dict, out: Path) -> None:
             os.kill(where["pid"], signal.SIGKILL)
 
     with tempfile.TemporaryDirectory() as tmp:
-        coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step,
-                                  on_event=lambda kind, detail: events.append((kind, detail)),
+        def on_event(kind, detail):
+            if kind == "graph" and coordinator._shared_dir is not None:  # what the job's shared files are now
+                detail = dict(detail, files=sorted(p.name for p in coordinator._shared_dir.iterdir()))
+            events.append((kind, detail))
+
+        coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step, on_event=on_event,
                                   faults={int(k): v for k, v in case.get("faults", {}).items()})
         if "shared_root" in case:
             coordinator.shared_root = Path(case["shared_root"])

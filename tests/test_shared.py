@@ -78,18 +78,36 @@ def test_an_existing_file_is_never_reused(tmp_path):
         shared.create(tmp_path / "p", 1, 4, np.dtype("float32"))
 
 
-def test_directories_of_dead_drivers_are_swept_and_live_ones_kept(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid that has just exited (reused pids are vanishingly rare)
+def test_directories_whose_driver_is_gone_are_swept_and_live_ones_kept(tmp_path):
+    """Liveness is the driver's lock on the directory's owner file, which the
+    kernel drops when the driver ends: no pid is trusted."""
     uid = os.getuid()
-    stale = tmp_path / f"shardprop-{uid}-{dead.pid}-deadbeef"
-    live = tmp_path / f"shardprop-{uid}-{os.getpid()}-cafef00d"
-    other = tmp_path / f"shardprop-{uid + 1}-{dead.pid}-0badcafe"  # another user's: not ours to judge
-    for d in (stale, live, other):
+    mine = shared.make_job_dir(1 << 10, tmp_path)  # this process's, lock held
+    stale = tmp_path / f"shardprop-{uid}-999999-deadbeef"  # owner file, lock free: its driver ended
+    held = tmp_path / f"shardprop-{uid}-{os.getpid()}-cafef00d"  # locked by another live process
+    other = tmp_path / f"shardprop-{uid + 1}-1-0badcafe"  # another user's: not ours to judge
+    for d in (stale, held, other):
         d.mkdir()
+        (d / shared.OWNER_LOCK).touch()
         (d / "server-0-x.params").write_bytes(b"\0" * 8)
-    assert shared.sweep_stale(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other.exists()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(held / shared.OWNER_LOCK)!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert shared.sweep_stale(tmp_path) == [stale]
+        assert not stale.exists() and held.exists() and other.exists() and mine.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert shared.sweep_stale(tmp_path) == [held]  # its driver is gone now
+    shared.remove_job_dir(mine)
+    assert not mine.exists()
 
 
 def test_ray_semaphores_of_dead_creators_are_swept_and_the_rest_kept(tmp_path):

@@ -13,18 +13,24 @@ on this 2-core machine (docs/benchmarks.md), a third of the steps of a
 So a worker pins itself to cores that no other worker of this user on the
 machine holds, when there are enough of them, and otherwise runs where the
 kernel puts it. A claim is an exclusive `flock` on one lock file per core:
-the kernel drops it when the worker's process ends, however it ends, so a
-killed worker never keeps its core from its replacement. Pinning changes
+the kernel drops it when the worker's process ends, however it ends, and an
+unpinned worker tries again (GradientWorker.step), so a killed worker's core
+goes to its replacement. Pinning changes
 where a shard is computed, never what: each shard still uses one BLAS thread,
 so the bits do not depend on it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: workers are not pinned
+    fcntl = None
 
 
 def lock_dir() -> Path:
@@ -61,7 +67,7 @@ def claim_cores(count: int, directory: Path | None = None) -> CoreClaim | None:
     (and pin nothing) when fewer than `count` are free or the platform cannot
     pin. Cores outside this process's allowed set (a container's cpuset, a
     `taskset`) are never taken."""
-    if count < 1 or not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
+    if count < 1 or fcntl is None or not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
         return None
     allowed = sorted(os.sched_getaffinity(0))
     if count > len(allowed):
@@ -69,12 +75,17 @@ def claim_cores(count: int, directory: Path | None = None) -> CoreClaim | None:
     directory = directory or lock_dir()
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(directory)
     except OSError:
+        return None
+    # Only a private directory of this user's: in a shared /tmp another user
+    # could otherwise hold the locks, or swap the files under them.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     held: list[tuple[int, int]] = []
     for core in allowed:
         try:
-            fd = os.open(directory / f"core-{core}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(directory / f"core-{core}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError:
             continue
         try:

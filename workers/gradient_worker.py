@@ -56,7 +56,9 @@ class GradientWorker:
         # {"delay_s": seconds} slows every compute call (a straggler).
         self.faults = faults or {}
         # Cores of its own while the machine has free ones: see workers.cores.
-        self._cores = claim_cores(self.threads) if spec.training.pin_cores else None
+        self._pin = spec.training.pin_cores
+        self._cores = claim_cores(self.threads) if self._pin else None
+        self._next_claim_at = time.monotonic() + 1.0
         self._views = shared.SharedViews()  # the servers' parameter files
         self._grads_file: tuple[str, np.ndarray] | None = None  # this worker's gradient rows
         self._grads_generation = 0
@@ -99,6 +101,8 @@ class GradientWorker:
         """The shard gradients copied into this worker's shared file, as
         handles (workers.shared); the arrays themselves if the file cannot be
         made (no space: the job still runs, through the channels)."""
+        if not grads:
+            return grads
         length, dtype = grads[0].grad_sum.size, grads[0].grad_sum.dtype
         held = self._grads_file
         if held is None or not held[0].startswith(directory + os.sep) or held[1].shape[0] < len(grads):
@@ -129,7 +133,13 @@ class GradientWorker:
         parameters coming back."""
         arrived = time.perf_counter()
         idle = arrived - self._returned_at if self._returned_at is not None else 0.0
+        if self._cores is None and self._pin and time.monotonic() >= self._next_claim_at:
+            # A core may have come free since this worker started (a killed
+            # worker's process can outlive its replacement's start by a moment).
+            self._cores = claim_cores(self.threads)
+            self._next_claim_at = time.monotonic() + 1.0
         slices = [shared.resolve(p, self._views) for p in param_slices]
+        self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
         params = slices[0] if len(slices) == 1 else np.concatenate(slices)
         result = self._compute(job["step"], job["assignment"][self.index], params)
         if job.get("shared_dir"):

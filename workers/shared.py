@@ -21,10 +21,11 @@ every worker has replied; a worker rewrites its rows only after the next
 after a failure gets new files (worker indices are never reused), so a dying
 worker's last write can land only in a file nobody reads again.
 
-Space is reserved up front (`posix_fallocate`): a full file system is an
-`OSError` at creation, never a SIGBUS later, and a job falls back to sending
-arrays through the channels. The coordinator removes the job's directory
-when the job ends; directories left by a driver that died are swept by the
+Space for shardprop's own files is reserved up front (`posix_fallocate`): a
+full file system is an `OSError` at creation, not a SIGBUS later, and a job
+falls back to sending arrays through the channels. The coordinator removes
+the job's directory when the job ends, and drops a removed worker's file at
+once; a directory whose driver died (its owner lock free) is swept by the
 next job of the same user.
 """
 
@@ -38,6 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: arrays go through Ray's channels
+    fcntl = None
 
 DEFAULT_ROOT = Path("/dev/shm")
 PREFIX = "shardprop-"
@@ -63,21 +69,52 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+# Job directories this process made -> the descriptor holding its owner lock.
+_owned: dict[Path, int] = {}
+OWNER_LOCK = ".owner"
+
+
+def _take_lock(path: Path) -> int | None:
+    """An exclusive flock on `path` (made if missing), or None if another
+    process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def sweep_stale(root: Path = DEFAULT_ROOT) -> list[Path]:
-    """Remove this user's job directories whose driver process is gone."""
+    """Remove this user's job directories whose driver is gone.
+
+    A driver holds a `flock` on its directory's owner file for as long as it
+    lives (the kernel drops it however the driver ends), so a directory whose
+    lock can be taken is stale, whatever pid namespace its driver ran in."""
     removed = []
     try:
-        entries = list(root.glob(f"{PREFIX}{os.getuid()}-*"))
+        entries = [e for e in root.glob(f"{PREFIX}{_uid()}-*") if e.is_dir() and not e.is_symlink()]
     except OSError:
         return removed
     for entry in entries:
-        try:
-            pid = int(entry.name.split("-")[2])
-        except (IndexError, ValueError):
+        if entry in _owned:
             continue
-        if not _pid_alive(pid):
+        try:
+            fd = _take_lock(entry / OWNER_LOCK)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # its driver is alive
+        try:
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        finally:
+            os.close(fd)
+        removed.append(entry)
     return removed
 
 
@@ -101,7 +138,7 @@ def sweep_dead_ray_semaphores(root: Path = DEFAULT_ROOT) -> int:
             continue
         try:
             pid = int(name[7:name.index("-")])
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            if entry.stat(follow_symlinks=False).st_uid != _uid():
                 continue
         except (ValueError, OSError):
             continue
@@ -117,9 +154,12 @@ def sweep_dead_ray_semaphores(root: Path = DEFAULT_ROOT) -> int:
 
 
 def make_job_dir(needed_bytes: int, root: Path = DEFAULT_ROOT) -> Path | None:
-    """A new directory for one job's shared arrays, or None when `root` is not
-    there or has less than twice `needed_bytes` free (the job then sends
-    arrays through Ray's channels)."""
+    """A new directory for one job's shared arrays, owned (locked) by this
+    process until `remove_job_dir`; or None when `root` is not there or has
+    less than twice `needed_bytes` free (the job then sends arrays through
+    Ray's channels)."""
+    if fcntl is None:
+        return None
     sweep_stale(root)
     try:
         stat = os.statvfs(root)
@@ -127,17 +167,26 @@ def make_job_dir(needed_bytes: int, root: Path = DEFAULT_ROOT) -> Path | None:
         return None
     if stat.f_bavail * stat.f_frsize < 2 * needed_bytes:
         return None
-    path = root / f"{PREFIX}{os.getuid()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = root / f"{PREFIX}{_uid()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.mkdir(mode=0o700)
+        fd = _take_lock(path / OWNER_LOCK)
     except OSError:
+        shutil.rmtree(path, ignore_errors=True)
         return None
+    if fd is None:  # cannot happen for a new directory; be safe anyway
+        return None
+    _owned[path] = fd
     return path
 
 
 def remove_job_dir(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+    if path is None:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _owned.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _map(path: str, size: int, writable: bool) -> np.ndarray:
@@ -161,7 +210,12 @@ def create(path: Path, rows: int, length: int, dtype: np.dtype) -> np.ndarray:
         os.unlink(path)
         raise
     os.close(fd)
-    return _map(str(path), max(size, 1), writable=True)[:size].view(dtype).reshape(rows, length)
+    try:
+        mapped = _map(str(path), max(size, 1), writable=True)
+    except OSError:
+        os.unlink(path)
+        raise
+    return mapped[:size].view(dtype).reshape(rows, length)
 
 
 class SharedViews:
