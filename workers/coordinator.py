@@ -142,10 +142,7 @@ class Coordinator:
     def _kill_workers_if_still_running(self) -> None:
         if self._graph is not None:
             for w in list(self.workers):
-                try:
-                    ray.kill(w, no_restart=True)
-                except Exception:  # already gone
-                    pass
+                _kill(w)
 
     def resize(self, workers: int) -> None:
         """Use `workers` gradient workers from the next step boundary on."""
@@ -615,10 +612,7 @@ class Coordinator:
         """Kill these (index, actor) workers and remove their gradient files
         (worker indices are never reused, so nobody reads those again)."""
         for index, actor in dropped:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+            _kill(actor)
             if self._shared_dir is not None:
                 for path in self._shared_dir.glob(f"worker-{index}-*.grads"):
                     path.unlink(missing_ok=True)
@@ -626,10 +620,7 @@ class Coordinator:
     def _shutdown(self) -> None:
         self._close_graph()
         for actor in self.workers + self.servers:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+            _kill(actor)
         self.workers, self.servers, self._worker_indices = [], [], []
         shared.remove_job_dir(self._shared_dir)
         self._shared_dir = self._job_shared_dir = None
@@ -730,6 +721,13 @@ class InterpretedStep:
                 continue
 
     def close(self) -> None:
+        pass
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
         pass
 
 

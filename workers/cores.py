@@ -27,10 +27,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: workers are not pinned
-    fcntl = None
+from workers.shared import fcntl, try_lock  # fcntl is None on a non-POSIX system: nothing is pinned
 
 
 def lock_dir() -> Path:
@@ -85,13 +82,10 @@ def claim_cores(count: int, directory: Path | None = None) -> CoreClaim | None:
     held: list[tuple[int, int]] = []
     for core in allowed:
         try:
-            fd = os.open(directory / f"core-{core}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = try_lock(directory / f"core-{core}.lock")
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another worker holds it
-            os.close(fd)
+        if fd is None:  # another worker holds it
             continue
         held.append((core, fd))
         if len(held) == count:

@@ -60,8 +60,7 @@ class GradientWorker:
         self._cores = claim_cores(self.threads) if self._pin else None
         self._next_claim_at = time.monotonic() + 1.0
         self._views = shared.SharedViews()  # the servers' parameter files
-        self._grads_file: tuple[str, np.ndarray] | None = None  # this worker's gradient rows
-        self._grads_generation = 0
+        self._grads_file = shared.OwnedFile(f"worker-{index}", "grads")  # this worker's gradient rows
 
     def location(self) -> dict:
         return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -104,22 +103,14 @@ class GradientWorker:
         if not grads:
             return grads
         length, dtype = grads[0].grad_sum.size, grads[0].grad_sum.dtype
-        held = self._grads_file
-        if held is None or not held[0].startswith(directory + os.sep) or held[1].shape[0] < len(grads):
-            self._grads_generation += 1
-            path = Path(directory) / f"worker-{self.index}-{self._grads_generation}.grads"
-            try:
-                rows = shared.create(path, len(grads), length, dtype)
-            except OSError:
-                return grads
-            if held is not None and held[0].startswith(directory + os.sep):
-                Path(held[0]).unlink(missing_ok=True)
-            held = self._grads_file = (str(path), rows)
-        path, rows = held
+        got = self._grads_file.get(directory, len(grads), length, dtype)
+        if got is None:
+            return grads
+        rows, _ = got
         out = []
         for i, g in enumerate(grads):
             rows[i] = g.grad_sum
-            out.append(ShardGradient(g.shard, g.step, shared.SharedArray(path, dtype.str, length, i),
+            out.append(ShardGradient(g.shard, g.step, shared.SharedArray(self._grads_file.path, dtype.str, length, i),
                                      g.count, g.loss_sum))
         return out
 

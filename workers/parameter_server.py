@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -55,7 +54,9 @@ class ParameterServer:
             self.optimizer.load_state_dict(optimizer_state)
         self.version = version
         self.pending: dict | None = None  # the step reduced but not yet committed
-        self._params_file: str | None = None  # where self.params lives when shared (workers.shared)
+        # Where self.params lives when shared; a restarted server's file has a new name.
+        self._params_file = shared.OwnedFile(f"server-{index}-{uuid.uuid4().hex[:8]}", "params",
+                                             family=f"server-{index}")
         self._views = shared.SharedViews()  # the workers' gradient files
 
     def location(self) -> dict:
@@ -78,19 +79,15 @@ class ParameterServer:
         directory = job.get("shared_dir")
         if not directory:
             return self.params
-        if self._params_file is None or not self._params_file.startswith(directory + os.sep):
-            # A server started after a failure gets a new file; the dead one's goes.
-            path = os.path.join(directory, f"server-{self.index}-{uuid.uuid4().hex[:8]}.params")
-            try:
-                mapped = shared.create(path, 1, self.params.size, self.params.dtype)[0]
-            except OSError:  # no space: send the array through the channel
-                return self.params
-            for old in Path(directory).glob(f"server-{self.index}-*.params"):
-                if str(old) != path:
-                    old.unlink(missing_ok=True)
-            mapped[:] = self.params
-            self.params, self._params_file = mapped, path  # updated in place from now on
-        return shared.SharedArray(self._params_file, self.params.dtype.str, self.params.size)
+        # A server started after a failure makes a new file; the dead one's goes.
+        got = self._params_file.get(directory, 1, self.params.size, self.params.dtype)
+        if got is None:  # no space: send the array through the channel
+            return self.params
+        rows, new = got
+        if new:
+            rows[0] = self.params
+            self.params = rows[0]  # updated in place from now on
+        return shared.SharedArray(self._params_file.path, self.params.dtype.str, self.params.size)
 
     def reduce(self, job: dict, *results: dict) -> bool:
         """Reduce every worker's shard gradients of this step over this slice,

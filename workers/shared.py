@@ -78,9 +78,11 @@ _owned: dict[Path, int] = {}
 OWNER_LOCK = ".owner"
 
 
-def _take_lock(path: Path) -> int | None:
-    """An exclusive flock on `path` (made if missing), or None if another
-    process holds it."""
+def try_lock(path: Path) -> int | None:
+    """An exclusive `flock` on `path` (made if missing, never through a
+    symlink), as an open descriptor; None if another process holds it. The
+    kernel drops the lock when the descriptor is closed or its process ends,
+    however it ends."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,7 +107,7 @@ def sweep_stale(root: Path = DEFAULT_ROOT) -> list[Path]:
         if entry in _owned:
             continue
         try:
-            fd = _take_lock(entry / OWNER_LOCK)
+            fd = try_lock(entry / OWNER_LOCK)
         except OSError:
             continue
         if fd is None:
@@ -170,7 +172,7 @@ def make_job_dir(needed_bytes: int, root: Path = DEFAULT_ROOT) -> Path | None:
     path = root / f"{PREFIX}{_uid()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.mkdir(mode=0o700)
-        fd = _take_lock(path / OWNER_LOCK)
+        fd = try_lock(path / OWNER_LOCK)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
         return None
@@ -216,6 +218,37 @@ def create(path: Path, rows: int, length: int, dtype: np.dtype) -> np.ndarray:
         os.unlink(path)
         raise
     return mapped[:size].view(dtype).reshape(rows, length)
+
+
+class OwnedFile:
+    """The one shared file an actor writes, `<stem>-<n>.<suffix>` in the job's
+    directory: made on first use, and made anew when the directory changes or
+    more rows are needed, removing the files of its `family` (its own earlier
+    ones, and a dead predecessor actor's). `stem` must be unique to the actor
+    instance: readers map a file once per path."""
+
+    def __init__(self, stem: str, suffix: str, family: str | None = None):
+        self.stem, self.suffix, self.family = stem, suffix, family or stem
+        self.path: str | None = None
+        self.rows: np.ndarray | None = None
+        self._made = 0
+
+    def get(self, directory: str, rows: int, length: int, dtype: np.dtype) -> tuple[np.ndarray, bool] | None:
+        """(the file's rows, whether it is new), or None when it cannot be
+        made (no room: the caller sends arrays through the channels)."""
+        if self.path is not None and self.path.startswith(directory + os.sep) and self.rows.shape[0] >= rows:
+            return self.rows, False
+        for old in Path(directory).glob(f"{self.family}-*.{self.suffix}"):
+            old.unlink(missing_ok=True)  # readers that mapped it keep their mapping
+        self._made += 1
+        path = os.path.join(directory, f"{self.stem}-{self._made}.{self.suffix}")
+        try:
+            self.rows = create(Path(path), rows, length, dtype)
+        except OSError:
+            self.path = self.rows = None
+            return None
+        self.path = path
+        return self.rows, True
 
 
 class SharedViews:
