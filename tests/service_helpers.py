@@ -81,23 +81,40 @@ def service(tmp_path: Path, **settings):
         yield server.url, app
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition",
+             diagnose=None):
+    """Poll `predicate` until it returns something true. On timeout the error
+    carries `diagnose()`'s text, when given."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            detail = f"\n{diagnose()}" if diagnose is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(interval)
 
 
-def wait_state(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 90.0) -> dict:
+def wait_state(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 90.0,
+               diagnose=None) -> dict:
+    """Poll a job until it reaches one of `states`. A request that times out
+    is tried again until the deadline (a shared machine can stall a process
+    for seconds); the final error lists every such stall."""
+    stalls: list[str] = []
+
     def done():
-        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        try:
+            job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        except httpx.TimeoutException as err:
+            stalls.append(f"{time.strftime('%H:%M:%S')} GET timed out: {err!r}")
+            return None
         return job if job["state"] in states else None
 
-    return wait_for(done, timeout, what=f"job {job_id} to reach {states}")
+    def why() -> str:
+        return "\n".join(stalls + ([diagnose()] if diagnose is not None else []))
+
+    return wait_for(done, timeout, what=f"job {job_id} to reach {states}", diagnose=why)
 
 
 class ServiceProcess:
@@ -130,13 +147,54 @@ class ServiceProcess:
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(30)
+            self._reap(120)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL 60 s later; a service that did not stop is
+        described (thread states, stacks, log) in the error."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
+                report = self.diagnose()
                 self.proc.kill()
-                self.proc.wait(30)
+                self._reap(120, f"it ignored SIGTERM for 60 s\n{report}")
+
+    def _reap(self, timeout: float, before: str = "") -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"service pid {self.proc.pid} still there {timeout:g} s after SIGKILL; "
+                                 f"{before}\nnow:\n{self.diagnose()}") from None
+
+    def diagnose(self) -> str:
+        """What the service process is doing: each thread's kernel state and
+        wait channel (a `D` is a thread stuck in the kernel, which not even
+        SIGKILL ends until the kernel lets go), its Python stacks (SIGUSR1,
+        see service.cli), and the end of its log."""
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return f"service exited ({self.proc and self.proc.returncode}); log:\n{self._log_tail()}"
+        lines = []
+        for task in sorted(Path(f"/proc/{self.proc.pid}/task").glob("*")):
+            try:
+                stat = (task / "stat").read_text()
+                wchan = (task / "wchan").read_text().strip() or "-"
+            except OSError:
+                continue
+            name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+            lines.append(f"  thread {task.name} {name!r}: state {state}, waiting in {wchan}")
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+        except OSError:
+            pass
+        return "threads:\n" + "\n".join(lines) + f"\nlog:\n{self._log_tail()}"
+
+    def _log_tail(self, chars: int = 8000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError as err:
+            return f"(no log: {err})"

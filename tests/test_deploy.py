@@ -124,7 +124,8 @@ def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
                                 "--data-root", str(tmp_path), env={"RAY_AUTH_MODE": "disabled"}).start()
         small = {**JOB, "training": {**JOB["training"], "steps": 30}}
         job = httpx.post(f"{server.url}/v1/jobs", json=small, timeout=10).json()
-        done = wait_state(server.url, job["id"], timeout=180)
+        done = wait_state(server.url, job["id"], timeout=180, diagnose=lambda: (
+            f"{server.diagnose()}\nray head log:\n{(tmp_path / 'head.log').read_text(errors='replace')[-3000:]}"))
         assert done["state"] == "succeeded", done
         assert done["step"] == 30
     finally:

@@ -136,3 +136,33 @@ def test_python_dash_m_service_help():
     assert out.returncode == 0
     for cmd in ("serve", "submit", "list", "status", "metrics", "cancel", "resize", "model", "predict", "train"):
         assert cmd in out.stdout
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_service_keeps_serving(tmp_path):
+    """The operator's question "what is a stuck service doing?": the stacks
+    must show the scheduler's loop (a thread of its own) and the HTTP
+    server's, and the service must go on answering afterwards."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from service_helpers import ServiceProcess, wait_for
+
+    server = ServiceProcess(tmp_path / "store.db", "--max-concurrent-jobs", "0").start()
+    try:
+        first_line = server.log.read_text().splitlines()[0]
+        assert f"kill -USR1 {server.proc.pid}" in first_line
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "most recent call first" in server.log.read_text(), 30, 0.1, "the stack dump")
+        time.sleep(0.5)  # the dump is written in one go, but let it finish
+        dump = server.log.read_text()
+        threads = dump.count("(most recent call first)")
+        assert threads >= 2, dump
+        assert "service/scheduler.py" in dump and "_run_loop" in dump, dump
+        assert "uvicorn" in dump, dump
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
