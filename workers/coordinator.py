@@ -366,49 +366,96 @@ class Coordinator:
         """Async mode: each worker computes one shard at a time on the newest
         parameters it was given and the server applies each shard gradient as
         it arrives, refusing any computed more than `max_staleness` versions
-        ago. Not bit-reproducible: the order of updates follows timing."""
-        spec, t = self.spec, self.spec.training
-        server = self.servers[0]
-        params_ref = server.publish.remote()
+        ago. Not bit-reproducible with several workers: the order of updates
+        follows timing.
+
+        A lost worker is replaced (or its shards go to the survivors) and its
+        lost computation is made again, on the same version, batch and shard;
+        a lost server is restored from the latest checkpoint and the updates
+        since are made again. With one worker the order of updates is fixed,
+        so a failure changes no bit."""
+        t, S = self.spec.training, self.spec.data.shards
         version = start
-        S = spec.data.shards
-        taken = [start // S] * S  # batches each shard has contributed (approximate on resume)
-        assignment = self._assignment()
-        turns = [0] * len(self.workers)
-        inflight: dict = {}
+        params_ref = self.servers[0].publish.remote()
+        taken, turns = async_position(start, S), {}
+        inflight: dict = {}  # result ref -> (worker index, shard, the version it was computed on)
 
-        def submit(w: int) -> None:
-            shard = assignment[w][turns[w] % len(assignment[w])]
-            ref = self.workers[w].compute.remote(taken[shard], [shard], [params_ref])
-            inflight[ref] = (w, shard, version)
+        def submit_idle() -> None:
+            """A computation for every worker that has none in flight."""
+            busy = {index for index, _, _ in inflight.values()}
+            assignment = self._assignment_by_index()
+            for index, actor in zip(self._worker_indices, self.workers):
+                if index not in busy:
+                    own = assignment[index]
+                    shard = own[turns.setdefault(index, version) % len(own)]
+                    inflight[actor.compute.remote(taken[shard], [shard], [params_ref])] = (index, shard, version)
 
-        for w in range(len(self.workers)):
-            submit(w)
+        def forget_gone() -> None:
+            """Drop the computations of workers no longer in the job."""
+            live = set(self._worker_indices)
+            for ref in [r for r, (index, _, _) in inflight.items() if index not in live]:
+                del inflight[ref]
+
+        submit_idle()
         last_done = time.perf_counter()
         while version < t.steps:
-            if self._cancelled.is_set():
-                raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
+            self._check_cancelled()
+            change = self._wanted_worker_count()
+            if change is not None:
+                self._resize_now(change)
+                forget_gone()
+                submit_idle()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             if not ready:
                 continue
-            w, shard, computed_at = inflight.pop(ready[0])
-            new_params, stats_ref = server.push.remote(computed_at, t.max_staleness, [ready[0]])
+            index, shard, computed_at = inflight.pop(ready[0])
+            new_params, stats_ref = self.servers[0].push.remote(computed_at, t.max_staleness, [ready[0]])
             try:
                 stats = ray.get(stats_ref)
-            except RayTaskError as err:
-                raise TrainingError(str(err.cause if err.cause is not None else err).strip()) from None
+            except RayTaskError as err:  # the worker's computation failed
+                cause = err.cause if err.cause is not None else err
+                if not isinstance(cause, RayActorError):
+                    raise TrainingError(str(cause).strip()) from None
+                self._async_worker_lost(index)
+                forget_gone()
+                submit_idle()
+                continue
+            except RayActorError:  # the server died
+                version = self._async_server_lost()
+                params_ref = self.servers[0].publish.remote()
+                taken, turns = async_position(version, S), {}
+                inflight.clear()
+                submit_idle()
+                continue
             if stats["accepted"]:
                 params_ref, version = new_params, stats["version"]
                 taken[shard] += 1
-                turns[w] += 1
+                turns[index] += 1
                 now = time.perf_counter()
                 self._finish_async_update(version - 1, stats, params_ref, now - last_done, len(self.workers))
                 last_done = now
             else:
                 self.counters.stale_rejected += 1
             if version < t.steps:
-                submit(w)
+                submit_idle()
         return [params_ref]
+
+    def _async_worker_lost(self, index: int) -> None:
+        began = time.perf_counter()
+        position = self._worker_indices.index(index)
+        self.counters.worker_failures += 1
+        self._drop_workers([(index, self.workers[position])])
+        del self.workers[position], self._worker_indices[position]
+        self._restart_workers()
+        self._recovered(began, self.step, servers=False)
+
+    def _async_server_lost(self) -> int:
+        """Restore the server from the latest checkpoint; returns its version."""
+        began = time.perf_counter()
+        self.counters.server_failures += 1
+        version = self._restore_servers()
+        self._recovered(began, version, servers=True)
+        return version
 
     def _finish_async_update(self, step: int, stats: dict, params_ref, seconds: float, workers: int) -> None:
         applied = stats["skipped"] == 0
@@ -416,6 +463,8 @@ class Coordinator:
             self.guard.record(step, applied, stats["loss"])
         finally:
             self.counters.nonfinite_skipped = self.guard.skipped
+        if step + 1 <= self.step:
+            return  # an update made again after the server was restored: already reported
         self.counters.staleness.append(stats["staleness"])
         record = step_record(self.spec, step, stats["loss"], stats["count"], seconds, applied,
                              workers=workers, version=stats["version"], staleness=stats["staleness"],
@@ -507,19 +556,30 @@ class Coordinator:
         if restore:
             if lost.servers:
                 self.counters.server_failures += 1
-            for s in self.servers:
-                ray.kill(s, no_restart=True)
-            ckpt = self._latest_checkpoint()
-            if ckpt is None:
-                raise TrainingError("a parameter server died and no checkpoint is left to restore it from")
-            self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
-            self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
-            self._start_servers(ckpt.params, ckpt.step, ckpt.optimizer)
-            step = ckpt.step
+            step = self._restore_servers()
         else:
             step = first
-        # Start what fits now; the rest comes back when capacity does (see
-        # _wanted_worker_count). The survivors take over the lost shards.
+        self._restart_workers()
+        self._recovered(began, step, servers=lost.servers)
+        return step
+
+    def _restore_servers(self) -> int:
+        """Replace the parameter servers by ones started from the latest
+        checkpoint; returns its step."""
+        for s in self.servers:
+            _kill(s)
+        ckpt = self._latest_checkpoint()
+        if ckpt is None:
+            raise TrainingError("a parameter server died and no checkpoint is left to restore it from")
+        self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
+        self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+        self._start_servers(ckpt.params, ckpt.step, ckpt.optimizer)
+        return ckpt.step
+
+    def _restart_workers(self) -> None:
+        """Start the missing workers that fit now; the rest come back when
+        capacity does (see _wanted_worker_count), the survivors taking over the
+        lost shards meanwhile. With no worker left, wait for room for one."""
         missing = self._target_workers - len(self.workers)
         placeable = min(missing, self._placeable_workers())
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
@@ -531,6 +591,9 @@ class Coordinator:
             placeable = min(missing, self._placeable_workers())
         if placeable > 0:
             self._start_workers(placeable)
+
+    def _recovered(self, began: float, step: int, servers: bool) -> None:
+        """Account for a recovery that resumes at `step`."""
         replayed = max(0, self.step - step)
         seconds = time.perf_counter() - began
         self.counters.recoveries += 1
@@ -539,8 +602,7 @@ class Coordinator:
         self._last_done = time.perf_counter()
         self._arrivals.clear()
         self.on_event("recovery", {"step": step, "steps_replayed": replayed, "seconds": seconds,
-                                   "servers": lost.servers, "workers": len(self.workers)})
-        return step
+                                   "servers": servers, "workers": len(self.workers)})
 
     # ----------------------------------------------------------- actors
 
@@ -656,6 +718,13 @@ class Coordinator:
         if ckpt is not None and ckpt.spec_json != self._spec_key():
             raise TrainingError(f"the checkpoints in {self.checkpoint_dir} belong to a different job spec")
         return ckpt
+
+
+def async_position(version: int, shards: int) -> list[int]:
+    """Async mode: how many batches each shard has contributed after
+    `version` updates, were the shards taken in turn (exact with one worker,
+    whose turns go round its shards in order)."""
+    return [version // shards + (1 if s < version % shards else 0) for s in range(shards)]
 
 
 def step_graph(servers: list, workers: list, job, call):
