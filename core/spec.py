@@ -28,6 +28,7 @@ MAX_BATCH = 10_000_000
 MAX_SYNTHETIC_SAMPLES = 10_000_000
 MAX_SYNTHETIC_FEATURES = 100_000
 MAX_CLASSES = 100_000
+MAX_WORKER_TIMEOUT_S = 7 * 24 * 3600.0
 
 BUILTIN_SOURCES = ("digits", "iris", "wine", "breast_cancer", "synthetic")
 
@@ -180,6 +181,8 @@ class TrainingSpec(_Strict):
     max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
     cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
     pin_cores: bool = Field(True, description="pin each worker to cores no other worker holds, while its machine has free ones")
+    worker_timeout_s: float = Field(600.0, description="declare workers hung, kill and replace them, when a step "
+                                    "(sync) or one worker's computation (async) takes longer than this; 0: never")
 
     @field_validator("workers")
     @classmethod
@@ -210,6 +213,13 @@ class TrainingSpec(_Strict):
     @classmethod
     def _cpus(cls, v: int) -> int:
         return _positive("cpus_per_worker", v, 256)
+
+    @field_validator("worker_timeout_s")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if not 0 <= v <= MAX_WORKER_TIMEOUT_S:
+            raise ValueError(f"worker_timeout_s must be in [0, {MAX_WORKER_TIMEOUT_S}] (0: never), got {v!r}")
+        return v
 
     @field_validator("eval_every", "checkpoint_every", "max_staleness")
     @classmethod

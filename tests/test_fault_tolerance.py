@@ -194,10 +194,10 @@ def test_resizing_a_running_job_changes_the_map_not_the_trajectory(ray_cluster, 
 # ---------------------------------------------------------------- async mode
 
 
-def async_spec(workers=1, steps=24):
+def async_spec(workers=1, steps=24, **training):
     return parse_spec({**spec(workers=workers, shards=4, steps=steps).model_dump(),
                        "training": {**spec(workers=workers, shards=4, steps=steps).training.model_dump(),
-                                    "mode": "async", "max_staleness": 8, "checkpoint_every": 6}})
+                                    "mode": "async", "max_staleness": 8, "checkpoint_every": 6, **training}})
 
 
 def sequential_reference(s):
@@ -257,3 +257,45 @@ def test_async_with_racing_workers_survives_a_killed_worker(ray_cluster, tmp_pat
     assert [d["workers"] for k, d in events if k == "recovery"] == [2]
     assert all(0 <= s <= 8 for s in coordinator.counters.staleness)
     assert np.isfinite(net.params).all()
+
+
+# ---------------------------------------------------------------- hung workers
+
+
+def test_a_hung_worker_is_killed_and_replaced_with_the_same_bits(ray_cluster, tmp_path, reference):
+    """Worker 1 sleeps 600 s in every step: after worker_timeout_s without a
+    step result, the job's workers are declared hung and replaced, and the
+    step is made again by the replacements."""
+    events = []
+    coordinator = Coordinator(spec(worker_timeout_s=3), tmp_path / "run", faults={1: {"delay_s": 600}},
+                              on_event=lambda kind, detail: events.append((kind, detail)))
+    net = coordinator.run()
+    assert np.array_equal(net.params, reference["default"])
+    hung = [d for kind, d in events if kind == "hung"]
+    assert hung == [{"step": 1, "seconds": 3, "workers": [0, 1]}]
+    assert coordinator.counters.hung_workers == 2 and coordinator.counters.worker_failures == 2
+    assert sorted(loc["index"] for loc in coordinator.locations.values()) == [0, 1, 2, 3]
+
+
+def test_async_a_hung_worker_is_replaced_and_its_update_made_again(ray_cluster, tmp_path, async_reference):
+    events = []
+    coordinator = Coordinator(async_spec(worker_timeout_s=3), tmp_path / "run", faults={0: {"delay_s": 600}},
+                              on_event=lambda kind, detail: events.append((kind, detail)))
+    net = coordinator.run()
+    assert np.array_equal(net.params, async_reference)
+    assert [d for kind, d in events if kind == "hung"] == [{"step": 1, "seconds": 3, "workers": [0]}]
+    assert coordinator.counters.hung_workers == 1 and coordinator.counters.worker_failures == 1
+
+
+def test_a_step_that_hangs_every_time_fails_the_job_after_three_tries(ray_cluster, tmp_path):
+    """Every worker, replacements included, sleeps 600 s per step: rather than
+    replace workers for ever, the third hang of step 1 fails the job."""
+    events = []
+    coordinator = Coordinator(spec(worker_timeout_s=2), tmp_path / "run",
+                              faults={i: {"delay_s": 600} for i in range(8)},
+                              on_event=lambda kind, detail: events.append((kind, detail)))
+    with pytest.raises(TrainingError, match=r"step 1 hung 3 times: no result within "
+                                            r"training.worker_timeout_s \(2 s\)"):
+        coordinator.run()
+    assert [d["workers"] for kind, d in events if kind == "hung"] == [[0, 1], [2, 3], [4, 5]]
+    assert coordinator.counters.hung_workers == 6

@@ -20,6 +20,7 @@ import json
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,7 @@ from workers.runtime import connect_ray, run_at_low_priority
 
 WORKER_START_TIMEOUT_S = 300.0
 CANCEL_GRACE_S = 5.0
+HANGS_PER_STEP = 3  # a step (or async update) that hangs this often fails the job
 
 
 class JobCancelled(Exception):
@@ -66,6 +68,7 @@ class Counters:
     recovery_seconds: float = 0.0
     nonfinite_skipped: int = 0
     damaged_checkpoints: int = 0
+    hung_workers: int = 0  # workers killed for exceeding training.worker_timeout_s (also in worker_failures)
     stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
     staleness: list = field(default_factory=list)  # async: staleness of each applied update
     nodes: set = field(default_factory=set)
@@ -123,6 +126,9 @@ class Coordinator:
         self._arrivals: deque = deque(maxlen=9)  # arrival times of the last steps' results
         self._next_worker_index = 0
         self._no_capacity_at = 0.0
+        self._waiting_since: float | None = None  # sync: when the wait for the oldest step in flight began
+        self._hangs: dict[int, int] = {}  # step -> how often it hung
+        self._hung_out: TrainingError | None = None  # set when a step hung HANGS_PER_STEP times
 
     # ----------------------------------------------------------- control
 
@@ -185,7 +191,8 @@ class Coordinator:
             self._start_workers(self._target_workers)
             self._last_done = time.perf_counter()
             if spec.training.mode == "sync":
-                params_refs = run_at_low_priority(self._train, start)
+                with self._watchdog():
+                    params_refs = run_at_low_priority(self._train, start)
             else:
                 params_refs = self._train_async(start)
             net.params[:] = self._fetch(params_refs)
@@ -194,6 +201,34 @@ class Coordinator:
             return net
         finally:
             self._shutdown()
+
+    @contextmanager
+    def _watchdog(self):
+        """Sync mode: while no step result comes for `worker_timeout_s`, the
+        job's workers are declared hung and killed (a step waits for all of
+        them, so which one hangs cannot be told); the step then fails like one
+        whose workers died, and is recovered from the same way."""
+        limit = self.spec.training.worker_timeout_s
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(min(1.0, limit / 4)):
+                since = self._waiting_since
+                if since is None or time.monotonic() - since <= limit:
+                    continue
+                self._waiting_since = None
+                hung = list(zip(self._worker_indices, self.workers))
+                self._note_hang([i for i, _ in hung])
+                for _, actor in hung:
+                    _kill(actor)
+
+        thread = threading.Thread(target=watch, name="shardprop-watchdog", daemon=True) if limit > 0 else None
+        if thread is not None:
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     def _train(self, start: int) -> list:
         """Sync mode: every step runs through the job's step graph, up to
@@ -306,8 +341,12 @@ class Coordinator:
 
         A worker's or server's error ends the job with its message; a dead
         actor is recovered from."""
+        self._waiting_since = time.monotonic()  # see _watchdog
         try:
-            out = self._graph.result(ref, self._cancelled)
+            try:
+                out = self._graph.result(ref, self._cancelled)
+            finally:
+                self._waiting_since = None
         except JobCancelled:
             raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}") from None
         except RayTaskError as err:
@@ -334,6 +373,8 @@ class Coordinator:
         self._close_graph()
         if self._cancelled.is_set():
             return JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
+        if self._hung_out is not None:
+            return self._hung_out
         if not self._servers_alive():
             return ActorLost(True, f"a parameter server died after step {self.step}")
         dead = [w for w in self.workers if not _alive(w)]
@@ -378,22 +419,23 @@ class Coordinator:
         version = start
         params_ref = self.servers[0].publish.remote()
         taken, turns = async_position(start, S), {}
-        inflight: dict = {}  # result ref -> (worker index, shard, the version it was computed on)
+        inflight: dict = {}  # result ref -> (worker index, shard, the version it is computed on, when submitted)
 
         def submit_idle() -> None:
             """A computation for every worker that has none in flight."""
-            busy = {index for index, _, _ in inflight.values()}
+            busy = {index for index, *_ in inflight.values()}
             assignment = self._assignment_by_index()
             for index, actor in zip(self._worker_indices, self.workers):
                 if index not in busy:
                     own = assignment[index]
                     shard = own[turns.setdefault(index, version) % len(own)]
-                    inflight[actor.compute.remote(taken[shard], [shard], [params_ref])] = (index, shard, version)
+                    inflight[actor.compute.remote(taken[shard], [shard], [params_ref])] = (
+                        index, shard, version, time.monotonic())
 
         def forget_gone() -> None:
             """Drop the computations of workers no longer in the job."""
             live = set(self._worker_indices)
-            for ref in [r for r, (index, _, _) in inflight.items() if index not in live]:
+            for ref in [r for r, (index, *_) in inflight.items() if index not in live]:
                 del inflight[ref]
 
         submit_idle()
@@ -405,10 +447,13 @@ class Coordinator:
                 self._resize_now(change)
                 forget_gone()
                 submit_idle()
+            if self._async_hung(inflight):
+                forget_gone()
+                submit_idle()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             if not ready:
                 continue
-            index, shard, computed_at = inflight.pop(ready[0])
+            index, shard, computed_at, _ = inflight.pop(ready[0])
             new_params, stats_ref = self.servers[0].push.remote(computed_at, t.max_staleness, [ready[0]])
             try:
                 stats = ray.get(stats_ref)
@@ -439,6 +484,31 @@ class Coordinator:
             if version < t.steps:
                 submit_idle()
         return [params_ref]
+
+    def _async_hung(self, inflight: dict) -> bool:
+        """Replace every worker whose computation has taken longer than
+        `worker_timeout_s`; True if there was one."""
+        limit = self.spec.training.worker_timeout_s
+        now = time.monotonic()
+        hung = sorted({index for index, _, _, at in inflight.values() if limit > 0 and now - at > limit})
+        for index in hung:
+            self._note_hang([index])
+            if self._hung_out is not None:
+                raise self._hung_out
+            self._async_worker_lost(index)
+        return bool(hung)
+
+    def _note_hang(self, workers: list[int]) -> None:
+        """Count workers declared hung at the next step; the step's
+        HANGS_PER_STEP-th hang fails the job (its steps may just be slow)."""
+        step, limit = self.step + 1, self.spec.training.worker_timeout_s
+        count = self._hangs[step] = self._hangs.get(step, 0) + 1
+        self.counters.hung_workers += len(workers)
+        self.on_event("hung", {"step": step, "seconds": limit, "workers": workers})
+        if count >= HANGS_PER_STEP:
+            self._hung_out = TrainingError(
+                f"step {step} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
+                f"with workers started afresh each time; if this job's steps are that slow, raise it")
 
     def _async_worker_lost(self, index: int) -> None:
         began = time.perf_counter()
