@@ -87,12 +87,13 @@ def build_network(spec: JobSpec, dataset: Dataset) -> MLP:
     return net
 
 
-def shard_gradient(net: MLP, data: ShardedData, shard: int, step: int) -> ShardGradient:
-    """Shard `shard`'s gradient sum at the parameters of version `step`.
+def shard_gradient(net: MLP, data: ShardedData, shard: int, step: int, out: np.ndarray | None = None) -> ShardGradient:
+    """Shard `shard`'s gradient sum at the parameters of version `step`
+    (written into `out` when given: a flat buffer shaped like the parameters).
 
     The caller pins BLAS to one thread (`one_blas_thread`)."""
     rows = data.shards[shard].batch(step)
-    loss_sum, grad_sum, count = net.grad_sum(data.dataset.X_train[rows], data.dataset.y_train[rows])
+    loss_sum, grad_sum, count = net.grad_sum(data.dataset.X_train[rows], data.dataset.y_train[rows], out=out)
     return ShardGradient(shard, step, grad_sum, count, float(loss_sum))
 
 

@@ -66,7 +66,7 @@ class GradientWorker:
         return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "cores": list(self._cores.cores) if self._cores else None}
 
-    def _shard(self, net, shard: int, step: int):
+    def _shard(self, net, shard: int, step: int, out: np.ndarray | None = None):
         where = f"worker {self.index}, shard {shard}, step {step + 1}"
         if self.faults.get("fail_at") == [shard, step]:
             raise WorkerFault(f"{where}: injected failure")
@@ -78,15 +78,18 @@ class GradientWorker:
         # batch turns data that went bad into a clear error, not a skipped step.
         if not np.isfinite(X[rows]).all():
             raise ValueError(f"{where}: the shard's input rows hold non-finite values")
-        return shard_gradient(net, self.data, shard, step)
+        return shard_gradient(net, self.data, shard, step, out=out)
 
-    def _compute(self, step: int, shards: list[int], params: np.ndarray) -> dict:
+    def _compute(self, step: int, shards: list[int], params: np.ndarray, rows: np.ndarray | None = None) -> dict:
+        """Shard gradient sums at `params`: shard i's into `rows[i]` when rows
+        are given (this worker's shared file), else into new arrays."""
         began = time.perf_counter()
         net = self.net.bind(params)
+        outs = [None] * len(shards) if rows is None else list(rows[:len(shards)])
         if self.threads == 1:  # no hand-off to a pool thread and back
-            grads = [self._shard(net, s, step) for s in shards]
+            grads = [self._shard(net, s, step, out) for s, out in zip(shards, outs)]
         else:
-            grads = list(self.pool.map(lambda s: self._shard(net, s, step), shards))
+            grads = list(self.pool.map(lambda s, out: self._shard(net, s, step, out), shards, outs))
         if "delay_s" in self.faults:
             time.sleep(float(self.faults["delay_s"]))
         return {"worker": self.index, "grads": grads, "compute_s": time.perf_counter() - began}
@@ -96,23 +99,20 @@ class GradientWorker:
         params, wait_s, transfer_s = fetch_params(param_refs)
         return self._compute(step, shards, params) | {"wait_s": wait_s, "transfer_s": transfer_s}
 
-    def _share(self, grads: list, directory: str) -> list:
-        """The shard gradients copied into this worker's shared file, as
-        handles (workers.shared); the arrays themselves if the file cannot be
-        made (no space: the job still runs, through the channels)."""
-        if not grads:
-            return grads
-        length, dtype = grads[0].grad_sum.size, grads[0].grad_sum.dtype
-        got = self._grads_file.get(directory, len(grads), length, dtype)
-        if got is None:
-            return grads
-        rows, _ = got
-        out = []
-        for i, g in enumerate(grads):
-            rows[i] = g.grad_sum
-            out.append(ShardGradient(g.shard, g.step, shared.SharedArray(self._grads_file.path, dtype.str, length, i),
-                                     g.count, g.loss_sum))
-        return out
+    def _grad_rows(self, directory: str | None, count: int, params: np.ndarray) -> np.ndarray | None:
+        """Rows of this worker's shared file for `count` shard gradients
+        (workers.shared), which the servers reduce from in place; None when the
+        job shares no files or this one cannot be made (no room: the
+        gradients go through the channels)."""
+        if not directory or count == 0:
+            return None
+        got = self._grads_file.get(directory, count, params.size, params.dtype)
+        return None if got is None else got[0]
+
+    def _handles(self, grads: list, dtype: np.dtype) -> list:
+        """The shard gradients as handles to their rows of the shared file."""
+        return [ShardGradient(g.shard, g.step, shared.SharedArray(self._grads_file.path, dtype.str, g.grad_sum.size, i),
+                              g.count, g.loss_sum) for i, g in enumerate(grads)]
 
     def step(self, job: dict, *param_slices) -> dict:
         """Sync mode, a node of the job's compiled graph: the gradient sums of
@@ -132,9 +132,13 @@ class GradientWorker:
         slices = [shared.resolve(p, self._views) for p in param_slices]
         self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
         params = slices[0] if len(slices) == 1 else np.concatenate(slices)
-        result = self._compute(job["step"], job["assignment"][self.index], params)
-        if job.get("shared_dir"):
-            result["grads"] = self._share(result["grads"], job["shared_dir"])
+        shards = job["assignment"][self.index]
+        # The servers read the previous step's rows before publishing this
+        # step's parameters, so the rows are free to be written again here.
+        rows = self._grad_rows(job.get("shared_dir"), len(shards), params)
+        result = self._compute(job["step"], shards, params, rows)
+        if rows is not None:
+            result["grads"] = self._handles(result["grads"], params.dtype)
         result["idle_s"] = idle
         self._returned_at = time.perf_counter()
         return result
