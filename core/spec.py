@@ -182,7 +182,7 @@ class TrainingSpec(_Strict):
     cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
     pin_cores: bool = Field(True, description="pin each worker to cores no other worker holds, while its machine has free ones")
     worker_timeout_s: float = Field(600.0, description="declare workers hung, kill and replace them, when a step "
-                                    "(sync) or one worker's computation (async) takes longer than this; 0: never")
+                                    "(sync) or one worker's computation (async) takes longer than this (seconds, >= 1); 0: never")
 
     @field_validator("workers")
     @classmethod
@@ -217,8 +217,9 @@ class TrainingSpec(_Strict):
     @field_validator("worker_timeout_s")
     @classmethod
     def _timeout(cls, v: float) -> float:
-        if not 0 <= v <= MAX_WORKER_TIMEOUT_S:
-            raise ValueError(f"worker_timeout_s must be in [0, {MAX_WORKER_TIMEOUT_S}] (0: never), got {v!r}")
+        if v != 0 and not 1 <= v <= MAX_WORKER_TIMEOUT_S:
+            raise ValueError(f"worker_timeout_s must be 0 (never) or in [1, {MAX_WORKER_TIMEOUT_S:g}] seconds, "
+                             f"got {v!r}")
         return v
 
     @field_validator("eval_every", "checkpoint_every", "max_staleness")

@@ -26,6 +26,7 @@ FAILURE_COUNTERS = {
     "recoveries": "recoveries",
     "steps_replayed": "steps_replayed",
     "nonfinite_skipped": "nonfinite_skipped",
+    "hung_workers": "hung_workers",
 }
 
 
@@ -54,6 +55,8 @@ class ServiceMetrics:
                                   job, registry=r)
         self.steps_replayed = Counter("shardprop_steps_replayed", "Steps computed again after a recovery",
                                       job, registry=r)
+        self.hung_workers = Counter("shardprop_hung_workers", "Gradient workers killed and replaced for "
+                                    "exceeding training.worker_timeout_s", job, registry=r)
         self.nonfinite_skipped = Counter("shardprop_nonfinite_steps_skipped", "Steps skipped for a non-finite "
                                          "gradient", job, registry=r)
         self.staleness = Histogram("shardprop_staleness", "Versions between computing and applying a gradient "
@@ -124,9 +127,9 @@ class ServiceMetrics:
 
     def forget(self, job_id: str) -> None:
         """Remove every series of a job."""
+        failures = tuple(getattr(self, attr) for attr in FAILURE_COUNTERS.values())
         for metric in (self.train_loss, self.validation_loss, self.validation_accuracy, self.learning_rate,
-                       self.steps, self.samples, self.workers, self.parameter_version, self.worker_failures,
-                       self.recoveries, self.steps_replayed, self.nonfinite_skipped, self.staleness):
+                       self.steps, self.samples, self.workers, self.parameter_version, self.staleness, *failures):
             try:
                 metric.remove(job_id)
             except KeyError:

@@ -297,7 +297,10 @@ class Scheduler:
             self.store.set_checkpoint(job_id, int(detail["step"]))
         elif kind == "resize":
             self.store.set_workers(job_id, int(detail["to"]))
-        elif kind == "recovery" and self.metrics is not None:
+        elif kind == "hung":
+            log.warning("job %s: no result for step %s within %g s; workers %s killed and replaced",
+                        job_id, detail["step"], detail["seconds"], detail["workers"])
+        if kind in ("recovery", "hung") and self.metrics is not None:
             with self._lock:
                 active = self._active.get(job_id)
             if active is not None:

@@ -27,6 +27,7 @@ EXPECTED = {  # name as parsed (counters lose _total) -> (type, labels beyond jo
     "shardprop_recoveries": ("counter", set()),
     "shardprop_steps_replayed": ("counter", set()),
     "shardprop_nonfinite_steps_skipped": ("counter", set()),
+    "shardprop_hung_workers": ("counter", set()),
     "shardprop_staleness": ("histogram", {"le"}),
 }
 

@@ -17,6 +17,7 @@ fixed by the step and the shard, so the result is the same bits.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from typing import Callable
 import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
-from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayChannelError, RayTaskError
 
 from core.mlp import MLP
 from core.spec import JobSpec, load_spec
@@ -40,9 +41,12 @@ from workers.gradient_worker import GradientWorker
 from workers.parameter_server import ParameterServer, slice_bounds
 from workers.runtime import connect_ray, run_at_low_priority
 
+log = logging.getLogger(__name__)
+
 WORKER_START_TIMEOUT_S = 300.0
 CANCEL_GRACE_S = 5.0
 HANGS_PER_STEP = 3  # a step (or async update) that hangs this often fails the job
+LOSSES_PER_STEP = 5  # a sync step, or an async shard batch, whose actors die this often fails the job
 
 
 class JobCancelled(Exception):
@@ -126,9 +130,14 @@ class Coordinator:
         self._arrivals: deque = deque(maxlen=9)  # arrival times of the last steps' results
         self._next_worker_index = 0
         self._no_capacity_at = 0.0
-        self._waiting_since: float | None = None  # sync: when the wait for the oldest step in flight began
+        # Sync: when the wait for the oldest step in flight began, and that step (see _watchdog).
+        self._wait_lock = threading.Lock()
+        self._waiting_since: float | None = None
+        self._waiting_step = 0
         self._hangs: dict[int, int] = {}  # step -> how often it hung
-        self._hung_out: TrainingError | None = None  # set when a step hung HANGS_PER_STEP times
+        self._losses: dict[tuple, int] = {}  # sync step or async (shard, batch) -> how often its actors died
+        self._given_up: TrainingError | None = None  # set by the watchdog when a step hung HANGS_PER_STEP times
+        self.applied_batches: list[tuple[int, int]] = []  # async: (shard, batch) of every applied update, in order
 
     # ----------------------------------------------------------- control
 
@@ -207,20 +216,27 @@ class Coordinator:
         """Sync mode: while no step result comes for `worker_timeout_s`, the
         job's workers are declared hung and killed (a step waits for all of
         them, so which one hangs cannot be told); the step then fails like one
-        whose workers died, and is recovered from the same way."""
+        whose workers died, and is recovered from the same way. The lock makes
+        the kill part of the wait it timed: a result that arrives meanwhile is
+        only taken once the kill is done, and nothing changes the workers
+        while the coordinator waits."""
         limit = self.spec.training.worker_timeout_s
         stop = threading.Event()
 
         def watch() -> None:
             while not stop.wait(min(1.0, limit / 4)):
-                since = self._waiting_since
-                if since is None or time.monotonic() - since <= limit:
-                    continue
-                self._waiting_since = None
-                hung = list(zip(self._worker_indices, self.workers))
-                self._note_hang([i for i, _ in hung])
-                for _, actor in hung:
-                    _kill(actor)
+                with self._wait_lock:
+                    since = self._waiting_since
+                    if since is None or time.monotonic() - since <= limit:
+                        continue
+                    self._waiting_since = None
+                    hung = list(zip(self._worker_indices, self.workers))
+                    for _, actor in hung:
+                        _kill(actor)
+                try:
+                    self._note_hang([i for i, _ in hung], self._waiting_step)
+                except Exception:  # an on_event callback's error must not end the watch
+                    log.exception("job %s: reporting hung workers", self.job_id)
 
         thread = threading.Thread(target=watch, name="shardprop-watchdog", daemon=True) if limit > 0 else None
         if thread is not None:
@@ -229,6 +245,8 @@ class Coordinator:
             yield
         finally:
             stop.set()
+            if thread is not None:
+                thread.join(5)
 
     def _train(self, start: int) -> list:
         """Sync mode: every step runs through the job's step graph, up to
@@ -251,7 +269,7 @@ class Coordinator:
                         pending.append((job, graph.execute(job)))
                         step += 1
                     job, ref = pending[0]
-                    stats = self._graph_result(ref)
+                    stats = self._graph_result(ref, job["step"])
                     pending.popleft()
                     self._finish_step(job, stats)
                     if self._cancelled.is_set() or (step < steps and self._wanted_worker_count() is not None):
@@ -272,7 +290,7 @@ class Coordinator:
         self._check_cancelled()
         while pending:
             job, ref = pending[0]
-            stats = self._graph_result(ref)  # on a failure the step stays pending: see _recover
+            stats = self._graph_result(ref, job["step"])  # on a failure the step stays pending: see _recover
             pending.popleft()
             self._finish_step(job, stats)
         return self.step
@@ -336,17 +354,19 @@ class Coordinator:
         if graph is not None:
             graph.close()
 
-    def _graph_result(self, ref) -> dict:
+    def _graph_result(self, ref, step: int) -> dict:
         """A step's statistics (the servers' joined when there are several).
 
         A worker's or server's error ends the job with its message; a dead
         actor is recovered from."""
-        self._waiting_since = time.monotonic()  # see _watchdog
+        with self._wait_lock:  # see _watchdog
+            self._waiting_since, self._waiting_step = time.monotonic(), step + 1
         try:
             try:
                 out = self._graph.result(ref, self._cancelled)
             finally:
-                self._waiting_since = None
+                with self._wait_lock:
+                    self._waiting_since = None
         except JobCancelled:
             raise JobCancelled(f"job {self.job_id} cancelled at step {self.step}") from None
         except RayTaskError as err:
@@ -373,8 +393,8 @@ class Coordinator:
         self._close_graph()
         if self._cancelled.is_set():
             return JobCancelled(f"job {self.job_id} cancelled at step {self.step}")
-        if self._hung_out is not None:
-            return self._hung_out
+        if self._given_up is not None:
+            return self._given_up
         if not self._servers_alive():
             return ActorLost(True, f"a parameter server died after step {self.step}")
         dead = [w for w in self.workers if not _alive(w)]
@@ -410,122 +430,146 @@ class Coordinator:
         ago. Not bit-reproducible with several workers: the order of updates
         follows timing.
 
-        A lost worker is replaced (or its shards go to the survivors) and its
-        lost computation is made again, on the same version, batch and shard;
-        a lost server is restored from the latest checkpoint and the updates
-        since are made again. With one worker the order of updates is fixed,
+        No shard batch is ever applied twice or skipped: a batch is only
+        marked taken when its update is accepted, and a shard is never given
+        to two workers at once (shards move between workers when workers come
+        and go). A lost worker is replaced, or its shards go to the
+        survivors, and its batch is computed again on the newest parameters.
+        A lost server is restored from the latest checkpoint, the updates
+        since are made again, and computations made for the old server are
+        dropped as they end. With one worker the order of updates is fixed,
         so a failure changes no bit."""
-        t, S = self.spec.training, self.spec.data.shards
-        version = start
-        params_ref = self.servers[0].publish.remote()
-        taken, turns = async_position(start, S), {}
-        inflight: dict = {}  # result ref -> (worker index, shard, the version it is computed on, when submitted)
-
-        def submit_idle() -> None:
-            """A computation for every worker that has none in flight."""
-            busy = {index for index, *_ in inflight.values()}
-            assignment = self._assignment_by_index()
-            for index, actor in zip(self._worker_indices, self.workers):
-                if index not in busy:
-                    own = assignment[index]
-                    shard = own[turns.setdefault(index, version) % len(own)]
-                    inflight[actor.compute.remote(taken[shard], [shard], [params_ref])] = (
-                        index, shard, version, time.monotonic())
-
-        def forget_gone() -> None:
-            """Drop the computations of workers no longer in the job."""
-            live = set(self._worker_indices)
-            for ref in [r for r, (index, *_) in inflight.items() if index not in live]:
-                del inflight[ref]
-
-        submit_idle()
+        t = self.spec.training
+        run = AsyncRun(self.servers[0].publish.remote(), start, async_position(start, self.spec.data.shards))
+        self._async_submit(run)
         last_done = time.perf_counter()
-        while version < t.steps:
+        while run.version < t.steps:
             self._check_cancelled()
             change = self._wanted_worker_count()
             if change is not None:
                 self._resize_now(change)
-                forget_gone()
-                submit_idle()
-            if self._async_hung(inflight):
-                forget_gone()
-                submit_idle()
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                self._async_submit(run)
+            self._async_replace_hung(run)
+            ready, _ = ray.wait(list(run.inflight), num_returns=1, timeout=0.5)
             if not ready:
                 continue
-            index, shard, computed_at, _ = inflight.pop(ready[0])
-            new_params, stats_ref = self.servers[0].push.remote(computed_at, t.max_staleness, [ready[0]])
+            c = run.inflight.pop(ready[0])
+            if c.generation != run.generation:  # computed for a server since replaced
+                self._async_submit(run)
+                continue
+            new_params, stats_ref = self.servers[0].push.remote(c.version, t.max_staleness, [ready[0]])
             try:
                 stats = ray.get(stats_ref)
+                if stats["accepted"]:
+                    run.params_ref, run.version = new_params, stats["version"]
+                    run.taken[c.shard] += 1
+                    run.turns[c.index] = run.turns.get(c.index, 0) + 1
+                    self.applied_batches.append((c.shard, c.batch))
+                    now = time.perf_counter()
+                    self._finish_async_update(run.version - 1, stats, run.params_ref, now - last_done,
+                                              len(self.workers))
+                    last_done = now
+                else:
+                    self.counters.stale_rejected += 1
+            # The order matters: a RayTaskError caused by a dead worker is also a
+            # RayActorError (Ray's as_instanceof_cause), a dead server's is not.
             except RayTaskError as err:  # the worker's computation failed
                 cause = err.cause if err.cause is not None else err
-                if not isinstance(cause, RayActorError):
+                if isinstance(cause, RayActorError) or (isinstance(cause, ObjectLostError) and not self._async_alive(c)):
+                    self._async_worker_lost(c.index, ("batch", c.shard, c.batch),
+                                            f"shard {c.shard}'s batch {c.batch}")
+                elif not isinstance(cause, ObjectLostError):  # else: its result was lost, not it: made again
                     raise TrainingError(str(cause).strip()) from None
-                self._async_worker_lost(index)
-                forget_gone()
-                submit_idle()
-                continue
-            except RayActorError:  # the server died
-                version = self._async_server_lost()
-                params_ref = self.servers[0].publish.remote()
-                taken, turns = async_position(version, S), {}
-                inflight.clear()
-                submit_idle()
-                continue
-            if stats["accepted"]:
-                params_ref, version = new_params, stats["version"]
-                taken[shard] += 1
-                turns[index] += 1
-                now = time.perf_counter()
-                self._finish_async_update(version - 1, stats, params_ref, now - last_done, len(self.workers))
-                last_done = now
-            else:
-                self.counters.stale_rejected += 1
-            if version < t.steps:
-                submit_idle()
-        return [params_ref]
+            except (RayActorError, ObjectLostError):  # the server died: in push, evaluation or checkpoint
+                self._async_server_lost(run)
+            self._async_submit(run)
+        return [run.params_ref]
 
-    def _async_hung(self, inflight: dict) -> bool:
+    def _async_alive(self, c: "Computation") -> bool:
+        return c.index in self._worker_indices and _alive(self.workers[self._worker_indices.index(c.index)])
+
+    def _async_submit(self, run: "AsyncRun") -> None:
+        """Give a computation to every worker that has none in flight: the next
+        of its shards in turn that no other worker is computing (a worker all
+        of whose shards are taken waits for the next arrival)."""
+        live = set(self._worker_indices)
+        for ref in [r for r, c in run.inflight.items() if c.index not in live]:
+            del run.inflight[ref]  # a dropped worker's
+        busy = {c.index for c in run.inflight.values()}
+        computing = {c.shard for c in run.inflight.values() if c.generation == run.generation}
+        assignment = self._assignment_by_index()
+        for index, actor in zip(self._worker_indices, self.workers):
+            if index in busy:
+                continue
+            own = assignment[index]
+            first = run.turns.setdefault(index, run.version)
+            free = [own[(first + j) % len(own)] for j in range(len(own))
+                    if own[(first + j) % len(own)] not in computing]
+            if not free:
+                continue
+            shard, batch = free[0], run.taken[free[0]]
+            ref = actor.compute.remote(batch, [shard], [run.params_ref])
+            run.inflight[ref] = Computation(index, shard, batch, run.version, time.monotonic(), run.generation)
+            computing.add(shard)
+
+    def _async_replace_hung(self, run: "AsyncRun") -> None:
         """Replace every worker whose computation has taken longer than
-        `worker_timeout_s`; True if there was one."""
+        `worker_timeout_s` (one hang, however many workers)."""
         limit = self.spec.training.worker_timeout_s
         now = time.monotonic()
-        hung = sorted({index for index, _, _, at in inflight.values() if limit > 0 and now - at > limit})
-        for index in hung:
-            self._note_hang([index])
-            if self._hung_out is not None:
-                raise self._hung_out
-            self._async_worker_lost(index)
-        return bool(hung)
+        hung = [c for c in run.inflight.values() if limit > 0 and now - c.submitted > limit]
+        if not hung:
+            return
+        indices = sorted({c.index for c in hung})
+        self._note_hang(indices, min(c.version for c in hung) + 1)
+        if self._given_up is not None:
+            raise self._given_up
+        for c in hung:
+            self._async_worker_lost(c.index, None, "")
+        self._async_submit(run)
 
-    def _note_hang(self, workers: list[int]) -> None:
-        """Count workers declared hung at the next step; the step's
+    def _note_hang(self, workers: list[int], step: int) -> None:
+        """Count workers declared hung while making `step`; its
         HANGS_PER_STEP-th hang fails the job (its steps may just be slow)."""
-        step, limit = self.step + 1, self.spec.training.worker_timeout_s
+        limit = self.spec.training.worker_timeout_s
         count = self._hangs[step] = self._hangs.get(step, 0) + 1
         self.counters.hung_workers += len(workers)
-        self.on_event("hung", {"step": step, "seconds": limit, "workers": workers})
         if count >= HANGS_PER_STEP:
-            self._hung_out = TrainingError(
+            self._given_up = TrainingError(
                 f"step {step} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
                 f"with workers started afresh each time; if this job's steps are that slow, raise it")
+        self.on_event("hung", {"step": step, "seconds": limit, "workers": workers})
 
-    def _async_worker_lost(self, index: int) -> None:
+    def _note_loss(self, key: tuple | None, what: str) -> None:
+        """Count a loss of actors while making `key`; the LOSSES_PER_STEP-th
+        fails the job (something in it kills them: memory, say)."""
+        if key is None:
+            return
+        count = self._losses[key] = self._losses.get(key, 0) + 1
+        if count >= LOSSES_PER_STEP:
+            raise TrainingError(f"{what}: actors of the job died {count} times while making it; giving up "
+                                "(their logs say why; a batch too large for a worker's memory, say)")
+
+    def _async_worker_lost(self, index: int, key: tuple | None, what: str) -> None:
+        if index not in self._worker_indices:
+            return  # dropped already
         began = time.perf_counter()
         position = self._worker_indices.index(index)
         self.counters.worker_failures += 1
         self._drop_workers([(index, self.workers[position])])
         del self.workers[position], self._worker_indices[position]
+        self._note_loss(key, what)
         self._restart_workers()
         self._recovered(began, self.step, servers=False)
 
-    def _async_server_lost(self) -> int:
-        """Restore the server from the latest checkpoint; returns its version."""
+    def _async_server_lost(self, run: "AsyncRun") -> None:
+        """Restore the server from the latest checkpoint and go on from there."""
         began = time.perf_counter()
         self.counters.server_failures += 1
         version = self._restore_servers()
+        self._note_loss(("step", version + 1), f"update {version + 1}")
+        run.restart(self.servers[0].publish.remote(), version, async_position(version, self.spec.data.shards))
         self._recovered(began, version, servers=True)
-        return version
 
     def _finish_async_update(self, step: int, stats: dict, params_ref, seconds: float, workers: int) -> None:
         applied = stats["skipped"] == 0
@@ -629,6 +673,7 @@ class Coordinator:
             step = self._restore_servers()
         else:
             step = first
+        self._note_loss(("step", first + 1), f"step {first + 1}")
         self._restart_workers()
         self._recovered(began, step, servers=lost.servers)
         return step
@@ -774,9 +819,13 @@ class Coordinator:
         self.on_event("checkpoint", {"step": step, "path": str(path)})
 
     def _spec_key(self) -> str:
-        """The spec as stored in checkpoints: the worker count may change on resume."""
+        """The spec as stored in checkpoints, less what may change on resume
+        because it changes no arithmetic: the worker count, core pinning and
+        the worker timeout."""
         raw = self.spec.model_dump(mode="json")
         raw["training"]["workers"] = None
+        for name in ("pin_cores", "worker_timeout_s"):
+            raw["training"].pop(name)
         return json.dumps(raw, sort_keys=True)
 
     def _latest_checkpoint(self) -> Checkpoint | None:
@@ -788,6 +837,36 @@ class Coordinator:
         if ckpt is not None and ckpt.spec_json != self._spec_key():
             raise TrainingError(f"the checkpoints in {self.checkpoint_dir} belong to a different job spec")
         return ckpt
+
+
+@dataclass
+class Computation:
+    """Async mode: one worker's computation in flight."""
+
+    index: int  # the worker's
+    shard: int
+    batch: int
+    version: int  # of the parameters it is computed on
+    submitted: float  # time.monotonic()
+    generation: int  # of the server it is for (AsyncRun.generation)
+
+
+@dataclass
+class AsyncRun:
+    """Async mode: where the job is."""
+
+    params_ref: object  # the newest parameters
+    version: int
+    taken: list[int]  # per shard: batches applied so far
+    turns: dict = field(default_factory=dict)  # worker index -> updates it made (where it is in its shards)
+    inflight: dict = field(default_factory=dict)  # result ref -> Computation
+    generation: int = 0  # bumped when the server is restored
+
+    def restart(self, params_ref, version: int, taken: list[int]) -> None:
+        """After the server is restored at `version`: computations in flight
+        stay, to be dropped as they end (a worker gets new work only then)."""
+        self.params_ref, self.version, self.taken, self.turns = params_ref, version, taken, {}
+        self.generation += 1
 
 
 def async_position(version: int, shards: int) -> list[int]:
