@@ -337,3 +337,14 @@ def test_a_step_that_hangs_every_time_fails_the_job_after_three_tries(ray_cluste
         coordinator.run()
     assert [d["workers"] for kind, d in events if kind == "hung"] == [[0, 1], [2, 3], [4, 5]]
     assert coordinator.counters.hung_workers == 6
+
+
+def test_a_resume_may_change_what_changes_no_arithmetic_and_nothing_else(tmp_path):
+    """Checkpoints name the spec they belong to; the worker count, core
+    pinning and the worker timeout may differ on resume (the error for a step
+    that hangs says to raise the timeout), anything else may not."""
+    key = Coordinator(spec(), tmp_path)._spec_key()
+    for changed in ({"workers": 3}, {"pin_cores": False}, {"worker_timeout_s": 1200.0}):
+        assert Coordinator(spec(**changed), tmp_path)._spec_key() == key, changed
+    for changed in ({"batch_size": 120}, {"optimizer": {"name": "adam", "lr": 0.02}}, {"max_nonfinite_steps": 4}):
+        assert Coordinator(spec(**changed), tmp_path)._spec_key() != key, changed
