@@ -231,10 +231,11 @@ class Coordinator:
                         continue
                     self._waiting_since = None
                     hung = list(zip(self._worker_indices, self.workers))
+                    event = self._count_hang([i for i, _ in hung], self._waiting_step)  # before the kill: see _lost
                     for _, actor in hung:
                         _kill(actor)
                 try:
-                    self._note_hang([i for i, _ in hung], self._waiting_step)
+                    self.on_event("hung", event)
                 except Exception:  # an on_event callback's error must not end the watch
                     log.exception("job %s: reporting hung workers", self.job_id)
 
@@ -520,17 +521,18 @@ class Coordinator:
         hung = [c for c in run.inflight.values() if limit > 0 and now - c.submitted > limit]
         if not hung:
             return
-        indices = sorted({c.index for c in hung})
-        self._note_hang(indices, min(c.version for c in hung) + 1)
+        event = self._count_hang(sorted({c.index for c in hung}), min(c.version for c in hung) + 1)
+        self.on_event("hung", event)
         if self._given_up is not None:
             raise self._given_up
         for c in hung:
             self._async_worker_lost(c.index, None, "")
         self._async_submit(run)
 
-    def _note_hang(self, workers: list[int], step: int) -> None:
+    def _count_hang(self, workers: list[int], step: int) -> dict:
         """Count workers declared hung while making `step`; its
-        HANGS_PER_STEP-th hang fails the job (its steps may just be slow)."""
+        HANGS_PER_STEP-th hang fails the job (its steps may just be slow).
+        Returns the "hung" event's detail."""
         limit = self.spec.training.worker_timeout_s
         count = self._hangs[step] = self._hangs.get(step, 0) + 1
         self.counters.hung_workers += len(workers)
@@ -538,7 +540,7 @@ class Coordinator:
             self._given_up = TrainingError(
                 f"step {step} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
                 f"with workers started afresh each time; if this job's steps are that slow, raise it")
-        self.on_event("hung", {"step": step, "seconds": limit, "workers": workers})
+        return {"step": step, "seconds": limit, "workers": workers}
 
     def _note_loss(self, key: tuple | None, what: str) -> None:
         """Count a loss of actors while making `key`; the LOSSES_PER_STEP-th
