@@ -298,7 +298,8 @@ class Scheduler:
         elif kind == "resize":
             self.store.set_workers(job_id, int(detail["to"]))
         elif kind == "hung":
-            log.warning("job %s: no result for step %s within %g s; workers %s killed and replaced",
+            log.warning("job %s: no result for step %s within %g s (training.worker_timeout_s); workers %s "
+                        "killed, to be replaced unless that step has hung 3 times",
                         job_id, detail["step"], detail["seconds"], detail["workers"])
         if kind in ("recovery", "hung") and self.metrics is not None:
             with self._lock:

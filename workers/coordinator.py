@@ -134,10 +134,12 @@ class Coordinator:
         self._wait_lock = threading.Lock()
         self._waiting_since: float | None = None
         self._waiting_step = 0
-        self._hangs: dict[int, int] = {}  # step -> how often it hung
+        self._hangs: dict[tuple, int] = {}  # sync step or async (shard, batch) -> how often it hung
         self._losses: dict[tuple, int] = {}  # sync step or async (shard, batch) -> how often its actors died
         self._given_up: TrainingError | None = None  # set by the watchdog when a step hung HANGS_PER_STEP times
         self.applied_batches: list[tuple[int, int]] = []  # async: (shard, batch) of every applied update, in order
+        self._resumed_taken: list[int] | None = None  # async: per shard, batches applied, from the checkpoint
+        self._killed_for_hang = False  # sync: the watchdog's kill, so that _recover counts a hang, not a loss
 
     # ----------------------------------------------------------- control
 
@@ -191,6 +193,7 @@ class Coordinator:
                 start, optimizer_state = ckpt.step, ckpt.optimizer
                 self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
                 self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+                self._resumed_taken = ckpt.counters.get("async_taken")
                 self.on_event("resumed", {"step": start})
         self.step = start
         try:
@@ -231,7 +234,10 @@ class Coordinator:
                         continue
                     self._waiting_since = None
                     hung = list(zip(self._worker_indices, self.workers))
-                    event = self._count_hang([i for i, _ in hung], self._waiting_step)  # before the kill: see _lost
+                    step = self._waiting_step
+                    # counted before the kill, so that _lost sees a third hang
+                    event = self._count_hang([i for i, _ in hung], step, [(("step", step), f"step {step}")])
+                    self._killed_for_hang = True
                     for _, actor in hung:
                         _kill(actor)
                 try:
@@ -441,7 +447,7 @@ class Coordinator:
         dropped as they end. With one worker the order of updates is fixed,
         so a failure changes no bit."""
         t = self.spec.training
-        run = AsyncRun(self.servers[0].publish.remote(), start, async_position(start, self.spec.data.shards))
+        run = AsyncRun(self.servers[0].publish.remote(), start, self._async_taken(self._resumed_taken, start), start)
         self._async_submit(run)
         last_done = time.perf_counter()
         while run.version < t.steps:
@@ -468,7 +474,7 @@ class Coordinator:
                     self.applied_batches.append((c.shard, c.batch))
                     now = time.perf_counter()
                     self._finish_async_update(run.version - 1, stats, run.params_ref, now - last_done,
-                                              len(self.workers))
+                                              len(self.workers), run.taken)
                     last_done = now
                 else:
                     self.counters.stale_rejected += 1
@@ -521,7 +527,8 @@ class Coordinator:
         hung = [c for c in run.inflight.values() if limit > 0 and now - c.submitted > limit]
         if not hung:
             return
-        event = self._count_hang(sorted({c.index for c in hung}), min(c.version for c in hung) + 1)
+        event = self._count_hang(sorted({c.index for c in hung}), min(c.version for c in hung) + 1,
+                                 [(("batch", c.shard, c.batch), f"shard {c.shard}'s batch {c.batch}") for c in hung])
         self.on_event("hung", event)
         if self._given_up is not None:
             raise self._given_up
@@ -529,17 +536,19 @@ class Coordinator:
             self._async_worker_lost(c.index, None, "")
         self._async_submit(run)
 
-    def _count_hang(self, workers: list[int], step: int) -> dict:
-        """Count workers declared hung while making `step`; its
-        HANGS_PER_STEP-th hang fails the job (its steps may just be slow).
-        Returns the "hung" event's detail."""
+    def _count_hang(self, workers: list[int], step: int, made: list[tuple[tuple, str]]) -> dict:
+        """Count workers declared hung while making `step`, and a hang of each
+        piece of work in `made` (a sync step, or async shard batches: (key,
+        its name)); a piece's HANGS_PER_STEP-th hang fails the job (the job's
+        steps may just be slow). Returns the "hung" event's detail."""
         limit = self.spec.training.worker_timeout_s
-        count = self._hangs[step] = self._hangs.get(step, 0) + 1
         self.counters.hung_workers += len(workers)
-        if count >= HANGS_PER_STEP:
-            self._given_up = TrainingError(
-                f"step {step} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
-                f"with workers started afresh each time; if this job's steps are that slow, raise it")
+        for key, what in made:
+            count = self._hangs[key] = self._hangs.get(key, 0) + 1
+            if count >= HANGS_PER_STEP:
+                self._given_up = TrainingError(
+                    f"{what} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
+                    f"with workers started afresh each time; if this job's steps are that slow, raise it")
         return {"step": step, "seconds": limit, "workers": workers}
 
     def _note_loss(self, key: tuple | None, what: str) -> None:
@@ -568,12 +577,26 @@ class Coordinator:
         """Restore the server from the latest checkpoint and go on from there."""
         began = time.perf_counter()
         self.counters.server_failures += 1
-        version = self._restore_servers()
-        self._note_loss(("step", version + 1), f"update {version + 1}")
-        run.restart(self.servers[0].publish.remote(), version, async_position(version, self.spec.data.shards))
-        self._recovered(began, version, servers=True)
+        making = run.version + 1
+        ckpt = self._restore_servers()
+        self._note_loss(("update", making), f"update {making}")
+        # the updates after the checkpoint are made again, and recorded again
+        del self.applied_batches[max(0, ckpt.step - run.start):]
+        run.restart(self.servers[0].publish.remote(), ckpt.step,
+                    self._async_taken(ckpt.counters.get("async_taken"), ckpt.step))
+        self._recovered(began, ckpt.step, servers=True)
 
-    def _finish_async_update(self, step: int, stats: dict, params_ref, seconds: float, workers: int) -> None:
+    def _async_taken(self, recorded, version: int) -> list[int]:
+        """Per shard, the batches applied by `version`: as a checkpoint
+        recorded them, else as if the shards had been taken in turn (right
+        for one worker, and for version 0)."""
+        S = self.spec.data.shards
+        if isinstance(recorded, list) and len(recorded) == S and all(isinstance(n, int) for n in recorded):
+            return list(recorded)
+        return async_position(version, S)
+
+    def _finish_async_update(self, step: int, stats: dict, params_ref, seconds: float, workers: int,
+                             taken: list[int]) -> None:
         applied = stats["skipped"] == 0
         try:
             self.guard.record(step, applied, stats["loss"])
@@ -590,8 +613,8 @@ class Coordinator:
             record["val_loss"], record["val_accuracy"] = evaluate(self.net.bind(self._fetch([params_ref])),
                                                                   ds.X_val, ds.y_val)
         if self._should_checkpoint(step):
-            state = ray.get(self.servers[0].state.remote())
-            self._write_checkpoint(step + 1, state["params"], [state])
+            state = ray.get(self.servers[0].state.remote())  # pushes are serial: its version is step + 1
+            self._write_checkpoint(step + 1, state["params"], [state], {"async_taken": list(taken)})
         self.step = step + 1
         self.on_step(record)
 
@@ -672,17 +695,19 @@ class Coordinator:
         if restore:
             if lost.servers:
                 self.counters.server_failures += 1
-            step = self._restore_servers()
+            step = self._restore_servers().step
         else:
             step = first
-        self._note_loss(("step", first + 1), f"step {first + 1}")
+        if not self._killed_for_hang:  # a hang is counted as one (see _watchdog)
+            self._note_loss(("step", first + 1), f"step {first + 1}")
+        self._killed_for_hang = False
         self._restart_workers()
         self._recovered(began, step, servers=lost.servers)
         return step
 
-    def _restore_servers(self) -> int:
+    def _restore_servers(self) -> Checkpoint:
         """Replace the parameter servers by ones started from the latest
-        checkpoint; returns its step."""
+        checkpoint, which it returns."""
         for s in self.servers:
             _kill(s)
         ckpt = self._latest_checkpoint()
@@ -691,7 +716,7 @@ class Coordinator:
         self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
         self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
         self._start_servers(ckpt.params, ckpt.step, ckpt.optimizer)
-        return ckpt.step
+        return ckpt
 
     def _restart_workers(self) -> None:
         """Start the missing workers that fit now; the rest come back when
@@ -810,13 +835,13 @@ class Coordinator:
         slices = ray.get(params_refs)
         return np.concatenate(slices) if len(slices) > 1 else np.array(slices[0])
 
-    def _write_checkpoint(self, step: int, params: np.ndarray, server_states) -> None:
+    def _write_checkpoint(self, step: int, params: np.ndarray, server_states, extra: dict | None = None) -> None:
         optimizer = {}
         if server_states:
             bounds = slice_bounds(params.size, len(server_states))
             optimizer = join_optimizer_states([s["optimizer"] for s in server_states],
                                               [b - a for a, b in bounds])
-        counters = {"nonfinite_streak": self.guard.streak, "nonfinite_skipped": self.guard.skipped}
+        counters = {"nonfinite_streak": self.guard.streak, "nonfinite_skipped": self.guard.skipped, **(extra or {})}
         path = write_checkpoint(self.checkpoint_dir, Checkpoint(step, params, optimizer, self._spec_key(), counters))
         self.on_event("checkpoint", {"step": step, "path": str(path)})
 
@@ -824,11 +849,7 @@ class Coordinator:
         """The spec as stored in checkpoints, less what may change on resume
         because it changes no arithmetic: the worker count, core pinning and
         the worker timeout."""
-        raw = self.spec.model_dump(mode="json")
-        raw["training"]["workers"] = None
-        for name in ("pin_cores", "worker_timeout_s"):
-            raw["training"].pop(name)
-        return json.dumps(raw, sort_keys=True)
+        return spec_key(self.spec.model_dump(mode="json"))
 
     def _latest_checkpoint(self) -> Checkpoint | None:
         def damaged(path, err):
@@ -836,9 +857,29 @@ class Coordinator:
             self.on_event("checkpoint_damaged", {"path": str(path), "error": str(err)})
 
         ckpt = latest_checkpoint(self.checkpoint_dir, on_damaged=damaged)
-        if ckpt is not None and ckpt.spec_json != self._spec_key():
+        if ckpt is not None and _stored_spec_key(ckpt.spec_json) != self._spec_key():
             raise TrainingError(f"the checkpoints in {self.checkpoint_dir} belong to a different job spec")
         return ckpt
+
+
+def spec_key(raw: dict) -> str:
+    """A spec (as JSON data) as checkpoints name it: less what may change on
+    resume because it changes no arithmetic (worker count, core pinning,
+    worker timeout)."""
+    training = dict(raw.get("training", {}), workers=None)
+    for name in ("pin_cores", "worker_timeout_s"):
+        training.pop(name, None)
+    return json.dumps({**raw, "training": training}, sort_keys=True)
+
+
+def _stored_spec_key(spec_json: str) -> str:
+    """A checkpoint's spec key, read again by today's rule (a checkpoint
+    written before a field joined the exceptions still names it)."""
+    try:
+        raw = json.loads(spec_json)
+    except ValueError:
+        return spec_json
+    return spec_key(raw) if isinstance(raw, dict) else spec_json
 
 
 @dataclass
@@ -860,6 +901,7 @@ class AsyncRun:
     params_ref: object  # the newest parameters
     version: int
     taken: list[int]  # per shard: batches applied so far
+    start: int  # the version the run began at (applied_batches[i] is update start + i + 1)
     turns: dict = field(default_factory=dict)  # worker index -> updates it made (where it is in its shards)
     inflight: dict = field(default_factory=dict)  # result ref -> Computation
     generation: int = 0  # bumped when the server is restored

@@ -11,8 +11,9 @@ So the arrays themselves live in files on a memory file system
 - each parameter server keeps its slice of the parameters in a file of its
   own and applies the optimizer to it in place; `publish_step` sends a
   `SharedArray` handle, and workers map the file read-only;
-- each worker copies its shard gradients into a file of its own (one row per
-  shard) and sends handles; the servers reduce straight from those rows.
+- each worker computes its shard gradients straight into a file of its own
+  (one row per shard) and sends handles; the servers reduce straight from
+  those rows.
 
 Nothing is read while it is written: a worker reads the parameters only
 between `publish_step` and its reply, and the servers change them only after
