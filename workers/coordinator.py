@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT_S = 300.0
 CANCEL_GRACE_S = 5.0
 HANGS_PER_STEP = 3  # a step (or async update) that hangs this often fails the job
+PROBE_TIMEOUT_S = 5.0  # how long a worker may take to say whether it is computing
 LOSSES_PER_STEP = 5  # a sync step, or an async shard batch, whose actors die this often fails the job
 
 
@@ -217,12 +218,11 @@ class Coordinator:
     @contextmanager
     def _watchdog(self):
         """Sync mode: while no step result comes for `worker_timeout_s`, the
-        job's workers are declared hung and killed (a step waits for all of
-        them, so which one hangs cannot be told); the step then fails like one
-        whose workers died, and is recovered from the same way. The lock makes
-        the kill part of the wait it timed: a result that arrives meanwhile is
-        only taken once the kill is done, and nothing changes the workers
-        while the coordinator waits."""
+        workers that hang are found (see _hung_workers) and killed. The step then fails like
+        one whose workers died, and is recovered from the same way. The lock
+        makes the kill part of the wait it timed: a result that arrives
+        meanwhile is only taken once the kill is done, and nothing changes the
+        workers while the coordinator waits."""
         limit = self.spec.training.worker_timeout_s
         stop = threading.Event()
 
@@ -233,7 +233,7 @@ class Coordinator:
                     if since is None or time.monotonic() - since <= limit:
                         continue
                     self._waiting_since = None
-                    hung = list(zip(self._worker_indices, self.workers))
+                    hung = self._hung_workers(limit)
                     step = self._waiting_step
                     # counted before the kill, so that _lost sees a third hang
                     event = self._count_hang([i for i, _ in hung], step, [(("step", step), f"step {step}")])
@@ -254,6 +254,29 @@ class Coordinator:
             stop.set()
             if thread is not None:
                 thread.join(5)
+
+    def _hung_workers(self, limit: float) -> list:
+        """(index, actor) of the workers that hang; every worker when none
+        does (the servers or the transfers hang). On the object-store path,
+        those whose call for the step has not finished. On the compiled
+        graph, those computing for over limit / 2 or not answering within
+        PROBE_TIMEOUT_S (there the driver makes no other calls to workers, so
+        a probe's answer waits for nothing else)."""
+        workers = list(zip(self._worker_indices, self.workers))
+        if isinstance(self._graph, InterpretedStep):
+            positions = self._graph.unfinished(self._waiting_step - 1)
+            return [workers[i] for i in positions if i < len(workers)] or workers
+        refs = [actor.computing_for.remote() for _, actor in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        hung = []
+        for (index, actor), ref in zip(workers, refs):
+            try:
+                seconds = ray.get(ref) if ref in ready else "no answer"
+            except (RayActorError, RayTaskError):
+                seconds = "no answer"
+            if seconds == "no answer" or (seconds is not None and seconds > limit / 2):
+                hung.append((index, actor))
+        return hung or workers
 
     def _train(self, start: int) -> list:
         """Sync mode: every step runs through the job's step graph, up to
@@ -920,14 +943,17 @@ def async_position(version: int, shards: int) -> list[int]:
     return [version // shards + (1 if s < version % shards else 0) for s in range(shards)]
 
 
-def step_graph(servers: list, workers: list, job, call):
+def step_graph(servers: list, workers: list, job, call, worker_calls: list | None = None):
     """One sync step's actor calls, made through `call(method, *args)`: the
     servers publish the parameters, every worker computes its shards from
     them, the servers reduce and apply. With `bind` it describes a graph to
     compile, with `remote` it makes the calls. Returns the output (a list of
-    outputs when there are several servers)."""
+    outputs when there are several servers); the workers' calls are added to
+    `worker_calls` when given."""
     params = [call(s.publish_step, job) for s in servers]
     results = [call(w.step, job, *params) for w in workers]
+    if worker_calls is not None:
+        worker_calls.extend(results)
     if len(servers) == 1:
         return call(servers[0].apply, job, *results)
     finite = [call(s.reduce, job, *results) for s in servers]
@@ -969,9 +995,21 @@ class InterpretedStep:
 
     def __init__(self, servers: list, workers: list):
         self.servers, self.workers = servers, workers
+        self._worker_calls: dict[int, list] = {}  # step -> each worker's call, for unfinished()
 
     def execute(self, job: dict):
-        return step_graph(self.servers, self.workers, job, lambda method, *args: method.remote(*args))
+        calls: list = []
+        out = step_graph(self.servers, self.workers, job, lambda method, *args: method.remote(*args), calls)
+        self._worker_calls[job["step"]] = calls
+        self._worker_calls.pop(job["step"] - 8, None)  # a few steps back is plenty
+        return out
+
+    def unfinished(self, step: int) -> list[int]:
+        """Positions (in `workers`) of the workers whose part of `step` has
+        not finished."""
+        calls = self._worker_calls.get(step, [])
+        done, _ = ray.wait(calls, num_returns=len(calls), timeout=0) if calls else ([], [])
+        return [i for i, ref in enumerate(calls) if ref not in done]
 
     def result(self, ref, cancelled: threading.Event):
         while True:  # polling, so that a cancel is seen promptly

@@ -39,7 +39,7 @@ class WorkerFault(RuntimeError):
     """Raised on purpose by the `fail_at` test knob."""
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"probe": 1})
 class GradientWorker:
     def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None,
                  threads: int = 1, faults: dict | None = None):
@@ -50,6 +50,7 @@ class GradientWorker:
         self.net = build_network(spec, self.data.dataset)
         self.threads = max(1, threads)
         self._returned_at: float | None = None  # when `step` last returned (sync mode)
+        self._computing_since: float | None = None  # time.monotonic() when the current computation began
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
         # Test and benchmark knobs, off by default: {"fail_at": [shard, step]} raises while
         # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
@@ -84,15 +85,27 @@ class GradientWorker:
         """Shard gradient sums at `params`: shard i's into `rows[i]` when rows
         are given (this worker's shared file), else into new arrays."""
         began = time.perf_counter()
-        net = self.net.bind(params)
-        outs = [None] * len(shards) if rows is None else list(rows[:len(shards)])
-        if self.threads == 1:  # no hand-off to a pool thread and back
-            grads = [self._shard(net, s, step, out) for s, out in zip(shards, outs)]
-        else:
-            grads = list(self.pool.map(lambda s, out: self._shard(net, s, step, out), shards, outs))
-        if "delay_s" in self.faults:
-            time.sleep(float(self.faults["delay_s"]))
+        self._computing_since = time.monotonic()
+        try:
+            net = self.net.bind(params)
+            outs = [None] * len(shards) if rows is None else list(rows[:len(shards)])
+            if self.threads == 1:  # no hand-off to a pool thread and back
+                grads = [self._shard(net, s, step, out) for s, out in zip(shards, outs)]
+            else:
+                grads = list(self.pool.map(lambda s, out: self._shard(net, s, step, out), shards, outs))
+            if "delay_s" in self.faults:
+                time.sleep(float(self.faults["delay_s"]))
+        finally:
+            self._computing_since = None
         return {"worker": self.index, "grads": grads, "compute_s": time.perf_counter() - began}
+
+    @ray.method(concurrency_group="probe")
+    def computing_for(self) -> float | None:
+        """Seconds the current computation has run (None: idle). Answered on
+        a thread of its own, so a worker stuck in a step still answers, unless
+        it is stuck holding the interpreter's lock."""
+        since = self._computing_since
+        return None if since is None else time.monotonic() - since
 
     def compute(self, step: int, shards: list[int], param_refs: list) -> dict:
         """Async mode: gradient sums of `shards` at the parameters in `param_refs`."""
