@@ -195,9 +195,8 @@ def test_resizing_a_running_job_changes_the_map_not_the_trajectory(ray_cluster, 
 
 
 def async_spec(workers=1, steps=24, **training):
-    return parse_spec({**spec(workers=workers, shards=4, steps=steps).model_dump(),
-                       "training": {**spec(workers=workers, shards=4, steps=steps).training.model_dump(),
-                                    "mode": "async", "max_staleness": 8, "checkpoint_every": 6, **training}})
+    return spec(workers=workers, shards=4, steps=steps, **{"mode": "async", "max_staleness": 8,
+                                                          "checkpoint_every": 6, **training})
 
 
 def sequential_reference(s):

@@ -192,8 +192,7 @@ class Coordinator:
             if ckpt is not None:
                 net.params[:] = ckpt.params
                 start, optimizer_state = ckpt.step, ckpt.optimizer
-                self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
-                self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+                self._take_counters(ckpt)
                 self._resumed_taken = ckpt.counters.get("async_taken")
                 self.on_event("resumed", {"step": start})
         self.step = start
@@ -256,27 +255,11 @@ class Coordinator:
                 thread.join(5)
 
     def _hung_workers(self, limit: float) -> list:
-        """(index, actor) of the workers that hang; every worker when none
-        does (the servers or the transfers hang). On the object-store path,
-        those whose call for the step has not finished. On the compiled
-        graph, those computing for over limit / 2 or not answering within
-        PROBE_TIMEOUT_S (there the driver makes no other calls to workers, so
-        a probe's answer waits for nothing else)."""
+        """(index, actor) of the workers that hang, as the step graph finds
+        them; every worker when none does (the servers or the transfers hang)."""
         workers = list(zip(self._worker_indices, self.workers))
-        if isinstance(self._graph, InterpretedStep):
-            positions = self._graph.unfinished(self._waiting_step - 1)
-            return [workers[i] for i in positions if i < len(workers)] or workers
-        refs = [actor.computing_for.remote() for _, actor in workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
-        hung = []
-        for (index, actor), ref in zip(workers, refs):
-            try:
-                seconds = ray.get(ref) if ref in ready else "no answer"
-            except (RayActorError, RayTaskError):
-                seconds = "no answer"
-            if seconds == "no answer" or (seconds is not None and seconds > limit / 2):
-                hung.append((index, actor))
-        return hung or workers
+        positions = self._graph.hung(self._waiting_step - 1, limit) if self._graph is not None else []
+        return [workers[i] for i in positions if i < len(workers)] or workers
 
     def _train(self, start: int) -> list:
         """Sync mode: every step runs through the job's step graph, up to
@@ -359,7 +342,8 @@ class Coordinator:
                 out = step_graph(self.servers, self.workers, job, lambda method, *args: method.bind(*args))
                 if isinstance(out, list):
                     out = MultiOutputNode(out)
-            self._graph = CompiledStep(out.experimental_compile(_max_inflight_executions=self.pipeline_depth + 1))
+            self._graph = CompiledStep(out.experimental_compile(_max_inflight_executions=self.pipeline_depth + 1),
+                                       self.workers)
         else:
             self._graph = InterpretedStep(self.servers, self.workers)
         self.on_event("graph", {"transport": self._graph.transport, "nodes": len(nodes), "step": self.step,
@@ -736,10 +720,14 @@ class Coordinator:
         ckpt = self._latest_checkpoint()
         if ckpt is None:
             raise TrainingError("a parameter server died and no checkpoint is left to restore it from")
-        self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
-        self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
+        self._take_counters(ckpt)
         self._start_servers(ckpt.params, ckpt.step, ckpt.optimizer)
         return ckpt
+
+    def _take_counters(self, ckpt: Checkpoint) -> None:
+        """The non-finite guard's state as of a checkpoint."""
+        self.guard.streak = ckpt.counters.get("nonfinite_streak", 0)
+        self.guard.skipped = ckpt.counters.get("nonfinite_skipped", 0)
 
     def _restart_workers(self) -> None:
         """Start the missing workers that fit now; the rest come back when
@@ -968,8 +956,8 @@ class CompiledStep:
 
     transport = "shared memory"
 
-    def __init__(self, compiled):
-        self.compiled = compiled
+    def __init__(self, compiled, workers: list):
+        self.compiled, self.workers = compiled, workers
 
     def execute(self, job: dict):
         return self.compiled.execute(job)
@@ -978,6 +966,24 @@ class CompiledStep:
         if isinstance(ref, list):  # several servers: one output each
             return [r.get(timeout=-1) for r in ref]
         return ref.get(timeout=-1)
+
+    def hung(self, step: int, limit: float) -> list[int]:
+        """Positions of the workers computing for over limit / 2, or not
+        answering within PROBE_TIMEOUT_S. Each answers on a thread of its own
+        (GradientWorker.computing_for), and the driver makes no other calls to
+        them while the graph runs, so an answer waits for nothing else."""
+        refs = [w.computing_for.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        hung = []
+        for i, ref in enumerate(refs):
+            try:
+                seconds = ray.get(ref) if ref in ready else None
+                stuck = ref not in ready or (seconds is not None and seconds > limit / 2)
+            except (RayActorError, RayTaskError):
+                stuck = True
+            if stuck:
+                hung.append(i)
+        return hung
 
     def close(self) -> None:
         try:
@@ -995,7 +1001,7 @@ class InterpretedStep:
 
     def __init__(self, servers: list, workers: list):
         self.servers, self.workers = servers, workers
-        self._worker_calls: dict[int, list] = {}  # step -> each worker's call, for unfinished()
+        self._worker_calls: dict[int, list] = {}  # step -> each worker's call, for hung()
 
     def execute(self, job: dict):
         calls: list = []
@@ -1004,7 +1010,7 @@ class InterpretedStep:
         self._worker_calls.pop(job["step"] - 8, None)  # a few steps back is plenty
         return out
 
-    def unfinished(self, step: int) -> list[int]:
+    def hung(self, step: int, limit: float) -> list[int]:
         """Positions (in `workers`) of the workers whose part of `step` has
         not finished."""
         calls = self._worker_calls.get(step, [])
