@@ -5,7 +5,8 @@ driver on a node without CPUs, so its jobs take the object-store path).
     python tests/compiled_runs.py CASES.json OUT_DIR
 
 CASES.json is a list of {"name", "spec", "faults"?, "kill"?: ["worker"|"server", step],
-"cancel_after"?: seconds, "shared_root"?: path for the shared arrays};
+"cancel_after"?: seconds, "shared_root"?: path for the shared arrays,
+"keep_results"?: true to keep every step's statistics alive until the job ends};
 for each case OUT_DIR/<name>.npz gets the trained parameters, or
 OUT_DIR/<name>.json the error; OUT_DIR/<name>.events.json the coordinator's events;
 OUT_DIR/leftovers.json the jobs' shared-array directories still there at the end.
@@ -48,6 +49,9 @@ def run_case(case: dict, out: Path) -> None:
 
         coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step, on_event=on_event,
                                   faults={int(k): v for k, v in case.get("faults", {}).items()})
+        if case.get("keep_results"):  # a caller that keeps what the coordinator was handed
+            kept, finish = [], coordinator._finish_step
+            coordinator._finish_step = lambda job, stats: (kept.append(stats), finish(job, stats))
         if "shared_root" in case:
             coordinator.shared_root = Path(case["shared_root"])
         if "cancel_after" in case:

@@ -44,6 +44,8 @@ CASES = [
     {"name": "no-room-for-shared-arrays", "spec": raw_spec(workers=3), "shared_root": "/nonexistent/shm"},
     {"name": "hung-then-cancelled", "spec": raw_spec(), "faults": {"0": {"delay_s": 600}}, "cancel_after": 3},
     {"name": "hung-worker-replaced", "spec": raw_spec(worker_timeout_s=5), "faults": {"1": {"delay_s": 600}}},
+    {"name": "results-kept", "spec": raw_spec(eval_every=1, checkpoint_every=2, worker_timeout_s=5),
+     "keep_results": True},
 ]
 
 
@@ -147,3 +149,14 @@ def test_a_hung_worker_on_the_compiled_graph_is_replaced_with_the_same_bits(runs
     assert len(recoveries) == 1 and not recoveries[0]["servers"] and recoveries[0]["workers"] == 2
     graphs = [d for kind, d in seen if kind == "graph"]
     assert [d["transport"] for d in graphs] == ["shared memory"] * 2
+
+
+def test_statistics_kept_by_the_caller_never_stall_the_compiled_graph(runs):
+    """Every step returns the parameters (to evaluate) and every other step
+    the whole state, and the coordinator's caller keeps them all. Ray reads a
+    channel's arrays without copying them and cannot write that channel again
+    while they live, so uncopied results stopped the graph after three
+    steps; the watchdog (5 s here) then replaced every worker."""
+    name = "results-kept"
+    assert [kind for kind, _ in events(runs, name) if kind in ("hung", "recovery")] == []
+    assert np.array_equal(params(runs, name), reference(raw_spec(eval_every=1, checkpoint_every=2)))

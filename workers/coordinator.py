@@ -963,9 +963,17 @@ class CompiledStep:
         return self.compiled.execute(job)
 
     def result(self, ref, cancelled: threading.Event):
+        """The step's output, every array in it copied out of the channel.
+
+        Ray deserializes a channel's arrays without copying them, and the
+        channel's buffer cannot be written again while any such array lives:
+        holding the parameters of three evaluated steps stopped a graph for
+        good here. A copy (only evaluation and checkpoint steps carry arrays)
+        leaves what the coordinator and its callers keep independent of the
+        graph."""
         if isinstance(ref, list):  # several servers: one output each
-            return [r.get(timeout=-1) for r in ref]
-        return ref.get(timeout=-1)
+            return [_owned(r.get(timeout=-1)) for r in ref]
+        return _owned(ref.get(timeout=-1))
 
     def hung(self, step: int, limit: float) -> list[int]:
         """Positions of the workers computing for over limit / 2, or not
@@ -990,6 +998,18 @@ class CompiledStep:
             self.compiled.teardown()
         except Exception:  # an actor of the graph already died
             pass
+
+
+def _owned(value):
+    """`value` with every numpy array in it (in dicts, lists and tuples)
+    replaced by a copy that owns its memory."""
+    if isinstance(value, np.ndarray):
+        return value if value.flags.owndata else value.copy()
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v) for v in value)
+    return value
 
 
 class InterpretedStep:
