@@ -100,6 +100,22 @@ def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa
         prometheus.wait(timeout=30)
 
 
+ATTACHED_TRANSPORT = """
+import json, sys
+from core.spec import parse_spec
+from workers.coordinator import Coordinator
+from workers.runtime import connect_ray, started_here
+connect_ray(sys.argv[1])
+assert not started_here()
+graphs = []
+spec = parse_spec({"name": "attached", "seed": 0, "data": {"source": "digits", "shards": 2},
+                   "training": {"workers": 2, "batch_size": 64, "steps": 3}})
+Coordinator(spec, sys.argv[2] + "/attached-run", on_event=lambda kind, d: graphs.append(
+    {"transport": d["transport"], "nodes": d["nodes"]}) if kind == "graph" else None).run()
+print(json.dumps(graphs))
+"""
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
@@ -128,6 +144,13 @@ def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
             f"{server.diagnose()}\nray head log:\n{(tmp_path / 'head.log').read_text(errors='replace')[-3000:]}"))
         assert done["state"] == "succeeded", done
         assert done["step"] == 30
+        # A driver attached to this one-node cluster runs the step graph as
+        # actor calls on object refs: compiled graphs only in a Ray of its own.
+        probe = subprocess.run([sys.executable, "-c", ATTACHED_TRANSPORT, f"127.0.0.1:{gcs}", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT,
+                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        assert json.loads(probe.stdout.splitlines()[-1]) == [{"transport": "object store", "nodes": 1}]
     finally:
         if server is not None:
             server.stop()

@@ -39,7 +39,7 @@ from workers import shared
 from workers.checkpoint import Checkpoint, latest_checkpoint, write_checkpoint
 from workers.gradient_worker import GradientWorker
 from workers.parameter_server import ParameterServer, slice_bounds
-from workers.runtime import connect_ray, run_at_low_priority
+from workers.runtime import connect_ray, run_at_low_priority, started_here
 
 log = logging.getLogger(__name__)
 
@@ -323,20 +323,25 @@ class Coordinator:
         """One step as a Ray graph: the servers publish the parameters, every
         worker computes its shards from them, the servers reduce and apply.
 
-        When every actor of the job is on one node the graph is compiled to
-        shared-memory channels between the actors, with no task submission per
-        step and never through this driver, and the parameters and gradients
-        themselves go through shared files (workers.shared), only handles
-        through the channels (measured here: a 2-worker step's overhead over
-        its compute fell from ~9 ms to ~1.8 ms). Across nodes the
-        same graph runs as ordinary actor calls whose arguments are object refs,
-        still without a driver round trip inside a step: Ray 2.60's cross-node
-        compiled channels crashed a raylet on teardown here."""
+        When every actor of the job is on one node of the private Ray instance
+        this process started (a local run, the embedded service), the graph is
+        compiled to shared-memory channels between the actors, with no task
+        submission per step and never through this driver, and the parameters
+        and gradients themselves go through shared files (workers.shared),
+        only handles through the channels (measured here: a 2-worker step's
+        overhead over its compute fell from ~9 ms to ~1.8 ms). Otherwise the
+        same graph runs as ordinary actor calls whose arguments are object
+        refs, still without a driver round trip inside a step. Ray 2.60's
+        compiled graphs are experimental, and only in instances of our own have
+        they held: across nodes their channels crashed a raylet on teardown
+        here, and a service attached to a one-node `ray start` cluster failed
+        two CI runs out of three, the last with its compiled step waiting for
+        good (cause not found; the process then outlived SIGKILL)."""
         nodes = {loc["node_id"] for loc in ray.get([s.location.remote() for s in self.servers])}
         nodes |= {self.locations[i]["node_id"] for i in self._worker_indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
         self._job_shared_dir = None
-        if len(nodes) == 1:
+        if len(nodes) == 1 and started_here():
             self._job_shared_dir = self._shared_arrays_dir()
             with InputNode() as job:
                 out = step_graph(self.servers, self.workers, job, lambda method, *args: method.bind(*args))

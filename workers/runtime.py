@@ -18,12 +18,15 @@ from workers import shared
 
 T = TypeVar("T")
 
+_started_gcs: str | None = None  # the GCS address of the Ray instance this process started
+
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start a private local Ray (address None) or attach to `address`.
 
     A no-op when this process is already connected, so tests and the service
     can share one instance."""
+    global _started_gcs
     if ray.is_initialized():
         return
     # Worker processes import shardprop from the same checkout as the driver.
@@ -43,8 +46,17 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
             log_to_driver=False,
             configure_logging=False,
         )
+        _started_gcs = ray.get_runtime_context().gcs_address
     else:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+
+
+def started_here() -> bool:
+    """Whether the connected Ray instance is the private one this process
+    started (connect_ray without an address), rather than a cluster or an
+    instance someone else started."""
+    return ray.is_initialized() and _started_gcs is not None and \
+        ray.get_runtime_context().gcs_address == _started_gcs
 
 
 def cluster_cpus() -> float:
