@@ -7,11 +7,14 @@ routers (the dashboard, Prometheus) are passed in. Every error is
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import math
+import signal
+import threading
 from contextlib import asynccontextmanager
 from typing import Iterable
 
@@ -279,6 +282,25 @@ def _format_validation(err: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def reclaim_stop_signals() -> None:
+    """Hand SIGTERM and SIGINT back to the handlers Python holds for them.
+
+    Connecting to Ray installs Ray's own C-level handler for SIGTERM, which
+    writes a crash report ("*** SIGTERM received ...", addresses of a stack)
+    before passing the signal on. A stop is not a crash: the service's
+    handlers (uvicorn's) alone shut it down in order: running jobs are
+    stopped at a step boundary, their actors killed, and they stay `running`
+    in the store, to resume from their latest checkpoint at the next start.
+    Only the main thread may set handlers; a service run in another thread
+    (the tests') keeps what it has."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, handler)
+
+
 def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
                store: Store | None = None, extra_routers: Iterable[APIRouter] = (),
                metrics=None) -> FastAPI:
@@ -290,11 +312,16 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        scheduler.on_ray_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
         scheduler.start()
         try:
             yield
         finally:
-            scheduler.stop()
+            left = scheduler.stop()
+            if left:
+                log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the next "
+                            "start", ", ".join(left))
 
     app = FastAPI(title="shardprop", version="0.1.0", lifespan=lifespan,
                   description="Distributed data-parallel training jobs on Ray.")

@@ -49,6 +49,7 @@ class Scheduler:
         self.ray_error: str | None = None  # why connecting to Ray failed, if it did
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
+        self.on_ray_connected = None  # called once Ray is connected (create_app hands back the stop signals)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -58,9 +59,9 @@ class Scheduler:
         self._loop = threading.Thread(target=self._run_loop, name="shardprop-scheduler", daemon=True)
         self._loop.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> list[str]:
         """Stop scheduling; running jobs are interrupted but stay `running`
-        in the store, so that the next start resumes them."""
+        in the store, so that the next start resumes them. Returns their ids."""
         self._stop.set()
         self._wake.set()
         with self._lock:
@@ -72,6 +73,7 @@ class Scheduler:
                 a.thread.join(timeout)
         if self._loop is not None:
             self._loop.join(timeout)
+        return [a.job_id for a in active if not a.cancel_requested]
 
     def wake(self) -> None:
         self._wake.set()
@@ -165,6 +167,11 @@ class Scheduler:
 
             connect_ray(self.settings.ray_address)
             self._ray_connected = True
+            if self.on_ray_connected is not None:
+                try:
+                    self.on_ray_connected()
+                except RuntimeError:  # the service's event loop is closing: it is stopping anyway
+                    pass
 
     def _free_cpus(self) -> float:
         import ray
