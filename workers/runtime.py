@@ -1,9 +1,12 @@
 """Connecting to Ray: a private local instance by default, or a cluster.
 
 A local run never attaches to some other Ray instance on the machine
-(`address="local"`), keeps every port on loopback, and declares at least as
-many logical CPUs as the job has workers so that an oversubscribed job runs
-slowly instead of waiting forever for CPUs that do not exist.
+(`address="local"`), names its node 127.0.0.1 and keeps Ray's dashboard on
+loopback, and declares at least as many logical CPUs as the job has workers
+so that an oversubscribed job runs slowly instead of waiting forever for CPUs
+that do not exist. Ray 2.60's own servers (GCS, raylet, workers) still listen
+on every interface, as seen here with `ss -ltnp`; Ray's token authentication,
+on by default since 2.5x, is what guards them, so leave it on.
 """
 
 from __future__ import annotations
