@@ -318,6 +318,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
         try:
             yield
         finally:
+            scheduler.on_ray_connected = None  # uvicorn is putting its own handlers back
             left = scheduler.stop()
             if left:
                 log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the next "

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", action="append", help="folders data paths are confined to (default: cwd)")
     p.add_argument("--ray-address", help="attach to this Ray cluster instead of a private local one")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="jobs run at once (0 pauses execution)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
     p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
     p.add_argument("job")
@@ -115,11 +115,29 @@ def serve(args) -> int:
 
     metrics, routers = _metrics_and_routers()
     app = create_app(settings, extra_routers=routers, metrics=metrics)
+    _log_to_stderr(args.log_level)
     _stacks_on_sigusr1()
     print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path}; "
           f"`kill -USR1 {os.getpid()}` prints every thread's stack here)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """shardprop's own messages (the scheduler's, the coordinators', the
+    API's) to stderr beside uvicorn's, at the same level."""
+    import logging
+
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):  # uvicorn's "trace"
+        number = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    for name in ("shardprop", "workers", "core", "service"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(number)
+        logger.propagate = False
 
 
 def _stacks_on_sigusr1() -> None:

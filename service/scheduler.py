@@ -61,7 +61,9 @@ class Scheduler:
 
     def stop(self, timeout: float = 30.0) -> list[str]:
         """Stop scheduling; running jobs are interrupted but stay `running`
-        in the store, so that the next start resumes them. Returns their ids."""
+        in the store, so that the next start resumes them. Returns the ids of
+        the jobs left `running` (also those found running at start and not
+        restarted yet)."""
         self._stop.set()
         self._wake.set()
         with self._lock:
@@ -73,7 +75,16 @@ class Scheduler:
                 a.thread.join(timeout)
         if self._loop is not None:
             self._loop.join(timeout)
-        return [a.job_id for a in active if not a.cancel_requested]
+        with self._lock:
+            waiting = list(self._resume)  # found running at start, not restarted yet
+        left = []
+        for job_id in [a.job_id for a in active] + waiting:
+            try:
+                if self.store.get_job(job_id)["state"] == "running" and job_id not in left:
+                    left.append(job_id)
+            except NotFound:
+                pass
+        return left
 
     def wake(self) -> None:
         self._wake.set()

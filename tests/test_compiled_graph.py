@@ -1,6 +1,7 @@
 """The compiled (shared-memory) step graph gives the reference trainer's bits.
 
-On one node the coordinator compiles each step to shared-memory channels; this
+In a Ray instance of its own, with every actor on its node, the coordinator
+compiles each step to shared-memory channels; this
 is the path `shardprop train` and the embedded service take, and the one the
 speed target is measured on. The jobs run in a subprocess with a private
 single-node Ray (tests/compiled_runs.py); each result is compared here with
@@ -158,5 +159,6 @@ def test_statistics_kept_by_the_caller_never_stall_the_compiled_graph(runs):
     while they live, so uncopied results stopped the graph after three
     steps; the watchdog (5 s here) then replaced every worker."""
     name = "results-kept"
+    assert [d["transport"] for kind, d in events(runs, name) if kind == "graph"] == ["shared memory"]
     assert [kind for kind, _ in events(runs, name) if kind in ("hung", "recovery")] == []
     assert np.array_equal(params(runs, name), reference(raw_spec(eval_every=1, checkpoint_every=2)))

@@ -5,6 +5,7 @@ as an uninterrupted run."""
 from __future__ import annotations
 
 import io
+import subprocess
 import sqlite3
 
 import httpx
@@ -47,7 +48,10 @@ def test_a_restart_resumes_with_the_same_bits(tmp_path, ray_local, how):
             # writes a crash report first): the job is stopped at a step
             # boundary and left `running`.
             first.proc.terminate()
-            first.proc.wait(60)
+            try:
+                first.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the service ignored SIGTERM for 60 s\n{first.diagnose()}") from None
             log = first.log.read_text(errors="replace")
             assert "SIGTERM received" not in log, log[-3000:]
             assert f"job(s) {job['id']} stay running" in log, log[-3000:]

@@ -4,7 +4,8 @@ It starts the job's parameter server(s) and gradient workers, assigns logical
 shards to workers, and runs each step as a small graph of actor calls —
 workers compute shard gradients from the published parameters, the servers
 reduce and apply them — without the data ever passing through it (compiled
-to shared-memory channels when every actor is on its node). It keeps
+to shared-memory channels when every actor is on its node, in a Ray instance
+this process started). It keeps
 up to `pipeline_depth` steps in flight, so no driver round trip sits on the
 critical path, and reads each step's statistics as they complete: loss,
 samples/s, time per phase, evaluations and checkpoints.
@@ -1006,13 +1007,13 @@ class CompiledStep:
 
 
 def _owned(value):
-    """`value` with every numpy array in it (in dicts, lists and tuples)
-    replaced by a copy that owns its memory."""
+    """`value` with every numpy array in it (in dicts, plain lists and
+    tuples) replaced by a copy that owns its memory."""
     if isinstance(value, np.ndarray):
         return value if value.flags.owndata else value.copy()
     if isinstance(value, dict):
         return {k: _owned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(_owned(v) for v in value)
     return value
 

@@ -2,8 +2,8 @@
 
 In sync mode it is part of the job's step graph (see the coordinator): it
 publishes the parameters of a step once, receives the workers' shard
-gradients straight from them (never through the coordinator; on one node as
-handles to shared files, see workers.shared),
+gradients straight from them (never through the coordinator; on a compiled
+graph as handles to shared files, see workers.shared),
 reduces them in shard order and averages by sample count through core's
 `reduce_gradients`, and applies the optimizer. In async mode it is called
 with object references and returns the new parameters to the object store.

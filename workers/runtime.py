@@ -21,7 +21,7 @@ from workers import shared
 
 T = TypeVar("T")
 
-_started_gcs: str | None = None  # the GCS address of the Ray instance this process started
+_started_node: str | None = None  # the driver's node ID in the Ray instance this process started
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,7 +29,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
 
     A no-op when this process is already connected, so tests and the service
     can share one instance."""
-    global _started_gcs
+    global _started_node
     if ray.is_initialized():
         return
     # Worker processes import shardprop from the same checkout as the driver.
@@ -49,8 +49,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
             log_to_driver=False,
             configure_logging=False,
         )
-        _started_gcs = ray.get_runtime_context().gcs_address
+        _started_node = ray.get_runtime_context().get_node_id()
     else:
+        _started_node = None
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
 
 
@@ -58,8 +59,8 @@ def started_here() -> bool:
     """Whether the connected Ray instance is the private one this process
     started (connect_ray without an address), rather than a cluster or an
     instance someone else started."""
-    return ray.is_initialized() and _started_gcs is not None and \
-        ray.get_runtime_context().gcs_address == _started_gcs
+    return ray.is_initialized() and _started_node is not None and \
+        ray.get_runtime_context().get_node_id() == _started_node
 
 
 def cluster_cpus() -> float:
