@@ -60,6 +60,19 @@ def test_a_restart_resumes_with_the_same_bits(tmp_path, ray_local, how):
         first.kill()
     assert at_kill["state"] == "running" and at_kill["step"] < spec["training"]["steps"], at_kill
 
+    if how == "SIGKILL":
+        # A service paused from the start (max 0 jobs at once) does not
+        # restart the job; stopped, it still names it as left running.
+        paused = ServiceProcess(store, *args, "--max-concurrent-jobs", "0").start()
+        try:
+            paused.proc.terminate()
+            paused.proc.wait(60)
+            log = paused.log.read_text(errors="replace")
+            assert f"job(s) {job['id']} stay running" in log, log[-3000:]
+            assert stored_state(store, job["id"]) == "running"
+        finally:
+            paused.kill()
+
     second = ServiceProcess(store, *args).start()
     try:
         got = httpx.get(f"{second.url}/v1/jobs/{job['id']}").json()
