@@ -77,14 +77,14 @@ class Scheduler:
             self._loop.join(timeout)
         with self._lock:
             waiting = list(self._resume)  # found running at start, not restarted yet
-        left = []
-        for job_id in [a.job_id for a in active] + waiting:
-            try:
-                if self.store.get_job(job_id)["state"] == "running" and job_id not in left:
-                    left.append(job_id)
-            except NotFound:
-                pass
-        return left
+        return [job_id for job_id in dict.fromkeys([a.job_id for a in active] + waiting)
+                if self._state(job_id) == "running"]
+
+    def _state(self, job_id: str) -> str | None:
+        try:
+            return self.store.get_job(job_id)["state"]
+        except NotFound:
+            return None
 
     def wake(self) -> None:
         self._wake.set()

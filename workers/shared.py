@@ -1,8 +1,9 @@
 """Zero-copy parameters and gradients between actors on one machine.
 
 When every actor of a job shares the driver's node, in a Ray instance the
-driver started, each step's graph is compiled to Ray's shared-memory channels. Those carry the step's control
-messages well, but every array written to one is serialized and copied in,
+driver started, each step's graph is compiled to Ray's shared-memory
+channels. Those carry the step's control messages well, but every array
+written to one is serialized and copied in,
 and measured here that cost about 0.35 ms per MB per hop on an idle machine,
 and 1.8 ms of a loaded 2-worker step of 1 MB of parameters (docs/benchmarks.md).
 So the arrays themselves live in files on a memory file system
