@@ -28,8 +28,9 @@ from workers.runtime import connect_ray  # noqa: E402
 def spec(mode: str, steps: int):
     return parse_spec({
         "name": f"bench-{mode}", "seed": 0, "data": {"source": "digits", "shards": 4}, "model": {"hidden": [64]},
-        "training": {"mode": mode, "workers": 2, "batch_size": 128, "steps": steps, "eval_every": 0,
+        "training": {"mode": mode, "batch_size": 128, "steps": steps, "eval_every": 0,
                      "checkpoint_every": 0, "max_staleness": 4, "optimizer": {"name": "sgd", "lr": 0.05}},
+        "resources": {"workers": 2},
     })
 
 

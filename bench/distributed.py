@@ -40,8 +40,9 @@ def spec_for(workers: int, steps: int, hidden=(256, 256), features=784, batch=10
         "data": {"source": "synthetic", "samples": samples, "features": features, "classes": 10,
                  "validation_split": 0.0, "shards": 4},
         "model": {"hidden": list(hidden)},
-        "training": {"workers": workers, "batch_size": batch, "steps": steps, "eval_every": 0,
+        "training": {"batch_size": batch, "steps": steps, "eval_every": 0,
                      "checkpoint_every": 0, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
+        "resources": {"workers": workers},
     })
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -47,20 +47,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-def _positive(name: str, value: int | float, upper: int | float | None = None):
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be <= {upper}, got {value!r}")
-    return value
+def positive(upper: int) -> Any:
+    """An int in [1, upper]; pydantic's refusal names the bound, and
+    `_format_errors` adds the field and the value."""
+    return Annotated[int, Field(gt=0, le=upper)]
+
+
+def at_most(upper: int) -> Any:
+    """An int in [0, upper]."""
+    return Annotated[int, Field(ge=0, le=upper)]
 
 
 class DataSpec(_Strict):
     source: str = Field(description="a built-in data set name or a path to a .npz/.csv file")
     validation_split: float = Field(0.2, description="fraction of rows held out for validation, in [0, 1)")
-    shards: int = Field(4, description="number of logical shards of the training rows")
-    samples: int = Field(2000, description="synthetic only: number of rows")
-    features: int = Field(20, description="synthetic only: number of input columns")
+    shards: positive(MAX_SHARDS) = Field(4, description="number of logical shards of the training rows")
+    samples: positive(MAX_SYNTHETIC_SAMPLES) = Field(2000, description="synthetic only: number of rows")
+    features: positive(MAX_SYNTHETIC_FEATURES) = Field(20, description="synthetic only: number of input columns")
     classes: int = Field(3, description="synthetic only: number of classes")
     label_column: str | int | None = Field(None, description="csv only: label column name or index (default: the last)")
     standardize: bool = Field(True, description="scale inputs by the training split's mean and standard deviation")
@@ -82,21 +85,6 @@ class DataSpec(_Strict):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {v!r}")
         return v
-
-    @field_validator("shards")
-    @classmethod
-    def _shards(cls, v: int) -> int:
-        return _positive("shards", v, MAX_SHARDS)
-
-    @field_validator("samples")
-    @classmethod
-    def _samples(cls, v: int) -> int:
-        return _positive("samples", v, MAX_SYNTHETIC_SAMPLES)
-
-    @field_validator("features")
-    @classmethod
-    def _features(cls, v: int) -> int:
-        return _positive("features", v, MAX_SYNTHETIC_FEATURES)
 
     @field_validator("classes")
     @classmethod
@@ -169,50 +157,35 @@ class OptimizerSpec(_Strict):
 
 class TrainingSpec(_Strict):
     mode: Literal["sync", "async"] = "sync"
-    workers: int = Field(2, description="gradient worker actors")
-    batch_size: int = Field(128, description="global batch of one step, split over the shards")
-    steps: int = Field(description="number of optimizer steps")
+    batch_size: positive(MAX_BATCH) = Field(128, description="global batch of one step, split over the shards")
+    steps: positive(MAX_STEPS) = Field(description="number of optimizer steps")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     dtype: Literal["float32", "float64"] = "float32"
-    eval_every: int = Field(25, description="evaluate on the validation split every N steps (0: only at the end)")
-    checkpoint_every: int = Field(50, description="write a checkpoint every N steps (0: only at the end)")
-    parameter_servers: int = Field(1, description="split the parameter server into k actors by parameter slice")
-    max_staleness: int = Field(4, description="async only: refuse gradients more than this many versions old")
-    max_nonfinite_steps: int = Field(3, description="fail the job after this many non-finite steps in a row")
-    cpus_per_worker: int = Field(1, description="CPUs each worker reserves and computes shards on concurrently")
-    pin_cores: bool = Field(True, description="pin each worker to cores no other worker holds, while its machine has free ones")
+    eval_every: at_most(MAX_STEPS) = Field(
+        25, description="evaluate on the validation split every N steps (0: only at the end)")
+    checkpoint_every: at_most(MAX_STEPS) = Field(
+        50, description="write a checkpoint every N steps (0: only at the end)")
+    max_staleness: at_most(MAX_STEPS) = Field(
+        4, description="async only: refuse gradients more than this many versions old")
+    max_nonfinite_steps: positive(1_000_000) = Field(
+        3, description="fail the job after this many non-finite steps in a row")
+
+
+class ResourcesSpec(_Strict):
+    """Where and how fast a job runs; nothing here changes its trained bits
+    (shards, not workers, fix the arithmetic; a shard's gradient always uses
+    one BLAS thread; every optimizer rule is elementwise, so k parameter
+    slices update exactly as one)."""
+
+    workers: positive(MAX_WORKERS) = Field(2, description="gradient worker actors")
+    cpus_per_worker: positive(256) = Field(
+        1, description="CPUs each worker reserves and computes shards on concurrently")
+    parameter_servers: positive(64) = Field(
+        1, description="split the parameter server into k actors by parameter slice")
+    pin_cores: bool = Field(
+        True, description="pin each worker to cores no other worker holds, while its machine has free ones")
     worker_timeout_s: float = Field(600.0, description="declare workers hung, kill and replace them, when a step "
                                     "(sync) or one worker's computation (async) takes longer than this (seconds, >= 1); 0: never")
-
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        return _positive("workers", v, MAX_WORKERS)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        return _positive("batch_size", v, MAX_BATCH)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return _positive("steps", v, MAX_STEPS)
-
-    @field_validator("parameter_servers")
-    @classmethod
-    def _servers(cls, v: int) -> int:
-        return _positive("parameter_servers", v, 64)
-
-    @field_validator("max_nonfinite_steps")
-    @classmethod
-    def _nonfinite(cls, v: int) -> int:
-        return _positive("max_nonfinite_steps", v, 1_000_000)
-
-    @field_validator("cpus_per_worker")
-    @classmethod
-    def _cpus(cls, v: int) -> int:
-        return _positive("cpus_per_worker", v, 256)
 
     @field_validator("worker_timeout_s")
     @classmethod
@@ -222,12 +195,10 @@ class TrainingSpec(_Strict):
                              f"got {v!r}")
         return v
 
-    @field_validator("eval_every", "checkpoint_every", "max_staleness")
-    @classmethod
-    def _non_negative(cls, v: int, info) -> int:
-        if v < 0 or v > MAX_STEPS:
-            raise ValueError(f"{info.field_name} must be in [0, {MAX_STEPS}], got {v!r}")
-        return v
+
+# Fields that lived in `training` before `resources` held them: a spec in that
+# layout is told where each went.
+MOVED_TO_RESOURCES = tuple(ResourcesSpec.model_fields)
 
 
 class JobSpec(_Strict):
@@ -236,18 +207,19 @@ class JobSpec(_Strict):
     data: DataSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        t, d = self.training, self.data
-        if t.workers > d.shards:
+        t, d, r = self.training, self.data, self.resources
+        if r.workers > d.shards:
             raise ValueError(
-                f"training.workers ({t.workers}) must be <= data.shards ({d.shards}): "
+                f"resources.workers ({r.workers}) must be <= data.shards ({d.shards}): "
                 "shards are the unit of work, a worker without one would idle"
             )
-        if t.mode == "async" and t.parameter_servers != 1:
+        if t.mode == "async" and r.parameter_servers != 1:
             raise ValueError(
-                f"training.parameter_servers ({t.parameter_servers}) must be 1 in async mode"
+                f"resources.parameter_servers ({r.parameter_servers}) must be 1 in async mode"
             )
         if t.batch_size < d.shards:
             raise ValueError(
@@ -266,11 +238,22 @@ class JobSpec(_Strict):
     def with_workers(self, workers: int) -> "JobSpec":
         """The same spec with another worker count, validated again."""
         raw = self.model_dump()
-        raw["training"]["workers"] = workers
+        raw["resources"]["workers"] = workers
         return parse_spec(raw)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def checkpoint_key(raw: dict) -> str:
+    """A spec (as JSON data) as checkpoints name it: less its `resources`,
+    so a checkpoint resumes with any resources and nothing else changed. Specs stored before
+    `resources` existed held its fields in `training` (the worker count as
+    null); they are dropped there too, so those checkpoints keep resuming."""
+    kept = {k: v for k, v in raw.items() if k != "resources"}
+    if isinstance(kept.get("training"), dict):
+        kept["training"] = {k: v for k, v in kept["training"].items() if k not in MOVED_TO_RESOURCES}
+    return json.dumps(kept, sort_keys=True)
 
 
 def _reject_non_finite(value: Any, path: str) -> None:
@@ -293,7 +276,8 @@ def _format_errors(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            moved = e["loc"][:-1] == ("training",) and e["loc"][-1] in MOVED_TO_RESOURCES
+            msg = f"moved to resources.{e['loc'][-1]}" if moved else "unknown field"
         value = e.get("input")
         quiet = isinstance(value, (dict, list)) or e["type"] == "missing" or "got " in msg
         shown = "" if quiet else f" (got {value!r})"

@@ -56,7 +56,7 @@ class ServiceMetrics:
         self.steps_replayed = Counter("shardprop_steps_replayed", "Steps computed again after a recovery",
                                       job, registry=r)
         self.hung_workers = Counter("shardprop_hung_workers", "Gradient workers killed and replaced for "
-                                    "exceeding training.worker_timeout_s", job, registry=r)
+                                    "exceeding resources.worker_timeout_s", job, registry=r)
         self.nonfinite_skipped = Counter("shardprop_nonfinite_steps_skipped", "Steps skipped for a non-finite "
                                          "gradient", job, registry=r)
         self.staleness = Histogram("shardprop_staleness", "Versions between computing and applying a gradient "

@@ -209,7 +209,7 @@ class Scheduler:
         job_id = job["id"]
         try:
             spec = parse_spec(job["spec"])
-            if job["workers"] != spec.training.workers:
+            if job["workers"] != spec.resources.workers:
                 spec = spec.with_workers(job["workers"])
         except SpecError as err:
             self._fail(job_id, f"spec no longer valid: {err}")
@@ -316,7 +316,7 @@ class Scheduler:
         elif kind == "resize":
             self.store.set_workers(job_id, int(detail["to"]))
         elif kind == "hung":
-            log.warning("job %s: no result for step %s within %g s (training.worker_timeout_s); workers %s "
+            log.warning("job %s: no result for step %s within %g s (resources.worker_timeout_s); workers %s "
                         "killed, to be replaced unless that step has hung 3 times",
                         job_id, detail["step"], detail["seconds"], detail["workers"])
         if kind in ("recovery", "hung") and self.metrics is not None:

@@ -151,7 +151,7 @@ class Store:
                 "INSERT INTO jobs (id, name, spec, state, step, steps, error, created_at, updated_at, "
                 "idempotency_key, body_hash, workers) VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?)",
                 (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(training.get("steps", 0)),
-                 at, at, idempotency_key, body_hash, int(training.get("workers", 1))))
+                 at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1))))
             db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, NULL, "
                        "'queued', ?, 'submitted')", (job_id, at))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="run a job directly on Ray (or in-process with --reference)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("job", help="job spec, YAML or JSON")
-    p.add_argument("--workers", type=int, help="gradient workers (overrides training.workers)")
+    p.add_argument("--workers", type=int, help="gradient workers (overrides resources.workers)")
     p.add_argument("--address", help="attach to this Ray cluster instead of starting a private one")
     p.add_argument("--out", help="model file to write (default: <job name>.npz)")
     p.add_argument("--checkpoint-dir", help=f"where checkpoints go (default: a new folder under {RUNS})")
@@ -117,7 +117,7 @@ def _run_on_ray(spec, args, on_step, progress):
     import ray
 
     ours = not ray.is_initialized()  # a caller already connected keeps its connection
-    connect_ray(args.address, spec.training.workers)
+    connect_ray(args.address, spec.resources.workers)
 
     def on_event(kind: str, detail: dict) -> None:
         if kind == "resumed":

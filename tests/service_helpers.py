@@ -18,6 +18,7 @@ import uvicorn
 
 from service.api import create_app
 from service.settings import Settings
+from spec_helpers import place
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,15 +27,14 @@ TINY = {
     "seed": 0,
     "data": {"source": "digits", "shards": 2, "validation_split": 0.2},
     "model": {"hidden": [16], "activation": "relu", "output": "softmax", "loss": "cross_entropy"},
-    "training": {"workers": 1, "batch_size": 64, "steps": 30, "eval_every": 10, "checkpoint_every": 10,
+    "training": {"batch_size": 64, "steps": 30, "eval_every": 10, "checkpoint_every": 10,
                  "optimizer": {"name": "sgd", "lr": 0.1}},
+    "resources": {"workers": 1},
 }
 
 
-def tiny_spec(**training) -> dict:
-    spec = copy.deepcopy(TINY)
-    spec["training"].update(training)
-    return spec
+def tiny_spec(**fields) -> dict:
+    return place(copy.deepcopy(TINY), **fields)
 
 
 def free_port() -> int:

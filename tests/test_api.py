@@ -52,9 +52,9 @@ BAD = [
     ("lr as list", _with("training.optimizer.lr", [0.1]), 422, ["training.optimizer.lr"]),
     ("zero steps", _with("training.steps", 0), 422, ["steps", "0"]),
     ("negative batch", _with("training.batch_size", -5), 422, ["batch_size", "-5"]),
-    ("zero workers", _with("training.workers", 0), 422, ["workers", "0"]),
+    ("zero workers", _with("resources.workers", 0), 422, ["workers", "0"]),
     ("zero hidden width", _with("model.hidden", [0]), 422, ["hidden[0]", "0"]),
-    ("a billion workers", _with("training.workers", 10**9), 422, ["workers", "1000000000"]),
+    ("a billion workers", _with("resources.workers", 10**9), 422, ["workers", "1000000000"]),
     ("a billion hidden units", _with("model.hidden", [10**9]), 422, ["hidden[0]", "1000000000"]),
     ("absurd shards", _with("data.shards", 10**12), 422, ["shards"]),
     ("nan lr", b'{"name": "x", "data": {"source": "digits"}, "training": {"steps": 3, '
@@ -66,7 +66,7 @@ BAD = [
     ("absolute data path outside roots", _with("data.source", "/etc/passwd.csv"), 422,
      ["data.source", "/etc/passwd.csv", "outside"]),
     ("missing data file", _with("data.source", "nothere.npz"), 422, ["data.source", "nothere.npz"]),
-    ("workers above shards", _with("training.workers", 3), 422, ["training.workers", "data.shards"]),
+    ("workers above shards", _with("resources.workers", 3), 422, ["resources.workers", "data.shards"]),
 ]
 
 

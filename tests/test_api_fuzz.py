@@ -27,7 +27,7 @@ FIELDS = {
     "model.activation": st.sampled_from(["relu", "tanh", "sigmoid", "swish", ""]),
     "model.output": st.sampled_from(["softmax", "sigmoid", "identity", "linear"]),
     "model.loss": st.sampled_from(["cross_entropy", "squared_error", "hinge"]),
-    "training.workers": st.integers(-3, 10**10),
+    "resources.workers": st.integers(-3, 10**10),
     "training.steps": st.integers(-3, 10**10),
     "training.batch_size": st.integers(-3, 10**10),
     "training.mode": st.sampled_from(["sync", "async", "ring"]),

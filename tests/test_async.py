@@ -7,19 +7,20 @@ import pytest
 
 from core.spec import parse_spec
 from workers.coordinator import Coordinator
+from spec_helpers import place
 
 pytestmark = [pytest.mark.ray]
 
 
 def digits(mode, steps, **training):
-    return parse_spec({
+    return parse_spec(place({
         "name": f"digits-{mode}", "seed": 0,
         "data": {"source": "digits", "shards": 4},
         "model": {"hidden": [64]},
-        "training": {"mode": mode, "workers": 2, "batch_size": 128, "steps": steps, "eval_every": 0,
-                     "checkpoint_every": 0, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-                     **training},
-    })
+        "training": {"mode": mode, "batch_size": 128, "steps": steps, "eval_every": 0,
+                     "checkpoint_every": 0, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        "resources": {"workers": 2},
+    }, **training))
 
 
 def test_async_reaches_sync_accuracy_within_one_and_a_half_times_the_samples(ray_cluster, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 
 from core.spec import parse_spec
 from core.trainer import train
+from spec_helpers import place
 from test_distributed import OPTIMIZERS
 
 pytestmark = [pytest.mark.ray]
@@ -26,13 +27,13 @@ pytestmark = [pytest.mark.ray]
 
 
 def raw_spec(dtype="float32", optimizer="momentum", workers=2, **training):
-    return {
+    return place({
         "name": "compiled", "seed": 11,
         "data": {"source": "digits", "shards": 4, "validation_split": 0.2},
         "model": {"hidden": [32, 16], "activation": "tanh"},
-        "training": {"workers": workers, "batch_size": 101, "steps": 12, "dtype": dtype,
-                     "optimizer": OPTIMIZERS[optimizer], "eval_every": 5, "checkpoint_every": 4, **training},
-    }
+        "training": {"batch_size": 101, "steps": 12, "dtype": dtype,
+                     "optimizer": OPTIMIZERS[optimizer], "eval_every": 5, "checkpoint_every": 4},
+    }, workers=workers, **training)
 
 
 CASES = [

@@ -25,8 +25,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 JOB = {"name": "dash", "seed": 0, "data": {"source": "digits", "shards": 2},
        "model": {"hidden": [32]},
-       "training": {"workers": 2, "batch_size": 64, "steps": 400, "eval_every": 20, "checkpoint_every": 100,
-                    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}}
+       "training": {"batch_size": 64, "steps": 400, "eval_every": 20, "checkpoint_every": 100,
+                    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+       "resources": {"workers": 2}}
 PHASES = {"compute", "transfer", "reduce_apply", "wait"}
 
 

@@ -10,7 +10,7 @@ from core.spec import parse_spec
 
 
 def data_spec(**fields):
-    return parse_spec({"data": {"shards": 2, **fields}, "training": {"steps": 1, "workers": 1}}).data
+    return parse_spec({"data": {"shards": 2, **fields}, "training": {"steps": 1}, "resources": {"workers": 1}}).data
 
 
 @pytest.mark.parametrize("name, rows, features, classes", [

@@ -109,7 +109,7 @@ connect_ray(sys.argv[1])
 assert not started_here()
 graphs = []
 spec = parse_spec({"name": "attached", "seed": 0, "data": {"source": "digits", "shards": 2},
-                   "training": {"workers": 2, "batch_size": 64, "steps": 3}})
+                   "training": {"batch_size": 64, "steps": 3}, "resources": {"workers": 2}})
 Coordinator(spec, sys.argv[2] + "/attached-run", on_event=lambda kind, d: graphs.append(
     {"transport": d["transport"], "nodes": d["nodes"]}) if kind == "graph" else None).run()
 print(json.dumps(graphs))

@@ -10,6 +10,7 @@ from core.spec import parse_spec
 from core.trainer import TrainingError, train
 from workers.checkpoint import list_checkpoints, read_checkpoint
 from workers.coordinator import Coordinator, JobCancelled
+from spec_helpers import place
 
 pytestmark = [pytest.mark.ray]
 
@@ -21,13 +22,13 @@ OPTIMIZERS = {
 
 
 def small_spec(dtype="float32", optimizer="momentum", workers=2, shards=4, **training):
-    return parse_spec({
+    return parse_spec(place({
         "name": "equivalence", "seed": 3,
         "data": {"source": "digits", "shards": shards, "validation_split": 0.2},
         "model": {"hidden": [32, 16], "activation": "tanh"},
-        "training": {"workers": workers, "batch_size": 101, "steps": 12, "dtype": dtype,
-                     "optimizer": OPTIMIZERS[optimizer], "eval_every": 5, "checkpoint_every": 4, **training},
-    })
+        "training": {"batch_size": 101, "steps": 12, "dtype": dtype,
+                     "optimizer": OPTIMIZERS[optimizer], "eval_every": 5, "checkpoint_every": 4},
+    }, workers=workers, **training))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

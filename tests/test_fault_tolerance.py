@@ -18,18 +18,19 @@ from workers.checkpoint import list_checkpoints, latest_checkpoint, read_checkpo
 from workers.coordinator import Coordinator, JobCancelled
 from workers.gradient_worker import GradientWorker
 from workers.parameter_server import ParameterServer, StaleStep
+from spec_helpers import place
 
 pytestmark = [pytest.mark.ray, pytest.mark.chaos]
 
 
 def spec(workers=2, shards=6, steps=16, **training):
-    return parse_spec({
+    return parse_spec(place({
         "name": "chaos", "seed": 5,
         "data": {"source": "digits", "shards": shards},
         "model": {"hidden": [24]},
-        "training": {"workers": workers, "batch_size": 96, "steps": steps, "eval_every": 0,
-                     "checkpoint_every": 4, "optimizer": {"name": "adam", "lr": 0.01}, **training},
-    })
+        "training": {"batch_size": 96, "steps": steps, "eval_every": 0,
+                     "checkpoint_every": 4, "optimizer": {"name": "adam", "lr": 0.01}},
+    }, workers=workers, **training))
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +366,7 @@ def test_a_step_that_hangs_every_time_fails_the_job_after_three_tries(ray_cluste
                               faults={i: {"delay_s": 600} for i in range(8)},
                               on_event=lambda kind, detail: events.append((kind, detail)))
     with pytest.raises(TrainingError, match=r"step 1 hung 3 times: no result within "
-                                            r"training.worker_timeout_s \(2 s\)"):
+                                            r"resources.worker_timeout_s \(2 s\)"):
         coordinator.run()
     assert [d["workers"] for kind, d in events if kind == "hung"] == [[0, 1], [2, 3], [4, 5]]
     assert coordinator.counters.hung_workers == 6

@@ -26,7 +26,7 @@ def test_minimal_spec_gets_documented_defaults():
 @pytest.mark.parametrize("raw, words", [
     (spec_with("training", steps=0), ["training.steps", "0"]),
     (spec_with("training", steps=-5), ["training.steps", "-5"]),
-    (spec_with("training", workers=10**9), ["training.workers", "1000000000"]),
+    (spec_with("resources", workers=10**9), ["resources.workers", "1000000000"]),
     (spec_with("training", batch_size=0), ["training.batch_size", "0"]),
     (spec_with("data", shards=0), ["data.shards", "0"]),
     (spec_with("data", validation_split=1.0), ["data.validation_split", "1.0"]),
@@ -43,16 +43,17 @@ def test_minimal_spec_gets_documented_defaults():
     (spec_with("training", optimizer={"nesterov": True}), ["nesterov", "momentum"]),
     (spec_with("training", optimizer={"name": "rmsprop"}), ["training.optimizer.name", "rmsprop"]),
     (spec_with("data", colour="blue"), ["data.colour", "unknown field"]),
-    (spec_with("training", mode="async", parameter_servers=2), ["parameter_servers (2)", "async"]),
-    (spec_with("training", worker_timeout_s=-1), ["training.worker_timeout_s", "-1", "0 (never)"]),
-    (spec_with("training", worker_timeout_s=0.001), ["training.worker_timeout_s", "0.001", "[1, 604800]"]),
-    (spec_with("training", worker_timeout_s=1e9), ["training.worker_timeout_s", "1000000000.0"]),
-    (spec_with("training", worker_timeout_s="60"), ["training.worker_timeout_s", "'60'"]),
+    ({**spec_with("training", mode="async"), "resources": {"parameter_servers": 2}}, ["parameter_servers (2)", "async"]),
+    (spec_with("resources", worker_timeout_s=-1), ["resources.worker_timeout_s", "-1", "0 (never)"]),
+    (spec_with("resources", worker_timeout_s=0.001), ["resources.worker_timeout_s", "0.001", "[1, 604800]"]),
+    (spec_with("resources", worker_timeout_s=1e9), ["resources.worker_timeout_s", "1000000000.0"]),
+    (spec_with("resources", worker_timeout_s="60"), ["resources.worker_timeout_s", "'60'"]),
     ({**BASE, "extra": 1}, ["extra", "unknown field"]),
-    (spec_with("training", workers=5), ["training.workers (5)", "data.shards (4)"]),
+    (spec_with("resources", workers=5), ["resources.workers (5)", "data.shards (4)"]),
     (spec_with("training", batch_size=3), ["training.batch_size (3)", "data.shards (4)"]),
     (spec_with("data", source="weights.pkl"), ["data.source", "weights.pkl"]),
-    ({"data": {"source": "synthetic", "samples": 3, "shards": 4}, "training": {"steps": 1, "workers": 1, "batch_size": 4}},
+    ({"data": {"source": "synthetic", "samples": 3, "shards": 4}, "training": {"steps": 1, "batch_size": 4},
+      "resources": {"workers": 1}},
      ["data.shards (4)", "training rows (3)"]),
     ({"training": {"steps": 1}}, ["data", "Field required"]),
     ({"data": {"source": "digits"}}, ["training", "Field required"]),
@@ -85,8 +86,8 @@ def test_unreadable_and_malformed_files_are_refused(tmp_path):
 
 def test_with_workers_revalidates():
     spec = parse_spec(BASE)
-    assert spec.with_workers(4).training.workers == 4
-    with pytest.raises(SpecError, match="training.workers"):
+    assert spec.with_workers(4).resources.workers == 4
+    with pytest.raises(SpecError, match="resources.workers"):
         spec.with_workers(0)
 
 

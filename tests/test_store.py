@@ -8,7 +8,7 @@ import pytest
 
 from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
 
-SPEC = {"name": "a", "training": {"steps": 10, "workers": 2}}
+SPEC = {"name": "a", "training": {"steps": 10}, "resources": {"workers": 2}}
 
 
 @pytest.fixture

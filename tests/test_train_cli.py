@@ -18,8 +18,9 @@ JOB = {
     "name": "cli", "seed": 1,
     "data": {"source": "iris", "shards": 3, "validation_split": 0.2},
     "model": {"hidden": [8], "activation": "tanh"},
-    "training": {"workers": 2, "batch_size": 30, "steps": 15, "eval_every": 5, "checkpoint_every": 5,
+    "training": {"batch_size": 30, "steps": 15, "eval_every": 5, "checkpoint_every": 5,
                  "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+    "resources": {"workers": 2},
 }
 
 
@@ -57,10 +58,10 @@ def test_train_refuses_a_used_checkpoint_dir_and_resumes_with_resume(ray_local, 
 
 def test_bad_spec_is_a_one_line_error_naming_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**JOB, "training": {**JOB["training"], "workers": 5}}))
+    bad.write_text(yaml.safe_dump({**JOB, "resources": {"workers": 5}}))
     assert main(["train", str(bad), "--reference"]) == 2
     err = capsys.readouterr().err
-    assert "training.workers (5)" in err and "Traceback" not in err
+    assert "resources.workers (5)" in err and "Traceback" not in err
 
 
 def test_the_installed_command_runs_a_reference_job(job, tmp_path):

@@ -24,8 +24,9 @@ def test_digits_example_reaches_96_percent_and_is_bit_identical_run_after_run():
 
 
 def test_a_step_is_shard_sums_added_in_shard_order_then_divided():
-    spec = parse_spec({"data": {"source": "wine", "shards": 3}, "training": {"steps": 1, "workers": 1,
-                                                                            "batch_size": 31, "dtype": "float64"}})
+    spec = parse_spec({"data": {"source": "wine", "shards": 3}, "training": {"steps": 1, "batch_size": 31,
+                                                                            "dtype": "float64"},
+                       "resources": {"workers": 1}})
     data = ShardedData.from_spec(spec)
     net = build_network(spec, data.dataset)
     with one_blas_thread():
@@ -50,8 +51,9 @@ def test_gradients_out_of_shard_order_are_refused():
 def test_the_reference_fails_after_k_non_finite_steps_in_a_row():
     spec = parse_spec({"data": {"source": "iris", "shards": 2},
                        "model": {"hidden": [4], "output": "identity", "loss": "squared_error"},
-                       "training": {"steps": 50, "workers": 1, "batch_size": 20, "max_nonfinite_steps": 2,
-                                    "optimizer": {"name": "sgd", "lr": 1e4}}})
+                       "training": {"steps": 50, "batch_size": 20, "max_nonfinite_steps": 2,
+                                    "optimizer": {"name": "sgd", "lr": 1e4}},
+                       "resources": {"workers": 1}})
     seen = []
     with pytest.raises(TrainingError, match="2 non-finite steps in a row"):
         train(spec, on_step=seen.append)
@@ -61,7 +63,8 @@ def test_the_reference_fails_after_k_non_finite_steps_in_a_row():
 @pytest.mark.parametrize("source, extra", [("breast_cancer", {"output": "sigmoid"}), ("iris", {}), ("wine", {})])
 def test_builtin_sets_are_learnable(source, extra):
     spec = parse_spec({"data": {"source": source, "shards": 2}, "model": {"hidden": [16], **extra},
-                       "training": {"steps": 150, "workers": 1, "batch_size": 32,
-                                    "optimizer": {"name": "adam", "lr": 0.01}, "eval_every": 50}})
+                       "training": {"steps": 150, "batch_size": 32,
+                                    "optimizer": {"name": "adam", "lr": 0.01}, "eval_every": 50},
+                       "resources": {"workers": 1}})
     _, history = train(spec)
     assert history[-1]["val_accuracy"] >= 0.85

@@ -33,7 +33,7 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayChannelError, RayTaskError
 
 from core.mlp import MLP
-from core.spec import JobSpec, load_spec
+from core.spec import JobSpec, checkpoint_key, load_spec
 from core.trainer import (NonFiniteGuard, ShardedData, TrainingError, build_network, evaluate,
                           should_evaluate, step_record)
 from workers import shared
@@ -74,7 +74,7 @@ class Counters:
     recovery_seconds: float = 0.0
     nonfinite_skipped: int = 0
     damaged_checkpoints: int = 0
-    hung_workers: int = 0  # workers killed for exceeding training.worker_timeout_s (also in worker_failures)
+    hung_workers: int = 0  # workers killed for exceeding resources.worker_timeout_s (also in worker_failures)
     stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
     staleness: list = field(default_factory=list)  # async: staleness of each applied update
     nodes: set = field(default_factory=set)
@@ -117,7 +117,7 @@ class Coordinator:
         self.counters = Counters()
         self.step = 0  # highest version reported; never goes backwards
         self._cancelled = threading.Event()
-        self._target_workers = self.spec.training.workers
+        self._target_workers = self.spec.resources.workers
         self._lock = threading.Lock()
         self.workers: list = []
         self._worker_indices: list[int] = []  # each worker's index (its fault knobs and its name in errors)
@@ -147,7 +147,7 @@ class Coordinator:
 
     @property
     def required_cpus(self) -> int:
-        return self.spec.training.workers * self.spec.training.cpus_per_worker
+        return self.spec.resources.workers * self.spec.resources.cpus_per_worker
 
     def cancel(self) -> None:
         """Stop at the next step boundary. A compiled step cannot be
@@ -180,7 +180,7 @@ class Coordinator:
 
     def run(self, resume: bool = False) -> MLP:
         """Train to the end; returns the trained network."""
-        connect_ray(None, self.spec.training.workers)
+        connect_ray(None, self.spec.resources.workers)
         spec = self.spec
         # Loading the data here checks it before any actor starts, and gives the
         # initial network; the workers load their own copies.
@@ -223,7 +223,7 @@ class Coordinator:
         makes the kill part of the wait it timed: a result that arrives
         meanwhile is only taken once the kill is done, and nothing changes the
         workers while the coordinator waits."""
-        limit = self.spec.training.worker_timeout_s
+        limit = self.spec.resources.worker_timeout_s
         stop = threading.Event()
 
         def watch() -> None:
@@ -441,7 +441,7 @@ class Coordinator:
 
     def _placeable_workers(self) -> int:
         free = ray.available_resources().get("CPU", 0.0)
-        return int(free // self.spec.training.cpus_per_worker)
+        return int(free // self.spec.resources.cpus_per_worker)
 
     def _train_async(self, start: int) -> list:
         """Async mode: each worker computes one shard at a time on the newest
@@ -535,7 +535,7 @@ class Coordinator:
     def _async_replace_hung(self, run: "AsyncRun") -> None:
         """Replace every worker whose computation has taken longer than
         `worker_timeout_s` (one hang, however many workers)."""
-        limit = self.spec.training.worker_timeout_s
+        limit = self.spec.resources.worker_timeout_s
         now = time.monotonic()
         hung = [c for c in run.inflight.values() if limit > 0 and now - c.submitted > limit]
         if not hung:
@@ -554,13 +554,13 @@ class Coordinator:
         piece of work in `made` (a sync step, or async shard batches: (key,
         its name)); a piece's HANGS_PER_STEP-th hang fails the job (the job's
         steps may just be slow). Returns the "hung" event's detail."""
-        limit = self.spec.training.worker_timeout_s
+        limit = self.spec.resources.worker_timeout_s
         self.counters.hung_workers += len(workers)
         for key, what in made:
             count = self._hangs[key] = self._hangs.get(key, 0) + 1
             if count >= HANGS_PER_STEP:
                 self._given_up = TrainingError(
-                    f"{what} hung {count} times: no result within training.worker_timeout_s ({limit:g} s) "
+                    f"{what} hung {count} times: no result within resources.worker_timeout_s ({limit:g} s) "
                     f"with workers started afresh each time; if this job's steps are that slow, raise it")
         return {"step": step, "seconds": limit, "workers": workers}
 
@@ -766,7 +766,7 @@ class Coordinator:
     # ----------------------------------------------------------- actors
 
     def _start_servers(self, params: np.ndarray, version: int, optimizer_state) -> None:
-        k = self.spec.training.parameter_servers
+        k = self.spec.resources.parameter_servers
         bounds = slice_bounds(params.size, k)
         if isinstance(optimizer_state, list):  # states of k live slices
             optimizer_state = join_optimizer_states([s["optimizer"] for s in optimizer_state],
@@ -779,7 +779,7 @@ class Coordinator:
         self.server_locations = ray.get([s.location.remote() for s in self.servers])
 
     def _start_workers(self, count: int) -> None:
-        t = self.spec.training
+        t = self.spec.resources
         new = []
         for _ in range(count):
             index = self._next_worker_index
@@ -864,8 +864,7 @@ class Coordinator:
 
     def _spec_key(self) -> str:
         """The spec as stored in checkpoints, less what may change on resume
-        because it changes no arithmetic: the worker count, core pinning and
-        the worker timeout."""
+        because it changes no arithmetic: its `resources`."""
         return spec_key(self.spec.model_dump(mode="json"))
 
     def _latest_checkpoint(self) -> Checkpoint | None:
@@ -880,18 +879,14 @@ class Coordinator:
 
 
 def spec_key(raw: dict) -> str:
-    """A spec (as JSON data) as checkpoints name it: less what may change on
-    resume because it changes no arithmetic (worker count, core pinning,
-    worker timeout)."""
-    training = dict(raw.get("training", {}), workers=None)
-    for name in ("pin_cores", "worker_timeout_s"):
-        training.pop(name, None)
-    return json.dumps({**raw, "training": training}, sort_keys=True)
+    """A spec (as JSON data) as checkpoints name it: less its `resources`,
+    which change no arithmetic and so may change on resume."""
+    return checkpoint_key(raw)
 
 
 def _stored_spec_key(spec_json: str) -> str:
     """A checkpoint's spec key, read again by today's rule (a checkpoint
-    written before a field joined the exceptions still names it)."""
+    written before `resources` existed names its fields in `training`)."""
     try:
         raw = json.loads(spec_json)
     except ValueError:

@@ -57,7 +57,7 @@ class GradientWorker:
         # {"delay_s": seconds} slows every compute call (a straggler).
         self.faults = faults or {}
         # Cores of its own while the machine has free ones: see workers.cores.
-        self._pin = spec.training.pin_cores
+        self._pin = spec.resources.pin_cores
         self._cores = claim_cores(self.threads) if self._pin else None
         self._next_claim_at = time.monotonic() + 1.0
         self._views = shared.SharedViews()  # the servers' parameter files

@@ -8,7 +8,7 @@ reduces them in shard order and averages by sample count through core's
 `reduce_gradients`, and applies the optimizer. In async mode it is called
 with object references and returns the new parameters to the object store.
 
-`training.parameter_servers: k` splits the vector into k contiguous slices,
+`resources.parameter_servers: k` splits the vector into k contiguous slices,
 one actor each. Every optimizer rule is elementwise, so k slices give the same
 bits as one. Whether a step is applied must still be decided for the whole
 vector (a non-finite value in any slice skips the step everywhere), so a step
