@@ -389,3 +389,36 @@ def test_a_resume_may_change_what_changes_no_arithmetic_and_nothing_else(tmp_pat
     old = spec(pin_cores=False).model_dump(mode="json")
     old["training"]["workers"] = None
     assert _stored_spec_key(json.dumps(old, sort_keys=True)) == key
+
+
+# The spec key a checkpoint of spec() got from the code before `resources`:
+# those fields sat in `training`, the worker count as null.
+OLD_LAYOUT_KEY = (
+    '{"data": {"classes": 3, "features": 20, "label_column": null, "samples": 2000, "shards": 6, '
+    '"source": "digits", "standardize": true, "validation_split": 0.2}, '
+    '"model": {"activation": "relu", "bias": true, "hidden": [24], "init": "he", "loss": "cross_entropy", '
+    '"output": "softmax"}, "name": "chaos", "seed": 5, '
+    '"training": {"batch_size": 96, "checkpoint_every": 4, "cpus_per_worker": 1, "dtype": "float32", '
+    '"eval_every": 0, "max_nonfinite_steps": 3, "max_staleness": 4, "mode": "sync", '
+    '"optimizer": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-08, "lr": 0.01, "momentum": 0.0, "name": "adam", '
+    '"nesterov": false, "schedule": {"gamma": 0.1, "min_lr": 0.0, "name": "constant", "step_size": 100, '
+    '"warmup_steps": 0}, "weight_decay": 0.0}, "parameter_servers": 1, "steps": 16, "workers": null}}'
+)
+
+
+def test_a_checkpoint_from_before_resources_still_resumes(tmp_path):
+    """Its key, read again, is today's key of the same spec, whatever its
+    resources; older still, with pinning, the timeout and two server slices
+    in `training`, too; with another batch size it is not."""
+    import json
+
+    from workers.coordinator import _stored_spec_key
+
+    key = Coordinator(spec(), tmp_path)._spec_key()
+    assert _stored_spec_key(OLD_LAYOUT_KEY) == key
+    assert Coordinator(spec(workers=3, parameter_servers=2, pin_cores=False), tmp_path)._spec_key() == key
+    older = json.loads(OLD_LAYOUT_KEY)
+    older["training"].update(pin_cores=False, worker_timeout_s=5.0, parameter_servers=2)
+    assert _stored_spec_key(json.dumps(older, sort_keys=True)) == key
+    older["training"]["batch_size"] = 120
+    assert _stored_spec_key(json.dumps(older, sort_keys=True)) != key

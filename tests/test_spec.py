@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from core.spec import SpecError, load_spec, parse_spec
+from core.spec import SpecError, checkpoint_key, load_spec, parse_spec
 
 BASE = {"data": {"source": "digits"}, "training": {"steps": 10}}
 
@@ -97,3 +97,26 @@ def test_examples_are_valid():
     assert examples
     for path in examples:
         load_spec(path)
+
+
+def test_resources_default_when_left_out():
+    r = parse_spec(BASE).resources
+    assert (r.workers, r.cpus_per_worker, r.parameter_servers, r.pin_cores, r.worker_timeout_s) == (2, 1, 1, True, 600.0)
+
+
+@pytest.mark.parametrize("field, value", [("workers", 2), ("cpus_per_worker", 1), ("parameter_servers", 1),
+                                          ("pin_cores", False), ("worker_timeout_s", 60.0)])
+def test_a_field_of_the_old_layout_is_told_where_it_moved(field, value):
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec_with("training", **{field: value}))
+    assert f"training.{field}: moved to resources.{field}" in str(err.value)
+    parse_spec(spec_with("resources", **{field: value}))  # where it lives now
+
+
+def test_the_checkpoint_key_is_the_spec_minus_resources():
+    key = checkpoint_key(parse_spec(BASE).model_dump(mode="json"))
+    for resources in ({"workers": 4}, {"cpus_per_worker": 3}, {"parameter_servers": 2}, {"pin_cores": False},
+                      {"worker_timeout_s": 0.0}):
+        assert checkpoint_key(parse_spec({**BASE, "resources": resources}).model_dump(mode="json")) == key
+    for changed in (spec_with("training", batch_size=64), {**BASE, "seed": 1}):
+        assert checkpoint_key(parse_spec(changed).model_dump(mode="json")) != key
