@@ -1,8 +1,8 @@
 """Async against sync when one worker is slow.
 
 Two workers on digits (4 shards, global batch 128); worker 1 is slowed on
-purpose with the `delay_s` fault knob (a test-and-benchmark setting, off by
-default). Sync waits for the straggler every step; async applies the fast
+purpose with a `delay_s` fault (workers.faults, passed as the coordinator's
+`start_worker`). Sync waits for the straggler every step; async applies the fast
 worker's shard gradients as they come. Reports applied updates per second
 and samples per second for both, median of several rounds, alternating.
 
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.spec import parse_spec  # noqa: E402
 from workers.coordinator import Coordinator  # noqa: E402
+from workers.faults import FaultPlan, Faults  # noqa: E402
 from workers.runtime import connect_ray  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def measure(mode: str, steps: int, delay: float) -> dict:
         samples.append(r["samples"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        Coordinator(spec(mode, steps), tmp, on_step=on_step, faults={1: {"delay_s": delay}}).run()
+        Coordinator(spec(mode, steps), tmp, on_step=on_step, start_worker=FaultPlan({1: Faults(delay_s=delay)})).run()
     skip = len(stamps) // 5  # warm-up
     seconds = stamps[-1] - stamps[skip]
     return {"updates_per_s": (len(stamps) - 1 - skip) / seconds, "samples_per_s": sum(samples[skip + 1:]) / seconds}

@@ -75,9 +75,9 @@ def run_distributed(spec) -> dict:
     records, on_step = timed_records()
     transports = []
 
-    def on_event(kind, detail):
-        if kind == "graph":
-            transports.append(detail["transport"])
+    def on_event(event):
+        if event.kind == "graph":
+            transports.append(event.transport)
 
     with tempfile.TemporaryDirectory() as tmp:
         Coordinator(spec, tmp, on_step=on_step, on_event=on_event).run()

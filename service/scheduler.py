@@ -219,7 +219,7 @@ class Scheduler:
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, on_step=lambda record: self._on_step(job_id, record),
-            on_event=lambda kind, detail: self._on_event(job_id, kind, detail))
+            on_event=lambda event: self._on_event(job_id, event.kind, event.detail()))
         try:
             if not self._ray_connected:
                 self.waiting_for = f"connecting to Ray at {self.settings.ray_address or 'a private local instance'}"

@@ -102,6 +102,7 @@ def run(args) -> int:
 def _run_on_ray(spec, args, on_step, progress):
     from workers.coordinator import Coordinator, JobCancelled
     from workers.checkpoint import list_checkpoints
+    from workers.protocol import Event, Recovered, Resumed
     from workers.runtime import connect_ray
 
     if args.resume:
@@ -119,11 +120,12 @@ def _run_on_ray(spec, args, on_step, progress):
     ours = not ray.is_initialized()  # a caller already connected keeps its connection
     connect_ray(args.address, spec.resources.workers)
 
-    def on_event(kind: str, detail: dict) -> None:
-        if kind == "resumed":
-            progress.bar.update(detail["step"] - progress.bar.n)
-        elif kind == "recovery":
-            progress.bar.write(f"recovered at step {detail['step']} in {detail['seconds']:.1f} s")
+    def on_event(event: Event) -> None:
+        match event:
+            case Resumed(step=step):
+                progress.bar.update(step - progress.bar.n)
+            case Recovered(step=step, seconds=seconds):
+                progress.bar.write(f"recovered at step {step} in {seconds:.1f} s")
 
     coordinator = Coordinator(spec, directory, data_roots=args.data_root, on_step=on_step, on_event=on_event)
     print(f"checkpoints: {directory}", file=sys.stderr)

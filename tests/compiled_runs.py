@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 
 from core.spec import parse_spec  # noqa: E402
 from workers.coordinator import Coordinator  # noqa: E402
+from workers.sync_loop import SyncLoop  # noqa: E402
 from workers.runtime import connect_ray  # noqa: E402
+from run_helpers import fault_plan  # noqa: E402
 
 
 def run_case(case: dict, out: Path) -> None:
@@ -42,16 +44,18 @@ def run_case(case: dict, out: Path) -> None:
             os.kill(where["pid"], signal.SIGKILL)
 
     with tempfile.TemporaryDirectory() as tmp:
-        def on_event(kind, detail):
-            if kind == "graph" and coordinator._shared_dir is not None:  # what the job's shared files are now
-                detail = dict(detail, files=sorted(p.name for p in coordinator._shared_dir.iterdir()))
+        def on_event(event):
+            kind, detail = event.kind, event.detail()
+            if kind == "graph" and coordinator.shared_dir is not None:  # what the job's shared files are now
+                detail = dict(detail, files=sorted(p.name for p in coordinator.shared_dir.iterdir()))
             events.append((kind, detail))
 
         coordinator = Coordinator(parse_spec(case["spec"]), tmp, on_step=on_step, on_event=on_event,
-                                  faults={int(k): v for k, v in case.get("faults", {}).items()})
-        if case.get("keep_results"):  # a caller that keeps what the coordinator was handed
-            kept, finish = [], coordinator._finish_step
-            coordinator._finish_step = lambda job, stats: (kept.append(stats), finish(job, stats))
+                                  start_worker=fault_plan(case.get("faults", {})))
+        finish = SyncLoop._finish
+        if case.get("keep_results"):  # a caller that keeps what the step graph handed over
+            kept = []
+            SyncLoop._finish = lambda loop, stats: (kept.append(stats), finish(loop, stats))
         if "shared_root" in case:
             coordinator.shared_root = Path(case["shared_root"])
         if "cancel_after" in case:
@@ -63,6 +67,8 @@ def run_case(case: dict, out: Path) -> None:
         except Exception as err:  # reported to the test, which checks the message
             (out / f"{case['name']}.json").write_text(json.dumps({
                 "error": type(err).__name__, "message": str(err), "seconds": time.monotonic() - began}))
+        finally:
+            SyncLoop._finish = finish
     (out / f"{case['name']}.events.json").write_text(json.dumps(events, default=str))
 
 

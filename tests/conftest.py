@@ -14,7 +14,7 @@ def _our_live_actors():
     from ray._private import state
 
     return [a for a in state.actors().values()
-            if a["State"] != "DEAD" and a["ActorClassName"] in ("GradientWorker", "ParameterServer")]
+            if a["State"] != "DEAD" and a["ActorClassName"] in ("GradientWorker", "FaultyGradientWorker", "ParameterServer")]
 
 
 def assert_cluster_clean(timeout: float = 30.0) -> None:

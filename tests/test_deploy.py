@@ -110,8 +110,8 @@ assert not started_here()
 graphs = []
 spec = parse_spec({"name": "attached", "seed": 0, "data": {"source": "digits", "shards": 2},
                    "training": {"batch_size": 64, "steps": 3}, "resources": {"workers": 2}})
-Coordinator(spec, sys.argv[2] + "/attached-run", on_event=lambda kind, d: graphs.append(
-    {"transport": d["transport"], "nodes": d["nodes"]}) if kind == "graph" else None).run()
+Coordinator(spec, sys.argv[2] + "/attached-run", on_event=lambda e: graphs.append(
+    {"transport": e.transport, "nodes": e.nodes}) if e.kind == "graph" else None).run()
 print(json.dumps(graphs))
 """
 

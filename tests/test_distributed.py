@@ -10,6 +10,7 @@ from core.spec import parse_spec
 from core.trainer import TrainingError, train
 from workers.checkpoint import list_checkpoints, read_checkpoint
 from workers.coordinator import Coordinator, JobCancelled
+from run_helpers import by_kind, fault_plan
 from spec_helpers import place
 
 pytestmark = [pytest.mark.ray]
@@ -63,26 +64,26 @@ def test_resume_after_a_stop_gives_the_same_bits(ray_cluster, tmp_path):
             stopped["at"] = detail["step"]
             coordinator.cancel()
 
-    coordinator = Coordinator(small_spec(), tmp_path / "run", on_event=stop_after_step_8)
+    coordinator = Coordinator(small_spec(), tmp_path / "run", on_event=by_kind(stop_after_step_8))
     with pytest.raises(JobCancelled):
         coordinator.run()
     assert stopped == {"at": 8}
     assert read_checkpoint(list_checkpoints(tmp_path / "run")[-1]).step == 8
     resumed_from = []
     net = Coordinator(small_spec(workers=3), tmp_path / "run",
-                      on_event=lambda k, d: k == "resumed" and resumed_from.append(d["step"])).run(resume=True)
+                      on_event=by_kind(lambda k, d: k == "resumed" and resumed_from.append(d["step"]))).run(resume=True)
     assert resumed_from == [8]
     assert np.array_equal(net.params, reference.params)
 
 
 def test_a_worker_that_raises_fails_the_job_naming_worker_shard_and_step(ray_cluster, tmp_path):
-    coordinator = Coordinator(small_spec(), tmp_path / "run", faults={1: {"fail_at": [3, 5]}})
+    coordinator = Coordinator(small_spec(), tmp_path / "run", start_worker=fault_plan({1: {"fail_at": [3, 5]}}))
     with pytest.raises(TrainingError, match=r"worker 1, shard 3, step 6"):
         coordinator.run()
 
 
 def test_non_finite_rows_fail_the_job_naming_worker_shard_and_step(ray_cluster, tmp_path):
-    coordinator = Coordinator(small_spec(), tmp_path / "run", faults={0: {"nan_rows_at": [2, 7]}})
+    coordinator = Coordinator(small_spec(), tmp_path / "run", start_worker=fault_plan({0: {"nan_rows_at": [2, 7]}}))
     with pytest.raises(TrainingError, match=r"worker 0, shard 2, step 8.*non-finite"):
         coordinator.run()
 

@@ -18,6 +18,9 @@ from workers.checkpoint import list_checkpoints, latest_checkpoint, read_checkpo
 from workers.coordinator import Coordinator, JobCancelled
 from workers.gradient_worker import GradientWorker
 from workers.parameter_server import ParameterServer, StaleStep
+from workers.async_loop import AsyncLoop
+from workers.protocol import StepPlan
+from run_helpers import by_kind, fault_plan
 from spec_helpers import place
 
 pytestmark = [pytest.mark.ray, pytest.mark.chaos]
@@ -49,7 +52,7 @@ def run_with(coordinator_spec, tmp_path, at_step, action, **kw):
             action(coordinator)
 
     coordinator = Coordinator(coordinator_spec, tmp_path / "run", on_step=on_step,
-                              on_event=lambda kind, detail: events.append((kind, detail)), **kw)
+                              on_event=by_kind(lambda kind, detail: events.append((kind, detail))), **kw)
     net = coordinator.run()
     assert records == sorted(set(records)), "reported steps went backwards or repeated"
     return net, coordinator, events
@@ -85,7 +88,8 @@ def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_clus
     # Slowed steps (20 ms per worker call) keep the job running while Ray notices the lost node.
     coordinator = Coordinator(spec(workers=6, steps=150), tmp_path / "run",
                               on_step=lambda r: (records.append(r["workers"]), r["step"] == 5 and step_5.set()),
-                              on_event=on_event, faults={i: {"delay_s": 0.02} for i in range(12)})
+                              on_event=by_kind(on_event),
+                              start_worker=fault_plan({i: {"delay_s": 0.02} for i in range(12)}))
     job = threading.Thread(target=lambda: state.update(net=coordinator.run()))
     job.start()
     try:
@@ -120,14 +124,14 @@ def test_a_duplicate_gradient_is_rejected_and_changes_nothing(ray_cluster):
     server = ParameterServer.remote(s, 0, net.params, 0, net.params.size, 0)
     worker = GradientWorker.options(num_cpus=1).remote(s, 0)
     try:
-        job = {"step": 0, "assignment": {0: [0, 1]}}
+        job = StepPlan(0, {0: (0, 1)})
         result = worker.step.remote(job, server.publish_step.remote(job))
         ray.get(server.apply.remote(job, result))
         first = ray.get(server.publish.remote())
         again = server.apply.remote(job, result)  # the same (step, shards) pushed twice
         with pytest.raises(ray.exceptions.RayTaskError, match="expected step 2"):
             ray.get(again)
-        twice = server.apply.remote({"step": 1, "assignment": {0: [0, 1]}}, result, result)
+        twice = server.apply.remote(StepPlan(1, {0: (0, 1)}), result, result)
         with pytest.raises(ray.exceptions.RayTaskError, match="got shards"):
             ray.get(twice)  # step 0's gradients, twice, offered as step 1's
         assert np.array_equal(ray.get(server.publish.remote()), first)
@@ -145,7 +149,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ray_cluster,
         if kind == "checkpoint" and detail["step"] == 12:
             stop["coordinator"].cancel()
 
-    stop["coordinator"] = Coordinator(s, tmp_path / "run", on_event=cancel_at_12)
+    stop["coordinator"] = Coordinator(s, tmp_path / "run", on_event=by_kind(cancel_at_12))
     with pytest.raises(Exception):
         stop["coordinator"].run()
     newest = list_checkpoints(tmp_path / "run")[-1]
@@ -158,7 +162,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(ray_cluster,
     assert latest_checkpoint(tmp_path / "run", on_damaged=lambda p, e: damaged.append(p)).step == 8
     assert damaged == [newest]
     events = []
-    net = Coordinator(s, tmp_path / "run", on_event=lambda k, d: events.append((k, d))).run(resume=True)
+    net = Coordinator(s, tmp_path / "run", on_event=by_kind(lambda k, d: events.append((k, d)))).run(resume=True)
     assert ("resumed", {"step": 8}) in events
     assert np.array_equal(net.params, reference["default"])
 
@@ -278,25 +282,26 @@ def test_async_resize_moves_shards_without_applying_a_batch_twice(ray_cluster, t
     events = []
     coordinator = Coordinator(async_spec(workers=2, steps=40), tmp_path / "run",
                               on_step=lambda r: r["step"] in (8, 20) and coordinator.resize(3 if r["step"] == 8 else 1),
-                              on_event=lambda kind, detail: events.append((kind, detail)))
+                              on_event=by_kind(lambda kind, detail: events.append((kind, detail))))
     coordinator.run()
     assert [(d["from"], d["to"]) for kind, d in events if kind == "resize"] == [(2, 3), (3, 1)]
     assert len(coordinator.applied_batches) == 40
     each_shards_batches_are_contiguous(coordinator.applied_batches)
 
 
-def test_async_a_server_killed_while_a_checkpoint_is_due_is_restored(ray_cluster, tmp_path, async_reference):
+def test_async_a_server_killed_while_a_checkpoint_is_due_is_restored(ray_cluster, tmp_path, async_reference,
+                                                                    monkeypatch):
     """The server dies after applying update 12 and before giving its state
     for that update's checkpoint: restored from update 6, the same bits."""
     coordinator = Coordinator(async_spec(), tmp_path / "run")
-    finish = coordinator._finish_async_update
+    finish = AsyncLoop._finish
 
-    def server_dies_first(step, *args):
-        if step + 1 == 12 and coordinator.counters.server_failures == 0:
+    def server_dies_first(loop, run, stats):
+        if run.version == 12 and coordinator.counters.server_failures == 0:
             sigkill(coordinator.server_locations[0])
-        return finish(step, *args)
+        return finish(loop, run, stats)
 
-    coordinator._finish_async_update = server_dies_first
+    monkeypatch.setattr(AsyncLoop, "_finish", server_dies_first)
     net = coordinator.run()
     assert np.array_equal(net.params, async_reference)
     assert coordinator.counters.server_failures == 1 and coordinator.counters.steps_replayed == 5
@@ -318,7 +323,7 @@ def test_async_with_racing_workers_a_killed_server_applies_no_batch_twice(ray_cl
 
 def test_async_resumes_each_shard_where_its_checkpoint_says(ray_cluster, tmp_path):
     first = Coordinator(async_spec(workers=2, steps=30), tmp_path / "run",
-                        on_event=lambda kind, d: kind == "checkpoint" and d["step"] == 12 and first.cancel())
+                        on_event=by_kind(lambda kind, d: kind == "checkpoint" and d["step"] == 12 and first.cancel()))
     with pytest.raises(JobCancelled):
         first.run()
     ckpt = latest_checkpoint(tmp_path / "run")
@@ -338,8 +343,8 @@ def test_a_hung_worker_is_killed_and_replaced_with_the_same_bits(ray_cluster, tm
     step result, the worker still computing is found, killed and replaced,
     and the step is made again; worker 0, idle, stays."""
     events = []
-    coordinator = Coordinator(spec(worker_timeout_s=5), tmp_path / "run", faults={1: {"delay_s": 600}},
-                              on_event=lambda kind, detail: events.append((kind, detail)))
+    coordinator = Coordinator(spec(worker_timeout_s=5), tmp_path / "run", start_worker=fault_plan({1: {"delay_s": 600}}),
+                              on_event=by_kind(lambda kind, detail: events.append((kind, detail))))
     net = coordinator.run()
     assert np.array_equal(net.params, reference["default"])
     hung = [d for kind, d in events if kind == "hung"]
@@ -350,8 +355,8 @@ def test_a_hung_worker_is_killed_and_replaced_with_the_same_bits(ray_cluster, tm
 
 def test_async_a_hung_worker_is_replaced_and_its_update_made_again(ray_cluster, tmp_path, async_reference):
     events = []
-    coordinator = Coordinator(async_spec(worker_timeout_s=5), tmp_path / "run", faults={0: {"delay_s": 600}},
-                              on_event=lambda kind, detail: events.append((kind, detail)))
+    coordinator = Coordinator(async_spec(worker_timeout_s=5), tmp_path / "run", start_worker=fault_plan({0: {"delay_s": 600}}),
+                              on_event=by_kind(lambda kind, detail: events.append((kind, detail))))
     net = coordinator.run()
     assert np.array_equal(net.params, async_reference)
     assert [d for kind, d in events if kind == "hung"] == [{"step": 1, "seconds": 5, "workers": [0]}]
@@ -363,8 +368,8 @@ def test_a_step_that_hangs_every_time_fails_the_job_after_three_tries(ray_cluste
     replace workers for ever, the third hang of step 1 fails the job."""
     events = []
     coordinator = Coordinator(spec(worker_timeout_s=2), tmp_path / "run",
-                              faults={i: {"delay_s": 600} for i in range(8)},
-                              on_event=lambda kind, detail: events.append((kind, detail)))
+                              start_worker=fault_plan({i: {"delay_s": 600} for i in range(8)}),
+                              on_event=by_kind(lambda kind, detail: events.append((kind, detail))))
     with pytest.raises(TrainingError, match=r"step 1 hung 3 times: no result within "
                                             r"resources.worker_timeout_s \(2 s\)"):
         coordinator.run()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.trainer import TrainingError
+
 PREFIX, SUFFIX = "ckpt-", ".npz"
 KEEP = 3  # older checkpoints are pruned; a few are kept in case the newest is damaged
 
@@ -115,3 +117,26 @@ def latest_checkpoint(directory: Path, on_damaged=None) -> Checkpoint | None:
             if on_damaged is not None:
                 on_damaged(path, err)
     return None
+
+
+class JobCheckpoints:
+    """One job's checkpoints: written with the job's key and counters, read
+    back only if they belong to the same job (same key), damaged ones
+    reported and skipped."""
+
+    def __init__(self, directory: Path, key: str, key_of_stored, on_written, on_damaged):
+        self.directory = Path(directory)
+        self.key = key  # the spec less what may change on resume (core.spec)
+        self._key_of_stored = key_of_stored  # a stored spec's key by today's rule
+        self._on_written, self._on_damaged = on_written, on_damaged
+
+    def write(self, step: int, params: np.ndarray, optimizer: dict, counters: dict) -> Path:
+        path = write_checkpoint(self.directory, Checkpoint(step, params, dict(optimizer), self.key, counters))
+        self._on_written(step, path)
+        return path
+
+    def latest(self) -> Checkpoint | None:
+        ckpt = latest_checkpoint(self.directory, on_damaged=self._on_damaged)
+        if ckpt is not None and self._key_of_stored(ckpt.spec_json) != self.key:
+            raise TrainingError(f"the checkpoints in {self.directory} belong to a different job spec")
+        return ckpt

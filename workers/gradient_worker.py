@@ -18,10 +18,12 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_limits
 
+from core.mlp import MLP
 from core.spec import JobSpec
 from core.trainer import ShardGradient, ShardedData, build_network, shard_gradient
 from workers import shared
 from workers.cores import claim_cores
+from workers.protocol import StepPlan, WorkerLocation, WorkerResult
 
 
 def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
@@ -35,14 +37,9 @@ def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
     return flat, ready - began, time.perf_counter() - ready
 
 
-class WorkerFault(RuntimeError):
-    """Raised on purpose by the `fail_at` test knob."""
-
-
 @ray.remote(concurrency_groups={"probe": 1})
 class GradientWorker:
-    def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None,
-                 threads: int = 1, faults: dict | None = None):
+    def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None, threads: int = 1):
         # One BLAS thread for the life of the process: see core.trainer.one_blas_thread.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.index = index
@@ -52,10 +49,6 @@ class GradientWorker:
         self._returned_at: float | None = None  # when `step` last returned (sync mode)
         self._computing_since: float | None = None  # time.monotonic() when the current computation began
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
-        # Test and benchmark knobs, off by default: {"fail_at": [shard, step]} raises while
-        # computing that shard; {"nan_rows_at": [shard, step]} feeds it non-finite rows;
-        # {"delay_s": seconds} slows every compute call (a straggler).
-        self.faults = faults or {}
         # Cores of its own while the machine has free ones: see workers.cores.
         self._pin = spec.resources.pin_cores
         self._cores = claim_cores(self.threads) if self._pin else None
@@ -63,41 +56,37 @@ class GradientWorker:
         self._views = shared.SharedViews()  # the servers' parameter files
         self._grads_file = shared.OwnedFile(f"worker-{index}", "grads")  # this worker's gradient rows
 
-    def location(self) -> dict:
-        return {"index": self.index, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "cores": list(self._cores.cores) if self._cores else None}
+    def location(self) -> WorkerLocation:
+        return WorkerLocation(self.index, ray.get_runtime_context().get_node_id(), os.getpid(),
+                              tuple(self._cores.cores) if self._cores else None)
 
-    def _shard(self, net, shard: int, step: int, out: np.ndarray | None = None):
-        where = f"worker {self.index}, shard {shard}, step {step + 1}"
-        if self.faults.get("fail_at") == [shard, step]:
-            raise WorkerFault(f"{where}: injected failure")
-        X = self.data.dataset.X_train
-        rows = self.data.shards[shard].batch(step)
-        if self.faults.get("nan_rows_at") == [shard, step]:
-            X[rows[0], 0] = np.nan  # the loaded data goes bad under a running job
+    def _shard_gradient(self, net: MLP, shard: int, step: int, out: np.ndarray | None) -> ShardGradient:
         # Rows were checked when the data was loaded; a cheap second look per
         # batch turns data that went bad into a clear error, not a skipped step.
-        if not np.isfinite(X[rows]).all():
-            raise ValueError(f"{where}: the shard's input rows hold non-finite values")
+        if not np.isfinite(self.data.dataset.X_train[self.data.shards[shard].batch(step)]).all():
+            raise ValueError(f"worker {self.index}, shard {shard}, step {step + 1}: "
+                             "the shard's input rows hold non-finite values")
         return shard_gradient(net, self.data, shard, step, out=out)
 
-    def _compute(self, step: int, shards: list[int], params: np.ndarray, rows: np.ndarray | None = None) -> dict:
+    def _gradients(self, step: int, shards: tuple[int, ...], params: np.ndarray,
+                   rows: np.ndarray | None) -> list[ShardGradient]:
         """Shard gradient sums at `params`: shard i's into `rows[i]` when rows
         are given (this worker's shared file), else into new arrays."""
+        net = self.net.bind(params)
+        outs = [None] * len(shards) if rows is None else list(rows[:len(shards)])
+        if self.threads == 1:  # no hand-off to a pool thread and back
+            return [self._shard_gradient(net, s, step, out) for s, out in zip(shards, outs)]
+        return list(self.pool.map(lambda s, out: self._shard_gradient(net, s, step, out), shards, outs))
+
+    def _timed(self, step: int, shards: tuple[int, ...], params: np.ndarray,
+               rows: np.ndarray | None = None) -> tuple[list[ShardGradient], float]:
         began = time.perf_counter()
         self._computing_since = time.monotonic()
         try:
-            net = self.net.bind(params)
-            outs = [None] * len(shards) if rows is None else list(rows[:len(shards)])
-            if self.threads == 1:  # no hand-off to a pool thread and back
-                grads = [self._shard(net, s, step, out) for s, out in zip(shards, outs)]
-            else:
-                grads = list(self.pool.map(lambda s, out: self._shard(net, s, step, out), shards, outs))
-            if "delay_s" in self.faults:
-                time.sleep(float(self.faults["delay_s"]))
+            grads = self._gradients(step, shards, params, rows)
         finally:
             self._computing_since = None
-        return {"worker": self.index, "grads": grads, "compute_s": time.perf_counter() - began}
+        return grads, time.perf_counter() - began
 
     @ray.method(concurrency_group="probe")
     def computing_for(self) -> float | None:
@@ -107,10 +96,11 @@ class GradientWorker:
         since = self._computing_since
         return None if since is None else time.monotonic() - since
 
-    def compute(self, step: int, shards: list[int], param_refs: list) -> dict:
+    def compute(self, step: int, shards: tuple[int, ...], param_refs: list) -> WorkerResult:
         """Async mode: gradient sums of `shards` at the parameters in `param_refs`."""
         params, wait_s, transfer_s = fetch_params(param_refs)
-        return self._compute(step, shards, params) | {"wait_s": wait_s, "transfer_s": transfer_s}
+        grads, compute_s = self._timed(step, shards, params)
+        return WorkerResult(self.index, tuple(grads), compute_s, wait_s=wait_s, transfer_s=transfer_s)
 
     def _grad_rows(self, directory: str | None, count: int, params: np.ndarray) -> np.ndarray | None:
         """Rows of this worker's shared file for `count` shard gradients
@@ -122,14 +112,14 @@ class GradientWorker:
         got = self._grads_file.get(directory, count, params.size, params.dtype)
         return None if got is None else got[0]
 
-    def _handles(self, grads: list, dtype: np.dtype) -> list:
+    def _handles(self, grads: list[ShardGradient], dtype: np.dtype) -> list[ShardGradient]:
         """The shard gradients as handles to their rows of the shared file."""
         return [ShardGradient(g.shard, g.step, shared.SharedArray(self._grads_file.path, dtype.str, g.grad_sum.size, i),
                               g.count, g.loss_sum) for i, g in enumerate(grads)]
 
-    def step(self, job: dict, *param_slices) -> dict:
-        """Sync mode, a node of the job's compiled graph: the gradient sums of
-        this worker's shards for `job["step"]`, at the parameters the servers
+    def step(self, plan: StepPlan, *param_slices) -> WorkerResult:
+        """Sync mode, a node of the job's step graph: the gradient sums of
+        this worker's shards for `plan.step`, at the parameters the servers
         just published (one slice per server, in order).
 
         `idle_s` is the time since this worker returned its previous step: its
@@ -145,13 +135,12 @@ class GradientWorker:
         slices = [shared.resolve(p, self._views) for p in param_slices]
         self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
         params = slices[0] if len(slices) == 1 else np.concatenate(slices)
-        shards = job["assignment"][self.index]
+        shards = plan.assignment[self.index]
         # The servers read the previous step's rows before publishing this
         # step's parameters, so the rows are free to be written again here.
-        rows = self._grad_rows(job.get("shared_dir"), len(shards), params)
-        result = self._compute(job["step"], shards, params, rows)
+        rows = self._grad_rows(plan.shared_dir, len(shards), params)
+        grads, compute_s = self._timed(plan.step, shards, params, rows)
         if rows is not None:
-            result["grads"] = self._handles(result["grads"], params.dtype)
-        result["idle_s"] = idle
+            grads = self._handles(grads, params.dtype)
         self._returned_at = time.perf_counter()
-        return result
+        return WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle)

@@ -63,6 +63,14 @@ def started_here() -> bool:
         ray.get_runtime_context().get_node_id() == _started_node
 
 
+def kill_actor(actor) -> None:
+    """Kill an actor for good; nothing happens if it is gone already."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
 def cluster_cpus() -> float:
     """Logical CPUs the connected cluster has in all."""
     return float(ray.cluster_resources().get("CPU", 0.0))

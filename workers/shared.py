@@ -276,3 +276,30 @@ class SharedViews:
 def resolve(value, views: SharedViews) -> np.ndarray:
     """An array as sent: itself, or the view its handle names."""
     return views.view(value) if isinstance(value, SharedArray) else value
+
+
+class JobFiles:
+    """One job's directory of shared files, made on first use (for a
+    compiled step graph) and removed when the job ends."""
+
+    def __init__(self, needed_bytes: int, root: Path = DEFAULT_ROOT):
+        self.needed_bytes, self.root = needed_bytes, root
+        self.path: Path | None = None
+
+    def directory(self) -> str | None:
+        """The directory, made once; None when the memory file system lacks
+        the room (arrays then go through the channels)."""
+        if self.path is None:
+            self.path = make_job_dir(self.needed_bytes, self.root)
+        return str(self.path) if self.path is not None else None
+
+    def drop_worker(self, index: int) -> None:
+        """Remove a dropped worker's gradient files (worker indices are never
+        reused, so nobody reads them again)."""
+        if self.path is not None:
+            for path in self.path.glob(f"worker-{index}-*.grads"):
+                path.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        remove_job_dir(self.path)
+        self.path = None

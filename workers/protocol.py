@@ -1,0 +1,236 @@
+"""The step protocol: every message that crosses an actor or thread boundary.
+
+A step's plan goes from the coordinator to the servers and the workers; a
+worker's result goes to the servers; a server's statistics (and, when asked,
+its parameters and state) come back to the coordinator; the coordinator
+reports typed events to whoever drives it (the service's scheduler, the
+`shardprop train` command, tests). Each is a frozen dataclass, so a reader
+sees every field in one place and nothing can be added on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from core.trainer import ShardGradient
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one sync step is: its number (0-based: the parameters of version
+    `step` become version `step + 1`), which shards each worker computes, and
+    whether the servers return parameters (to evaluate) or their state (to
+    checkpoint) with the step's statistics. `shared_dir` names the job's
+    directory for zero-copy arrays (workers.shared), None to send arrays."""
+
+    step: int
+    assignment: Mapping[int, tuple[int, ...]]  # worker index -> its shards, in order
+    want_params: bool = False
+    want_state: bool = False
+    shared_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """One worker's part of a step (or of an async update): the gradient
+    sums of its shards and how its time went."""
+
+    worker: int
+    grads: tuple[ShardGradient, ...]
+    compute_s: float
+    idle_s: float = 0.0  # sync: since the worker returned its previous step
+    wait_s: float = 0.0  # async: waiting for the parameters to be published
+    transfer_s: float = 0.0  # async: fetching them
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """A parameter server's parameters, optimizer state and version: what a
+    checkpoint holds. For k servers, `join` makes the state of the whole
+    vector from the slices' (every optimizer rule is elementwise)."""
+
+    params: np.ndarray
+    optimizer: Mapping[str, np.ndarray]
+    version: int
+
+    @staticmethod
+    def join(states: tuple["ServerState", ...]) -> "ServerState":
+        """One state from the slices', in slice order: per-element arrays
+        joined, scalars (step counts, the same on every slice) kept once."""
+        if len(states) == 1:
+            return states[0]
+        sizes = [s.params.size for s in states]
+        optimizer = {}
+        for key, first in states[0].optimizer.items():
+            parts = [s.optimizer[key] for s in states]
+            per_element = first.ndim == 1 and [p.size for p in parts] == sizes
+            optimizer[key] = np.concatenate(parts) if per_element else first
+        return ServerState(np.concatenate([s.params for s in states]), optimizer, states[0].version)
+
+    def slice(self, start: int, stop: int) -> "ServerState":
+        """The state of parameters [start, stop): the inverse of `join`."""
+        size = self.params.size
+        optimizer = {k: (v[start:stop] if v.ndim == 1 and v.size == size else v) for k, v in self.optimizer.items()}
+        return ServerState(self.params[start:stop], optimizer, self.version)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A sync step as the servers made it: its loss and count, whether it
+    was applied (a non-finite mean gradient skips it), the new version, the
+    time of each phase of its critical path, and — when the plan asked —
+    the new parameters and the servers' states (one per slice)."""
+
+    step: int
+    loss: float
+    count: int
+    applied: bool
+    version: int
+    reduce_apply_s: float
+    compute_s: float  # of the slowest worker
+    idle_s: float  # of the slowest worker: its gradients out, the new parameters back
+    straggler_wait_s: float  # how long the fastest worker waited for the slowest
+    shards: tuple[int, ...]
+    params: np.ndarray | None = None
+    states: tuple[ServerState, ...] = ()
+
+    @staticmethod
+    def join(outs: list["StepStats"]) -> "StepStats":
+        """One step's statistics from every server's, in slice order."""
+        if len(outs) == 1:
+            return outs[0]
+        first = outs[0]
+        params = np.concatenate([o.params for o in outs]) if first.params is not None else None
+        return replace(first, params=params, states=tuple(s for o in outs for s in o.states),
+                       reduce_apply_s=max(o.reduce_apply_s for o in outs))
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Async mode: what the server did with one worker's gradients."""
+
+    accepted: bool  # False: refused as more than max_staleness versions old
+    staleness: int
+    version: int
+    loss: float | None = None
+    count: int = 0
+    skipped: int = 0  # non-finite shard gradients not applied
+    reduce_apply_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerLocation:
+    index: int
+    node_id: str
+    pid: int
+    cores: tuple[int, ...] | None  # pinned cores; None: not pinned
+
+
+@dataclass(frozen=True)
+class ServerLocation:
+    index: int
+    node_id: str
+    pid: int
+    version: int
+
+
+@dataclass
+class Counters:
+    """Failure and recovery accounting that the service exports as metrics
+    (read from other threads: each field is replaced or appended to whole)."""
+
+    worker_failures: int = 0
+    server_failures: int = 0
+    recoveries: int = 0
+    steps_replayed: int = 0
+    recovery_seconds: float = 0.0
+    nonfinite_skipped: int = 0
+    damaged_checkpoints: int = 0
+    hung_workers: int = 0  # workers killed for exceeding resources.worker_timeout_s (also in worker_failures)
+    stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
+    staleness: list = field(default_factory=list)  # async: staleness of each applied update
+    nodes: set = field(default_factory=set)
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a job, reported to whoever drives it."""
+
+    kind: ClassVar[str]
+
+    def detail(self) -> dict:
+        """The event's fields as JSON data (as the job's timeline stores them)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
+class Resumed(Event):
+    kind = "resumed"
+    step: int
+
+
+@dataclass(frozen=True)
+class WorkersStarted(Event):
+    kind = "workers"
+    count: int  # workers the job has now
+    nodes: tuple[str, ...]  # where the new ones are
+
+
+@dataclass(frozen=True)
+class GraphBuilt(Event):
+    kind = "graph"
+    transport: str  # "shared memory" (compiled) or "object store"
+    nodes: int
+    step: int
+    zero_copy: bool
+
+
+@dataclass(frozen=True)
+class CheckpointWritten(Event):
+    kind = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class CheckpointDamaged(Event):
+    kind = "checkpoint_damaged"
+    path: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Recovered(Event):
+    kind = "recovery"
+    step: int  # where the job goes on from
+    steps_replayed: int
+    seconds: float
+    servers: bool  # the parameter servers were restored from a checkpoint
+    workers: int  # workers the job has now
+
+
+@dataclass(frozen=True)
+class Resized(Event):
+    kind = "resize"
+    before: int
+    after: int
+    step: int
+
+    def detail(self) -> dict:
+        return {"from": self.before, "to": self.after, "step": self.step}
+
+
+@dataclass(frozen=True)
+class WorkersHung(Event):
+    kind = "hung"
+    step: int  # the (1-based) step or update being made
+    seconds: float  # resources.worker_timeout_s
+    workers: tuple[int, ...]  # indices of the workers killed

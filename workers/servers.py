@@ -1,0 +1,81 @@
+"""The parameter-server group: the k actors that hold a job's parameters.
+
+`resources.parameter_servers: k` splits the flat parameter vector into k
+contiguous slices, one ParameterServer each. This group starts them (from
+parameters and an optimizer state, or from a checkpoint), restores them after
+a failure, tells where they are and which version they hold, and joins their
+slices back into one vector and one state — the only place that knows there
+may be more than one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from core.spec import JobSpec
+from workers.checkpoint import Checkpoint
+from workers.parameter_server import ParameterServer, slice_bounds
+from workers.protocol import ServerLocation, ServerState
+from workers.runtime import kill_actor
+
+PROBE_TIMEOUT_S = 30.0
+
+
+class ServerGroup:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.actors: list = []
+        self.locations: list[ServerLocation] = []
+
+    def start(self, state: ServerState) -> None:
+        """Start k servers holding the slices of `state` (killing any before)."""
+        self.kill()
+        bounds = slice_bounds(state.params.size, self.spec.resources.parameter_servers)
+        parts = [state.slice(a, b) for a, b in bounds]
+        self.actors = [ParameterServer.options(name=None).remote(
+            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None)
+            for j, ((a, b), part) in enumerate(zip(bounds, parts))]
+        self.locations = ray.get([s.location.remote() for s in self.actors])
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.start(ServerState(ckpt.params, ckpt.optimizer, ckpt.step))
+
+    def publish(self) -> list:
+        """Refs to the current parameter slices, in order."""
+        return [s.publish.remote() for s in self.actors]
+
+    @staticmethod
+    def fetch(refs: list) -> np.ndarray:
+        """The whole vector from refs to its slices."""
+        slices = ray.get(refs)
+        return np.concatenate(slices) if len(slices) > 1 else np.array(slices[0])
+
+    def state(self) -> ServerState:
+        """The whole vector's state (a round trip to every server)."""
+        return ServerState.join(tuple(ray.get([s.state.remote() for s in self.actors])))
+
+    def node_ids(self) -> set[str]:
+        return {loc.node_id for loc in ray.get([s.location.remote() for s in self.actors])}
+
+    def alive(self) -> bool:
+        try:
+            ray.get(self.publish(), timeout=PROBE_TIMEOUT_S)
+            return True
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            return False
+
+    def ahead_of(self, version: int) -> bool:
+        """Whether any server holds another version than `version` (it applied
+        steps whose results were lost), or cannot say."""
+        try:
+            return any(loc.version != version for loc in
+                       ray.get([s.location.remote() for s in self.actors], timeout=PROBE_TIMEOUT_S))
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            return True
+
+    def kill(self) -> None:
+        for s in self.actors:
+            kill_actor(s)
+        self.actors = []

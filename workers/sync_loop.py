@@ -1,0 +1,147 @@
+"""Sync mode: every step through the job's step graph, pipelined.
+
+Up to `pipeline_depth` steps are in flight, so no driver round trip sits on
+the critical path; their results are read in order and each is finished by
+the reporter. A cancel or a resize waits for a step boundary: the steps in
+flight are finished first. When a result fails, the graph is torn down,
+what died is found, and the job recovers (workers.recovery) and goes on from
+the step it names, with a new graph over the actors it has then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import ray
+from ray.exceptions import RayActorError, RayChannelError, RayTaskError
+
+from core.trainer import TrainingError
+from workers.job import JobParts
+from workers.pool import JobCancelled
+from workers.protocol import GraphBuilt, ServerState, StepPlan, StepStats
+from workers.recovery import ActorLost, Loss, Work
+from workers.reporting import Outcome
+from workers.step_graph import StepGraph, build_step_graph
+
+
+class SyncLoop:
+    def __init__(self, job: JobParts):
+        self.job = job
+        self.graph: StepGraph | None = None
+        self.shared_dir: str | None = None  # the current graph's (None: arrays go through it)
+
+    def run(self, start: int) -> list:
+        """Make steps `start`... to the end; returns refs to the final parameters."""
+        with self.job.watchdog.running(self.find_hung):
+            try:
+                self._steps(start)
+            finally:
+                self.close()
+        return self.job.servers.publish()
+
+    def _steps(self, step: int) -> None:
+        job, steps = self.job, self.job.spec.training.steps
+        while step < steps:
+            job.check_cancelled()
+            change = job.wanted_workers()
+            if change is not None:
+                self.close()
+                job.resize(change)
+                continue
+            graph = self.graph or self._build()
+            pending: deque = deque()
+            try:
+                while step < steps or pending:
+                    while step < steps and len(pending) < job.pipeline_depth:
+                        plan = self._plan(step)
+                        pending.append((plan, graph.execute(plan)))
+                        step += 1
+                    stats = self._result(*pending[0])
+                    pending.popleft()
+                    self._finish(stats)
+                    if job.cancelled.is_set() or (step < steps and job.wanted_workers() is not None):
+                        step = self._drain(pending)
+                        break
+            except ActorLost as lost:
+                step = job.recover(lost.loss, pending[0][0].step if pending else step).step
+
+    def _drain(self, pending: deque) -> int:
+        """Finish the steps in flight; returns the next step to run."""
+        self.job.check_cancelled()
+        while pending:
+            stats = self._result(*pending[0])  # on a failure the step stays pending: see run
+            pending.popleft()
+            self._finish(stats)
+        return self.job.reporter.reported
+
+    def _plan(self, step: int) -> StepPlan:
+        reporter = self.job.reporter
+        return StepPlan(step, self.job.pool.assignment(), reporter.should_evaluate(step),
+                        reporter.should_checkpoint(step), self.shared_dir)
+
+    def _build(self) -> StepGraph:
+        job = self.job
+        nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
+        nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
+        self.graph = build_step_graph(job.servers.actors, job.pool.actors, nodes, job.pipeline_depth + 1)
+        compiled = self.graph.transport == "shared memory"
+        self.shared_dir = job.files.directory() if compiled else None
+        job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
+                                self.shared_dir is not None))
+        return self.graph
+
+    def close(self) -> None:
+        """Tear the step graph down, leaving its actors alive and callable."""
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            graph.close()
+
+    def find_hung(self, works: list[Work]) -> list[int]:
+        """For the watchdog: the workers that hang in the awaited step, every
+        worker when none does (the servers or the transfers hang)."""
+        indices = self.job.pool.indices
+        positions = self.graph.hung(works[0].step - 1, self.job.watchdog.limit) if self.graph is not None else []
+        return [indices[i] for i in positions if i < len(indices)] or indices
+
+    def _finish(self, s: StepStats) -> None:
+        # Phases of the step's critical path, from its slowest worker:
+        # computing, then moving gradients to the servers and the new
+        # parameters back (its idle time less the servers' reduce and apply),
+        # and how long the fastest worker waited for it.
+        phases = {"compute": s.compute_s, "transfer": max(0.0, s.idle_s - s.reduce_apply_s),
+                  "reduce_apply": s.reduce_apply_s, "wait": s.straggler_wait_s}
+        self.job.reporter.finish(Outcome(s.step, s.loss, s.count, s.applied, s.version, len(self.job.pool), phases,
+                                         params=s.params, state=ServerState.join(s.states) if s.states else None))
+
+    def _result(self, plan: StepPlan, outputs: list) -> StepStats:
+        """A step's statistics. A worker's or server's error ends the job with
+        its message; dead actors are an ActorLost to recover from."""
+        job = self.job
+        work = Work(("step", plan.step + 1), f"step {plan.step + 1}", plan.step + 1)
+        try:
+            with job.watchdog.waiting(work):
+                return self.graph.result(outputs, job.cancelled)
+        except JobCancelled:
+            job.check_cancelled()
+            raise
+        except RayTaskError as err:
+            cause = err.cause if err.cause is not None else err
+            if not isinstance(cause, (RayActorError, RayChannelError)):
+                raise TrainingError(str(cause).strip()) from None
+            raise self._lost(work, err) from None
+        except (RayActorError, RayChannelError, ValueError) as err:
+            raise self._lost(work, err) from None
+
+    def _lost(self, work: Work, err: Exception) -> Exception:
+        """After a failed step: tear the graph down and find what died."""
+        self.close()
+        job = self.job
+        if job.cancelled.is_set():
+            return JobCancelled(f"job {job.job_id} cancelled at step {job.reporter.reported}")
+        if job.recovery.policy.given_up is not None:
+            return job.recovery.policy.given_up
+        servers = not job.servers.alive()
+        dead = job.pool.dead()
+        if servers or dead:
+            return ActorLost(Loss(work, dead, servers))
+        return TrainingError(f"step {job.reporter.reported + 1} failed: {err}")
