@@ -29,7 +29,8 @@ from core.data import DataError, resolve_data_path
 from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
 from service.scheduler import NotRunning, Scheduler
 from service.settings import Settings
-from service.store import STATES, IdempotencyConflict, IllegalTransition, NotFound, Store
+from service.states import STATES
+from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
 
 log = logging.getLogger("shardprop.api")
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from service import train_command
 from service.client import DEFAULT_SERVER, Client, ClientError
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.states import STATES, TERMINAL
 
 
 class CommandError(Exception):
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
 
     p = sub.add_parser("list", help="list jobs, newest first")
-    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--state", choices=STATES)
     for name, text in (("status", "a job's state, progress and latest metrics"),
                        ("metrics", "a job's per-step history (CSV), or its curves as a PNG with --plot"),
                        ("cancel", "cancel a queued or running job")):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from core.spec import SpecError, parse_spec
 from service.settings import Settings
-from service.store import IllegalTransition, NotFound, Store, TERMINAL
+from service.states import TERMINAL
+from service.store import IllegalTransition, NotFound, Store
 
 log = logging.getLogger("shardprop.scheduler")
 
