@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.data import DataError, resolve_data_path
 from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
+from service.metrics import ServiceMetrics
 from service.scheduler import NotRunning, Scheduler
 from service.settings import Settings
 from service.states import STATES
@@ -308,7 +309,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     """The service. Owns (starts and stops) the scheduler it creates or is given."""
     if scheduler is None:
         store = store or Store(settings.store_path)
-        scheduler = Scheduler(settings, store, metrics=metrics)
+        scheduler = Scheduler(settings, store, metrics if metrics is not None else ServiceMetrics())
     store = scheduler.store
 
     @asynccontextmanager
