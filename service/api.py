@@ -13,8 +13,6 @@ import hmac
 import json
 import logging
 import math
-import signal
-import threading
 from contextlib import asynccontextmanager
 from typing import Iterable
 
@@ -30,6 +28,7 @@ from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
 from service.metrics import ServiceMetrics
 from service.scheduler import NotRunning, Scheduler
 from service.settings import Settings
+from service.signals import reclaim_stop_signals
 from service.states import STATES
 from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
 
@@ -282,25 +281,6 @@ def _format_validation(err: RequestValidationError) -> str:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))
         parts.append(f"{loc or 'request'}: {e.get('msg')} (got {e.get('input')!r:.80})")
     return "; ".join(parts)
-
-
-def reclaim_stop_signals() -> None:
-    """Hand SIGTERM and SIGINT back to the handlers Python holds for them.
-
-    Connecting to Ray installs Ray's own C-level handler for SIGTERM, which
-    writes a crash report ("*** SIGTERM received ...", addresses of a stack)
-    before passing the signal on. A stop is not a crash: the service's
-    handlers (uvicorn's) alone shut it down in order: running jobs are
-    stopped at a step boundary, their actors killed, and they stay `running`
-    in the store, to resume from their latest checkpoint at the next start.
-    Only the main thread may set handlers; a service run in another thread
-    (the tests') keeps what it has."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            signal.signal(sig, handler)
 
 
 def create_app(settings: Settings, scheduler: Scheduler | None = None, *,

@@ -111,11 +111,12 @@ def serve(args) -> int:
     import uvicorn
 
     from service.api import create_app
+    from service.signals import stacks_on_sigusr1
 
     metrics, routers = _metrics_and_routers()
     app = create_app(settings, extra_routers=routers, metrics=metrics)
     _log_to_stderr(args.log_level)
-    _stacks_on_sigusr1()
+    stacks_on_sigusr1()
     print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path}; "
           f"`kill -USR1 {os.getpid()}` prints every thread's stack here)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
@@ -137,17 +138,6 @@ def _log_to_stderr(level: str) -> None:
         logger.addHandler(handler)
         logger.setLevel(number)
         logger.propagate = False
-
-
-def _stacks_on_sigusr1() -> None:
-    """SIGUSR1 prints the stack of every thread to stderr, for a service
-    that stops answering. faulthandler writes from the signal handler itself,
-    so it works even while some thread holds the GIL."""
-    import faulthandler
-    import signal
-
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _check_reachable(address: str) -> None:
