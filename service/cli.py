@@ -113,8 +113,7 @@ def serve(args) -> int:
     from service.api import create_app
     from service.signals import stacks_on_sigusr1
 
-    metrics, routers = _metrics_and_routers()
-    app = create_app(settings, extra_routers=routers, metrics=metrics)
+    app = create_app(settings)
     _log_to_stderr(args.log_level)
     stacks_on_sigusr1()
     print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path}; "
@@ -153,17 +152,6 @@ def _check_reachable(address: str) -> None:
     except OSError as err:
         raise CommandError(f"cannot reach Ray at --ray-address {address}: "
                            f"{err.strerror or err}; is `ray start --head` running there?") from None
-
-
-def _metrics_and_routers():
-    """Prometheus metrics and the dashboard (`/metrics`, `/`), when present."""
-    try:
-        from service.dashboard import dashboard_router
-        from service.metrics import ServiceMetrics
-    except ImportError:
-        return None, []
-    metrics = ServiceMetrics()
-    return metrics, [dashboard_router(metrics)]
 
 
 # ---------------------------------------------------------------- client commands
