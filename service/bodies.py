@@ -84,8 +84,8 @@ def validated(model: type[Body], raw: Any, **context) -> Body:
     A route takes `raw: RawJSON` and calls this itself, rather than taking a
     FastAPI body parameter, so that the body is read whatever its
     Content-Type and checked in the order the API answers in: the token
-    (401), the body's JSON (400), the job the path names (404, 409), the
-    body's fields (422)."""
+    (401), the body's JSON (400), the job the path names (404), the body's
+    fields (422)."""
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as err:
