@@ -93,7 +93,8 @@ def validated(model: type[Body], raw: Any, **context) -> Body:
 
 
 def documented(model: type[BaseModel]) -> dict:
-    """`openapi_extra` showing `model` as a route's JSON body in /docs."""
+    """`openapi_extra` showing `model` as a route's JSON body in /docs (a
+    model without nested models: their `$defs` would not resolve there)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 

@@ -38,8 +38,7 @@ def json_safe(value):
 
 
 @router.post("", status_code=201, dependencies=[Depends(require_token)],
-             summary="Submit a job (body: the job spec as JSON)",
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {}}}})
+             summary="Submit a job (body: the job spec as JSON)")
 async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
     # raw is any JSON: parse_spec says what is wrong with it
