@@ -21,8 +21,7 @@ from pathlib import Path
 
 from service import train_command
 from service.client import DEFAULT_SERVER, Client, ClientError
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.states import STATES, TERMINAL
 
 
 class CommandError(Exception):
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
 
     p = sub.add_parser("list", help="list jobs, newest first")
-    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--state", choices=STATES)
     for name, text in (("status", "a job's state, progress and latest metrics"),
                        ("metrics", "a job's per-step history (CSV), or its curves as a PNG with --plot"),
                        ("cancel", "cancel a queued or running job")):
@@ -112,11 +111,11 @@ def serve(args) -> int:
     import uvicorn
 
     from service.api import create_app
+    from service.signals import stacks_on_sigusr1
 
-    metrics, routers = _metrics_and_routers()
-    app = create_app(settings, extra_routers=routers, metrics=metrics)
+    app = create_app(settings)
     _log_to_stderr(args.log_level)
-    _stacks_on_sigusr1()
+    stacks_on_sigusr1()
     print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path}; "
           f"`kill -USR1 {os.getpid()}` prints every thread's stack here)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
@@ -140,17 +139,6 @@ def _log_to_stderr(level: str) -> None:
         logger.propagate = False
 
 
-def _stacks_on_sigusr1() -> None:
-    """SIGUSR1 prints the stack of every thread to stderr, for a service
-    that stops answering. faulthandler writes from the signal handler itself,
-    so it works even while some thread holds the GIL."""
-    import faulthandler
-    import signal
-
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
-
-
 def _check_reachable(address: str) -> None:
     """Fail fast on a Ray address nothing listens at: ray.init would retry
     for minutes while jobs sat queued."""
@@ -164,17 +152,6 @@ def _check_reachable(address: str) -> None:
     except OSError as err:
         raise CommandError(f"cannot reach Ray at --ray-address {address}: "
                            f"{err.strerror or err}; is `ray start --head` running there?") from None
-
-
-def _metrics_and_routers():
-    """Prometheus metrics and the dashboard (`/metrics`, `/`), when present."""
-    try:
-        from service.dashboard import dashboard_router
-        from service.metrics import ServiceMetrics
-    except ImportError:
-        return None, []
-    metrics = ServiceMetrics()
-    return metrics, [dashboard_router(metrics)]
 
 
 # ---------------------------------------------------------------- client commands

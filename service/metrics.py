@@ -15,8 +15,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.states import STATES
+
 PHASES = ("compute", "transfer", "reduce_apply", "wait")
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 

@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 
 from core.spec import SpecError, parse_spec
+from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.store import IllegalTransition, NotFound, Store, TERMINAL
+from service.states import TERMINAL
+from service.store import IllegalTransition, NotFound, Store
 
 log = logging.getLogger("shardprop.scheduler")
 
@@ -35,10 +37,10 @@ class Active:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, metrics=None):
+    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics):
         self.settings = settings
         self.store = store
-        self.metrics = metrics  # duck-typed: observe_step, observe_counters, job_finished, set_job_states
+        self.metrics = metrics
         self._lock = threading.Lock()
         self._active: dict[str, Active] = {}
         self._resume: list[str] = []  # jobs found running at start, oldest first
@@ -88,10 +90,6 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
-
-    def set_max_concurrent_jobs(self, n: int) -> None:
-        self.max_concurrent_jobs = n
-        self.wake()
 
     # ------------------------------------------------------------ control
 
@@ -152,8 +150,7 @@ class Scheduler:
     def _run_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.metrics is not None:
-                    self.metrics.set_job_states(self.store.counts())
+                self.metrics.set_job_states(self.store.counts())
                 started = self._schedule_one()
             except Exception:  # never let the loop die
                 log.exception("scheduler loop")
@@ -273,11 +270,7 @@ class Scheduler:
             log.exception("job %s", job_id)
             self._fail(job_id, f"{type(err).__name__}: {err}")
         finally:
-            if self.metrics is not None:
-                try:
-                    self.metrics.observe_counters(job_id, coordinator.counters)
-                except Exception:
-                    log.exception("metrics")
+            self.metrics.observe_counters(job_id, coordinator.counters)
             with self._lock:
                 self._active.pop(job_id, None)
             self._finished(job_id)
@@ -296,19 +289,11 @@ class Scheduler:
         self._finished(job_id)
 
     def _finished(self, job_id: str) -> None:
-        if self.metrics is not None:
-            try:
-                self.metrics.job_finished(job_id)
-            except Exception:
-                log.exception("metrics")
+        self.metrics.job_finished(job_id)
 
     def _on_step(self, job_id: str, record: dict) -> None:
         self.store.record_metric(job_id, record)
-        if self.metrics is not None:
-            try:
-                self.metrics.observe_step(job_id, record)
-            except Exception:
-                log.exception("metrics")
+        self.metrics.observe_step(job_id, record)
 
     def _on_event(self, job_id: str, kind: str, detail: dict) -> None:
         if kind == "checkpoint":
@@ -319,11 +304,8 @@ class Scheduler:
             log.warning("job %s: no result for step %s within %g s (resources.worker_timeout_s); workers %s "
                         "killed, to be replaced unless that step has hung 3 times",
                         job_id, detail["step"], detail["seconds"], detail["workers"])
-        if kind in ("recovery", "hung") and self.metrics is not None:
+        if kind in ("recovery", "hung"):
             with self._lock:
                 active = self._active.get(job_id)
             if active is not None:
-                try:
-                    self.metrics.observe_counters(job_id, active.coordinator.counters)
-                except Exception:
-                    log.exception("metrics")
+                self.metrics.observe_counters(job_id, active.coordinator.counters)

@@ -14,16 +14,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-# from -> the states it may move to
-LEGAL = {
-    "queued": {"running", "cancelled", "failed"},
-    "running": {"succeeded", "failed", "cancelled"},
-    "succeeded": set(),
-    "failed": set(),
-    "cancelled": set(),
-}
+from service.states import LEGAL, STATES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

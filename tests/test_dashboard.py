@@ -17,7 +17,6 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
-from service.dashboard import dashboard_router
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -42,7 +41,7 @@ def service(ray_local, tmp_path):
     metrics = ServiceMetrics(retention_s=3.0)
     settings = Settings(port=free_port(), store_path=tmp_path / "store.db", data_roots=[tmp_path],
                         ray_address=ray_local, token=None)
-    app = create_app(settings, metrics=metrics, extra_routers=[dashboard_router(metrics)])
+    app = create_app(settings, metrics=metrics)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,0 +1,120 @@
+"""/v1/jobs: submit, list, read, follow (per-step metrics), cancel and resize jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from core.data import DataError, resolve_data_path
+from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
+from service.bodies import RawJSON, Resize, documented, validated
+from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
+from service.scheduler import NotRunning
+from service.settings import Settings
+from service.states import STATES
+from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
+
+MAX_IDEMPOTENCY_KEY = 200
+CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def json_safe(value):
+    """Non-finite floats become null (a diverged loss is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@router.post("", status_code=201, dependencies=[Depends(require_token)],
+             summary="Submit a job (body: the job spec as JSON)")
+async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
+                 idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+    # raw is any JSON: parse_spec says what is wrong with it
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
+                                 f"got {len(idempotency_key)}")
+    # validation and SQLite off the event loop
+    job, created = await run_in_threadpool(_create, settings, store, raw, idempotency_key)
+    if created:
+        scheduler.wake()
+    return JSONResponse(job, status_code=201 if created else 200)
+
+
+def _create(settings: Settings, store: Store, raw, idempotency_key: str | None) -> tuple[dict, bool]:
+    try:
+        spec = parse_spec(raw)
+    except SpecError as err:
+        raise HTTPException(422, str(err))
+    if spec.data.source not in BUILTIN_SOURCES:
+        try:
+            resolve_data_path(spec.data.source, [str(r) for r in settings.data_roots])
+        except DataError as err:
+            raise HTTPException(422, str(err))
+    try:
+        return store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
+                                body_hash=_canonical_hash(raw) if idempotency_key else None)
+    except IdempotencyConflict as err:
+        raise HTTPException(409, str(err))
+
+
+def _canonical_hash(raw) -> str:
+    """The same for the same JSON, whatever its key order and spacing."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(store: StoreDep, scheduler: SchedulerDep,
+              state: Annotated[str | None, Query(description="one of " + ", ".join(STATES))] = None,
+              limit: Annotated[int, Query(ge=1, le=100_000)] = 1000):
+    if state is not None and state not in STATES:
+        raise HTTPException(422, f"state must be one of {', '.join(STATES)}, got {state!r}")
+    return {"jobs": [with_waiting(job, scheduler) for job in store.list_jobs(state, limit)]}
+
+
+@router.get("/{job_id}", summary="A job: spec, state, step, latest metrics, transitions")
+def get_job(job_id: str, store: StoreDep, scheduler: SchedulerDep):
+    return json_safe(find_job(store, scheduler, job_id, details=True))
+
+
+@router.get("/{job_id}/metrics", summary="The per-step history")
+def metrics(job_id: str, store: StoreDep,
+            since: Annotated[int, Query(ge=0, description="only steps after this one")] = 0):
+    try:
+        return json_safe({"job_id": job_id, "metrics": store.metrics(job_id, since)})
+    except NotFound as err:
+        raise HTTPException(404, str(err))
+
+
+@router.post("/{job_id}/cancel", dependencies=[Depends(require_token)],
+             summary="Cancel a job (a running one is given a few seconds to stop)")
+def cancel(job_id: str, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+    try:
+        scheduler.cancel(job_id, wait_s=CANCEL_WAIT_S)
+    except IllegalTransition as err:
+        raise HTTPException(409, str(err))
+    return find_job(store, scheduler, job_id)
+
+
+@router.patch("/{job_id}", dependencies=[Depends(require_token)], openapi_extra=documented(Resize),
+              summary='Resize a running job: {"workers": n}')
+def resize(job_id: str, raw: RawJSON, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+    workers = validated(Resize, raw).workers
+    try:
+        scheduler.resize(job_id, workers)
+    except NotRunning as err:
+        raise HTTPException(409, str(err))
+    except ValueError as err:  # the coordinator names the bounds
+        raise HTTPException(422, str(err))
+    return find_job(store, scheduler, job_id)
