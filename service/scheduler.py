@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 from core.spec import SpecError, parse_spec
@@ -19,6 +18,7 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.states import TERMINAL
 from service.store import IllegalTransition, NotFound, Store
+from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
 
@@ -216,7 +216,7 @@ class Scheduler:
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, on_step=lambda record: self._on_step(job_id, record),
-            on_event=lambda event: self._on_event(job_id, event.kind, event.detail()))
+            on_event=lambda event: self._on_event(job_id, event))
         try:
             if not self._ray_connected:
                 self.waiting_for = f"connecting to Ray at {self.settings.ray_address or 'a private local instance'}"
@@ -295,16 +295,17 @@ class Scheduler:
         self.store.record_metric(job_id, record)
         self.metrics.observe_step(job_id, record)
 
-    def _on_event(self, job_id: str, kind: str, detail: dict) -> None:
-        if kind == "checkpoint":
-            self.store.set_checkpoint(job_id, int(detail["step"]))
-        elif kind == "resize":
-            self.store.set_workers(job_id, int(detail["to"]))
-        elif kind == "hung":
-            log.warning("job %s: no result for step %s within %g s (resources.worker_timeout_s); workers %s "
-                        "killed, to be replaced unless that step has hung 3 times",
-                        job_id, detail["step"], detail["seconds"], detail["workers"])
-        if kind in ("recovery", "hung"):
+    def _on_event(self, job_id: str, event: Event) -> None:
+        match event:
+            case CheckpointWritten(step=step):
+                self.store.set_checkpoint(job_id, step)
+            case Resized(after=workers):
+                self.store.set_workers(job_id, workers)
+            case WorkersHung(step=step, seconds=seconds, workers=workers):
+                log.warning("job %s: no result for step %s within %g s (resources.worker_timeout_s); workers %s "
+                            "killed, to be replaced unless that step has hung 3 times",
+                            job_id, step, seconds, list(workers))
+        if isinstance(event, (Recovered, WorkersHung)):
             with self._lock:
                 active = self._active.get(job_id)
             if active is not None:
