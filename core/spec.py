@@ -285,6 +285,19 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def parse_stored_spec(raw: Any) -> JobSpec:
+    """A spec this project stored itself (a service's job store), perhaps
+    before `resources` existed: fields found in `training` that moved there
+    are moved, then it is validated as usual. Specs from users are never
+    moved silently (parse_spec tells them where each field went)."""
+    if isinstance(raw, dict) and isinstance(raw.get("training"), dict):
+        training = dict(raw["training"])
+        moved = {k: training.pop(k) for k in MOVED_TO_RESOURCES if k in training}
+        if moved:
+            raw = {**raw, "training": training, "resources": {**moved, **raw.get("resources", {})}}
+    return parse_spec(raw)
+
+
 def parse_spec(raw: Any) -> JobSpec:
     """Validate a spec given as a dict; raise SpecError naming the field and value."""
     if not isinstance(raw, dict):

@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from core.spec import SpecError, parse_spec
+from core.spec import SpecError, parse_stored_spec
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.states import TERMINAL
@@ -205,7 +205,7 @@ class Scheduler:
         job, resume = nxt
         job_id = job["id"]
         try:
-            spec = parse_spec(job["spec"])
+            spec = parse_stored_spec(job["spec"])
             if job["workers"] != spec.resources.workers:
                 spec = spec.with_workers(job["workers"])
         except SpecError as err:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from core.spec import SpecError, checkpoint_key, load_spec, parse_spec
+from core.spec import SpecError, checkpoint_key, load_spec, parse_spec, parse_stored_spec
 
 BASE = {"data": {"source": "digits"}, "training": {"steps": 10}}
 
@@ -120,3 +120,15 @@ def test_the_checkpoint_key_is_the_spec_minus_resources():
         assert checkpoint_key(parse_spec({**BASE, "resources": resources}).model_dump(mode="json")) == key
     for changed in (spec_with("training", batch_size=64), {**BASE, "seed": 1}):
         assert checkpoint_key(parse_spec(changed).model_dump(mode="json")) != key
+
+
+def test_a_spec_stored_before_resources_existed_still_runs_with_its_placement():
+    old = {"name": "stored", "data": {"source": "digits", "shards": 4},
+           "training": {"steps": 5, "batch_size": 64, "workers": 3, "cpus_per_worker": 1, "parameter_servers": 2,
+                        "pin_cores": False, "worker_timeout_s": 30.0}}
+    spec = parse_stored_spec(old)
+    assert spec.resources.model_dump() == {"workers": 3, "cpus_per_worker": 1, "parameter_servers": 2,
+                                           "pin_cores": False, "worker_timeout_s": 30.0}
+    assert spec.training.steps == 5 and spec.training.batch_size == 64
+    with pytest.raises(SpecError, match="training.workers: moved to resources.workers"):
+        parse_spec(old)  # a user's spec in the old layout is told, not moved
