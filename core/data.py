@@ -3,7 +3,9 @@
 `load_dataset` turns a spec's `data` section into training and validation
 arrays. The split is deterministic in the seed, inputs are standardized with
 statistics of the training rows only, and every file is checked (shape,
-finiteness, labels) before any training starts. Files are never unpickled.
+finiteness, labels) before any training starts. Nothing is read past
+`DataLimits` (a file is judged by its headers and streamed: core/datafiles.py),
+and files are never unpickled.
 """
 
 from __future__ import annotations

@@ -113,6 +113,9 @@ def _problems(spec: JobSpec, cost: JobCost, s: Settings):
             every = getattr(t, field)
             yield (f"training.{field} ({every}) with {t.steps} steps makes {count} {name}, more than the limit "
                    f"of {limit} per job (max_{name}); use {field} >= {math.ceil(t.steps / (limit - 1))}")
+    if spec.model.output == "softmax" and cost.sizes[-1] < 2:
+        yield (f"model.output 'softmax' needs at least 2 output units, and {source!r} has one regression target "
+               "(its labels are not all integers): use output 'identity' with loss 'squared_error'")
     if cost.parameters > s.max_parameters:
         yield (f"the network {' -> '.join(map(str, cost.sizes))} has {cost.parameters} parameters, "
                f"more than the limit of {s.max_parameters} (max_parameters)")

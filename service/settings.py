@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     # Admission limits, sized for one machine of 24 GiB and 2 cores.
     max_parameters: int = Field(50_000_000, gt=0, description="network parameters, over all layers")
     max_data_bytes: int = Field(_DATA.max_data_bytes, gt=0, description="a data set as loaded (float64)")
-    max_inflation: float = Field(_DATA.max_inflation, gt=1, description="an .npz member's uncompressed / compressed size")
+    max_inflation: float = Field(_DATA.max_inflation, gt=1,
+                                 description="an .npz member's uncompressed / compressed size")
     max_rows: int = Field(_DATA.max_rows, gt=0)
     max_features: int = Field(_DATA.max_features, gt=0)
     max_classes: int = Field(_DATA.max_classes, ge=2)

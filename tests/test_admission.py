@@ -88,6 +88,8 @@ REFUSALS = [
     ({"model": {"hidden": [65536, 2000]}}, {},
      f"the network 64 -> 65536 -> 2000 -> 10 has {64 * 65536 + 65536 + 65536 * 2000 + 2000 + 2000 * 10 + 10} "
      "parameters, more than the limit of 50000000 (max_parameters)"),
+    # 64 -> 1000 -> 10: 75010 parameters, 300040 bytes; digits 934440 bytes read, 460032 standardized;
+    # one gradient, and activations and deltas of 32 rows x 1074 units: 1394472 + 300040 + 300040 + 274944
     ({"model": {"hidden": [1000]}}, {"max_worker_bytes": 100_000},
      "each worker would need about 2269496 bytes, more than the limit of 100000 (max_worker_bytes)"),
     ({"data": {"source": "synthetic", "samples": 100_000, "features": 10_000}}, {},
@@ -107,3 +109,12 @@ def test_the_frequency_a_refusal_proposes_fits():
     # checkpoint_every 11 is what the refusal above proposes: it fits
     assert admit(spec(training={"steps": 100_000, "checkpoint_every": 11}), Settings(data_roots=["/tmp"])).checkpoints \
         == 100_000 // 11 + 1 <= 10_000
+
+
+def test_softmax_on_a_regression_target_is_refused(tmp_path):
+    (tmp_path / "r.csv").write_text("".join(f"{i},{i / 3}\n" for i in range(100)))
+    with pytest.raises(Refused) as err:
+        admit(spec(data={"source": "r.csv"}), Settings(data_roots=[tmp_path]))
+    assert str(err.value) == ("model.output 'softmax' needs at least 2 output units, and 'r.csv' has one regression "
+                              "target (its labels are not all integers): use output 'identity' with loss "
+                              "'squared_error'")
