@@ -118,3 +118,15 @@ def test_softmax_on_a_regression_target_is_refused(tmp_path):
     assert str(err.value) == ("model.output 'softmax' needs at least 2 output units, and 'r.csv' has one regression "
                               "target (its labels are not all integers): use output 'identity' with loss "
                               "'squared_error'")
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("max_bogus=1", "--limit takes NAME=VALUE with NAME one of max_parameters, "),
+    ("max_parameters", "--limit takes NAME=VALUE"),
+    ("max_parameters=lots", "max_parameters: Input should be a valid integer"),
+])
+def test_serve_refuses_a_bad_limit(capsys, limit, message):
+    from service.cli import main
+
+    assert main(["serve", "--limit", limit]) == 1
+    assert message in capsys.readouterr().err
