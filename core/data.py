@@ -3,24 +3,26 @@
 `load_dataset` turns a spec's `data` section into training and validation
 arrays. The split is deterministic in the seed, inputs are standardized with
 statistics of the training rows only, and every file is checked (shape,
-finiteness, labels) before any training starts. Files are never unpickled.
+finiteness, labels) before any training starts. Nothing is read past
+`DataLimits` (a file is judged by its headers and streamed: core/datafiles.py),
+and files are never unpickled.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.datafiles import FLOAT64, DataError, DataLimits, classes_of, npz_shapes, read_csv
 from core.spec import BUILTIN_SOURCES, DataSpec, validation_rows
 
-
-class DataError(ValueError):
-    """Data that cannot be trained on; the message says which file and why."""
+__all__ = ["DataError", "DataLimits", "Dataset", "load_dataset", "load_arrays", "resolve_data_path",
+           "split_rows", "standardize", "synthetic", "synthetic_bytes"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,17 @@ def resolve_data_path(source: str, data_roots: list[str | Path] | None) -> Path:
     roots = [Path(r).resolve() for r in data_roots]
     candidates = [path] if path.is_absolute() else [root / path for root in roots]
     for candidate in candidates:
-        real = candidate.resolve()  # follows symlinks, so a link cannot lead outside
-        if not any(real == root or root in real.parents for root in roots):
-            raise DataError(f"data.source {source!r} lies outside the allowed data roots")
-        if real.exists():
-            return real
+        try:
+            real = candidate.resolve()  # follows symlinks, so a link cannot lead outside
+            if not any(real == root or root in real.parents for root in roots):
+                raise DataError(f"data.source {source!r} lies outside the allowed data roots")
+            if real.exists():
+                return real
+        except DataError:
+            raise
+        except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+            reason = getattr(err, "strerror", None) or "not a usable file name"
+            raise DataError(f"data.source: {reason} ({len(source)} characters)") from None
     raise DataError(f"data.source {source!r} was not found under the data roots")
 
 
@@ -86,6 +94,19 @@ def _builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float64), y.astype(np.int64)
 
 
+def _teacher_width(classes: int) -> int:
+    return max(8, 2 * classes)
+
+
+def synthetic_bytes(samples: int, features: int, classes: int) -> int:
+    """The peak bytes `synthetic` allocates: X, the teacher's two weight
+    matrices, its hidden activations (twice: product and tanh) and its scores,
+    all float64, and the labels."""
+    hidden = _teacher_width(classes)
+    values = samples * features + features * hidden + hidden * classes + 2 * samples * hidden + samples * classes
+    return (values + samples) * FLOAT64
+
+
 def synthetic(samples: int, features: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian inputs labelled by a random teacher network (tanh hidden layer).
 
@@ -94,81 +115,24 @@ def synthetic(samples: int, features: int, classes: int, seed: int) -> tuple[np.
     """
     rng = np.random.default_rng([seed, 0x5EED])
     X = rng.standard_normal((samples, features))
-    hidden = max(8, 2 * classes)
+    hidden = _teacher_width(classes)
     W1 = rng.standard_normal((features, hidden)) / math.sqrt(features)
     W2 = rng.standard_normal((hidden, classes)) * 2.0
     scores = np.tanh(X @ W1 * 2.0) @ W2
     return X, np.argmax(scores, axis=1).astype(np.int64)
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"PK\x03\x04":  # np.load would try anything else as a pickle
-            raise DataError(f"{path}: not a readable .npz file (no zip archive header)")
+def _read_npz(path: Path, limits: DataLimits) -> tuple[np.ndarray, np.ndarray]:
+    npz_shapes(path, limits)  # refused here, before anything is decompressed, when too large
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("X", "y") if k not in archive.files]
-            if missing:
-                raise DataError(f"{path}: .npz must hold arrays 'X' and 'y'; missing {', '.join(missing)}")
             return archive["X"], archive["y"]
-    except DataError:
-        raise
-    except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise DataError(f"{path}: holds pickled objects, which are never loaded; store plain numeric arrays") from None
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise DataError(f"{path}: not a readable .npz file (a damaged array)") from None
 
 
-def _read_csv(path: Path, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, newline="") as fh:
-            rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read CSV ({err})") from None
-    if not rows:
-        raise DataError(f"{path}: the file is empty")
-
-    def numeric(row: list[str]) -> bool:
-        try:
-            [float(c) for c in row]
-            return True
-        except ValueError:
-            return False
-
-    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
-    body = rows[1:] if header is not None else rows
-    if not body:
-        raise DataError(f"{path}: has a header but no data rows")
-    width = len(header) if header is not None else len(body[0])
-    if width < 2:
-        raise DataError(f"{path}: needs at least one feature column and a label column, got {width} column(s)")
-    if label_column is None:
-        label = width - 1
-    elif isinstance(label_column, int):
-        if not -width <= label_column < width:
-            raise DataError(f"data.label_column {label_column} is out of range for {width} columns")
-        label = label_column % width
-    else:
-        if header is None or label_column not in header:
-            raise DataError(f"data.label_column {label_column!r} is not a column of {path} (header: {header})")
-        label = header.index(label_column)
-    values = np.empty((len(body), width), dtype=np.float64)
-    for i, row in enumerate(body):
-        line = i + 1 + (header is not None)
-        if len(row) != width:
-            raise DataError(f"{path}: line {line} has {len(row)} columns, expected {width}")
-        for j, cell in enumerate(row):
-            try:
-                values[i, j] = float(cell)
-            except ValueError:
-                raise DataError(f"{path}: line {line}, column {j + 1}: {cell!r} is not a number") from None
-    X = np.delete(values, label, axis=1)
-    return X, values[:, label]
-
-
-def _check(X: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _check(X: np.ndarray, y: np.ndarray, where: str,
+           limits: DataLimits) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Validated float64 inputs, targets and the class count (None: regression)."""
     if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
         raise DataError(f"{where}: X and y must be numeric arrays, got dtypes {X.dtype} and {y.dtype}")
@@ -178,43 +142,54 @@ def _check(X: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.nda
         raise DataError(f"{where}: y must have one row per row of X ({X.shape[0]}), got shape {y.shape}")
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise DataError(f"{where}: no data (X has shape {X.shape})")
+    limits.check_size(where, X.shape[0], X.shape[1], y.shape[1] if y.ndim == 2 else 1)
     X = X.astype(np.float64)
     if not np.isfinite(X).all():
         r, c = np.argwhere(~np.isfinite(X))[0]
-        raise DataError(f"{where}: X holds a non-finite value ({X[r, c]}) at row {r}, column {c}")
+        raise DataError(f"{where}: X holds a non-finite value at row {r}, column {c}")
     yf = y.astype(np.float64)
     if not np.isfinite(yf).all():
         r = int(np.argwhere(~np.isfinite(yf.reshape(len(yf), -1)))[0][0])
         raise DataError(f"{where}: y holds a non-finite value at row {r}")
     if y.ndim == 1 and (y.dtype.kind in "biu" or np.array_equal(yf, np.round(yf))):
-        labels = yf.astype(np.int64)
-        if labels.min() < 0:
-            raise DataError(f"{where}: class labels must be >= 0, got {labels.min()}")
-        classes = int(labels.max()) + 1
-        if classes < 2:
-            raise DataError(f"{where}: classification needs at least 2 classes, all labels are {labels.min()}")
-        return X, labels, classes
+        classes = classes_of(where, yf.min(), yf.max(), limits)
+        return X, yf.astype(np.int64), classes
     return X, yf.reshape(len(yf), -1), None
 
 
-def load_arrays(spec: DataSpec, seed: int, data_roots: list[str | Path] | None = None):
-    """Raw (X, y, classes) for a data spec, validated."""
+def load_arrays(spec: DataSpec, seed: int, data_roots: list[str | Path] | None = None,
+                limits: DataLimits = DataLimits()):
+    """Raw (X, y, classes) for a data spec, validated, and refused before it
+    is read when `limits` say it is too large."""
     if spec.source == "synthetic":
+        check_synthetic(spec, limits)
         X, y = synthetic(spec.samples, spec.features, spec.classes, seed)
         return X, y, spec.classes
     if spec.source in BUILTIN_SOURCES:
         X, y = _builtin(spec.source)
-        return _check(X, y, spec.source)
+        return _check(X, y, spec.source, limits)
     path = resolve_data_path(spec.source, data_roots)
     if not path.is_file():
         raise DataError(f"data.source {spec.source!r}: no such file")
     if os.path.getsize(path) == 0:
         raise DataError(f"data.source {spec.source!r}: the file is empty")
     if path.suffix.lower() == ".npz":
-        X, y = _read_npz(path)
+        X, y = _read_npz(path, limits)
     else:
-        X, y = _read_csv(path, spec.label_column)
-    return _check(X, y, str(spec.source))
+        X, y = read_csv(path, spec.label_column, limits)
+    return _check(X, y, str(spec.source), limits)
+
+
+def check_synthetic(spec: DataSpec, limits: DataLimits) -> int:
+    """The bytes generating a synthetic set takes, refused past the limits."""
+    where = "synthetic data"
+    limits.check_size(where, spec.samples, spec.features)
+    limits.check_classes(where, spec.classes)
+    size = synthetic_bytes(spec.samples, spec.features, spec.classes)
+    if size > limits.max_data_bytes:
+        raise DataError(f"{where}: generating {spec.samples} x {spec.features} samples of {spec.classes} classes "
+                        f"needs {size} bytes, more than the limit of {limits.max_data_bytes} (max_data_bytes)")
+    return size
 
 
 def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,9 +200,9 @@ def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndar
 
 
 def load_dataset(spec: DataSpec, seed: int, dtype: str = "float32",
-                 data_roots: list[str | Path] | None = None) -> Dataset:
-    """Load, check, split and standardize the data a spec names."""
-    X, y, classes = load_arrays(spec, seed, data_roots)
+                 data_roots: list[str | Path] | None = None, limits: DataLimits = DataLimits()) -> Dataset:
+    """Load, check, split and standardize the data a spec names, within `limits`."""
+    X, y, classes = load_arrays(spec, seed, data_roots, limits)
     train, val = split_rows(len(X), spec.validation_split, seed)
     if len(train) < spec.shards:
         raise DataError(

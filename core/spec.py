@@ -29,6 +29,8 @@ MAX_SYNTHETIC_SAMPLES = 10_000_000
 MAX_SYNTHETIC_FEATURES = 100_000
 MAX_CLASSES = 100_000
 MAX_WORKER_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+MAX_NAME_BYTES = 255  # one path component, as most file systems allow
 
 BUILTIN_SOURCES = ("digits", "iris", "wine", "breast_cancer", "synthetic")
 
@@ -73,6 +75,16 @@ class DataSpec(_Strict):
     def _source(cls, v: str) -> str:
         if not v or not v.strip():
             raise ValueError("source must name a built-in data set or a file, got an empty string")
+        control = next((i for i, c in enumerate(v) if ord(c) < 32 or ord(c) == 127), None)
+        if control is not None:
+            raise ValueError(f"source must not contain control characters such as a NUL byte, "
+                             f"got one at position {control}")
+        if len(v) > MAX_PATH_CHARS:
+            raise ValueError(f"source must be at most {MAX_PATH_CHARS} characters, got {len(v)}")
+        longest = max(len(part.encode("utf-8", "surrogatepass")) for part in v.split("/"))
+        if longest > MAX_NAME_BYTES:
+            raise ValueError(f"source's file and folder names must be at most {MAX_NAME_BYTES} bytes each, "
+                             f"got one of {longest}")
         if v not in BUILTIN_SOURCES and Path(v).suffix.lower() not in (".npz", ".csv"):
             raise ValueError(
                 f"source must be one of {', '.join(BUILTIN_SOURCES)} or a .npz/.csv path, got {v!r}"

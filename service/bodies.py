@@ -135,7 +135,9 @@ class Resize(BaseModel):
 class Predict(BaseModel):
     """`{"rows": [[...], ...]}`: at most MAX_PREDICT_ROWS rows of finite
     numbers, all of one length: the model's input width when the context
-    gives it (`validated(Predict, raw, width=...)`)."""
+    gives it (`validated(Predict, raw, width=..., widest=..., max_values=...)`),
+    and at most `max_values` when multiplied by the model's widest layer
+    (the size of the largest array predicting builds)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"rows": [[0.0, 1.5, 2.0]]}]})
     rows: list[list[float]]
@@ -149,6 +151,10 @@ class Predict(BaseModel):
             raise refused(f"rows must be a non-empty list of rows, got {rows!r:.80}")
         if len(rows) > MAX_PREDICT_ROWS:
             raise refused(f"rows has {len(rows)} rows, at most {MAX_PREDICT_ROWS} are allowed")
+        widest, limit = (info.context or {}).get("widest"), (info.context or {}).get("max_values")
+        if widest is not None and limit is not None and len(rows) * widest > limit:
+            raise refused(f"rows has {len(rows)} rows and the model's widest layer {widest} units: "
+                          f"{len(rows) * widest} values, more than the limit of {limit} (max_predict_values)")
         for i, row in enumerate(rows):
             if not isinstance(row, list):
                 raise refused(f"rows[{i}] must be a list of numbers, got {row!r:.80}")

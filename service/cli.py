@@ -1,6 +1,7 @@
 """The `shardprop` command: run the service, and talk to it.
 
     shardprop serve [--host H] [--port P] [--store PATH] [--data-root DIR ...] [--ray-address ADDR]
+                   [--limit NAME=VALUE ...]
     shardprop submit JOB.yaml [--follow]
     shardprop list | status ID | metrics ID | cancel ID | resize ID N
     shardprop model ID -o FILE | predict ID ROWS.csv
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", action="append", help="folders data paths are confined to (default: cwd)")
     p.add_argument("--ray-address", help="attach to this Ray cluster instead of a private local one")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="jobs run at once (0 pauses execution)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="an admission limit, e.g. max_parameters=100000000 (docs/service.md lists them; "
+                        "also SHARDPROP_MAX_PARAMETERS=...)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
     p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
@@ -91,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args) -> int:
-    from service.settings import Settings, is_loopback
+    from pydantic import ValidationError
+
+    from service.settings import LIMITS, Settings, is_loopback
 
     token = os.environ.get("SHARDPROP_TOKEN") or None
     if not is_loopback(args.host) and not token:
@@ -106,7 +112,11 @@ def serve(args) -> int:
         kw["store_path"] = Path(args.store).resolve()
     if args.data_root:
         kw["data_roots"] = [Path(r).resolve() for r in args.data_root]
-    settings = Settings(**kw)
+    kw.update(_limits(args.limit, LIMITS))
+    try:
+        settings = Settings(**kw)
+    except ValidationError as err:
+        raise CommandError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
 
     import uvicorn
 
@@ -120,6 +130,17 @@ def serve(args) -> int:
           f"`kill -USR1 {os.getpid()}` prints every thread's stack here)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _limits(given: list[str], names: tuple[str, ...]) -> dict[str, str]:
+    """`--limit NAME=VALUE` arguments as settings (Settings checks the values)."""
+    limits = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        if name not in names or not value:
+            raise CommandError(f"--limit takes NAME=VALUE with NAME one of {', '.join(names)}, got {item!r}")
+        limits[name] = value
+    return limits
 
 
 def _log_to_stderr(level: str) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.datafiles import DataLimits
+
 DEFAULT_PORT = 8470
+GiB = 1 << 30
+_DATA = DataLimits()  # the loader's defaults: the limits a worker enforces again
+# The admission limits (docs/service.md, "Admission"); `serve --limit NAME=VALUE` sets any of them.
+LIMITS = ("max_parameters", "max_data_bytes", "max_inflation", "max_rows", "max_features", "max_classes",
+          "max_worker_bytes", "max_service_bytes", "max_job_bytes", "max_steps", "max_evaluations",
+          "max_checkpoints", "max_predict_values")
 
 
 def default_store_path() -> Path:
@@ -34,6 +42,22 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, gt=0)
     poll_interval_s: float = Field(0.2, gt=0, le=60)
 
+    # Admission limits, sized for one machine of 24 GiB and 2 cores.
+    max_parameters: int = Field(50_000_000, gt=0, description="network parameters, over all layers")
+    max_data_bytes: int = Field(_DATA.max_data_bytes, gt=0, description="a data set as loaded (float64)")
+    max_inflation: float = Field(_DATA.max_inflation, gt=1,
+                                 description="an .npz member's uncompressed / compressed size")
+    max_rows: int = Field(_DATA.max_rows, gt=0)
+    max_features: int = Field(_DATA.max_features, gt=0)
+    max_classes: int = Field(_DATA.max_classes, ge=2)
+    max_worker_bytes: int = Field(4 * GiB, gt=0, description="estimated peak memory of one gradient worker")
+    max_service_bytes: int = Field(4 * GiB, gt=0, description="estimated peak memory of a job's coordinator")
+    max_job_bytes: int = Field(16 * GiB, gt=0, description="estimated peak memory of a job's processes together")
+    max_steps: int = Field(10_000_000, gt=0)
+    max_evaluations: int = Field(100_000, ge=2, description="validation passes per job")
+    max_checkpoints: int = Field(10_000, ge=2, description="checkpoints written per job")
+    max_predict_values: int = Field(10_000_000, gt=0, description="predict rows x the model's widest layer")
+
     @field_validator("store_path")
     @classmethod
     def _store(cls, v: Path) -> Path:
@@ -51,6 +75,10 @@ class Settings(BaseSettings):
     @classmethod
     def _token(cls, v: str | None) -> str | None:
         return v or None
+
+    def data_limits(self) -> DataLimits:
+        return DataLimits(max_data_bytes=self.max_data_bytes, max_inflation=self.max_inflation,
+                          max_rows=self.max_rows, max_features=self.max_features, max_classes=self.max_classes)
 
     @property
     def store_dir(self) -> Path:

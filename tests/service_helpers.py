@@ -21,6 +21,7 @@ from service.settings import Settings
 from spec_helpers import place
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVICE_PEAK = 1.5 * (1 << 30)  # the bound on a service process's peak resident memory (VmHWM)
 
 TINY = {
     "name": "tiny",
@@ -35,6 +36,17 @@ TINY = {
 
 def tiny_spec(**fields) -> dict:
     return place(copy.deepcopy(TINY), **fields)
+
+
+def status_field(pid: int, field: str) -> int:
+    """A `/proc/<pid>/status` memory figure (VmRSS, VmHWM) in bytes; 0 for a process gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def free_port() -> int:

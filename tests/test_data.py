@@ -81,7 +81,7 @@ def write(tmp_path, name, content):
     (lambda p: write(p, "e.csv", ""), "empty"),
     (lambda p: write(p, "e.npz", b""), "empty"),
     (lambda p: str(p / "missing.csv"), "no such file"),
-    (lambda p: write(p, "t.csv", "a,b\n1,x\n2,1\n"), "'x' is not a number"),
+    (lambda p: write(p, "t.csv", "a,b\n1,x\n2,1\n"), "line 2, column 2: not a number"),
     (lambda p: write(p, "r.csv", "1,2,0\n3,0\n4,5,1\n"), "line 2 has 2 columns"),
     (lambda p: write(p, "h.csv", "a,b\n"), "no data rows"),
     (lambda p: write(p, "j.npz", b"not a zip file at all"), "not a readable .npz"),

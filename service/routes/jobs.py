@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from core.data import DataError, resolve_data_path
-from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
+from core.spec import SpecError, parse_spec
+from service.admission import Refused, admit
 from service.bodies import RawJSON, Resize, documented, validated
 from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
 from service.scheduler import NotRunning
@@ -45,7 +45,7 @@ async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
                                  f"got {len(idempotency_key)}")
-    # validation and SQLite off the event loop
+    # validation, admission and SQLite off the event loop
     job, created = await run_in_threadpool(_create, settings, store, raw, idempotency_key)
     if created:
         scheduler.wake()
@@ -57,11 +57,10 @@ def _create(settings: Settings, store: Store, raw, idempotency_key: str | None) 
         spec = parse_spec(raw)
     except SpecError as err:
         raise HTTPException(422, str(err))
-    if spec.data.source not in BUILTIN_SOURCES:
-        try:
-            resolve_data_path(spec.data.source, [str(r) for r in settings.data_roots])
-        except DataError as err:
-            raise HTTPException(422, str(err))
+    try:
+        admit(spec, settings)  # reads the data's metadata in bounded memory
+    except Refused as err:
+        raise HTTPException(422, str(err))
     try:
         return store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
                                 body_hash=_canonical_hash(raw) if idempotency_key else None)

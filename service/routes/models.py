@@ -46,8 +46,9 @@ def model(job_id: str, job: JobDep, settings: SettingsDep):
 
 @router.post("/{job_id}/predict", dependencies=[Depends(require_token)], openapi_extra=documented(Predict),
              summary='Predict: {"rows": [[...], ...]} -> {"outputs", "labels"}')
-def predict(job_id: str, raw: RawJSON, net: Annotated[MLP, Depends(trained_model)]):
-    rows = validated(Predict, raw, width=net.config["sizes"][0]).rows
+def predict(job_id: str, raw: RawJSON, net: Annotated[MLP, Depends(trained_model)], settings: SettingsDep):
+    sizes = net.config["sizes"]
+    rows = validated(Predict, raw, width=sizes[0], widest=max(sizes), max_values=settings.max_predict_values).rows
     outputs = np.asarray(net.predict(np.asarray(rows, dtype=np.float64)), dtype=float)
     result = {"outputs": outputs.tolist(), "labels": None}
     if net.config.get("loss") == "cross_entropy":
