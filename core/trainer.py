@@ -21,6 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from core.data import Dataset, load_dataset
+from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.optim import Optimizer, learning_rate, make_optimizer
 from core.shards import Shard, make_shards
@@ -59,8 +60,9 @@ class ShardedData:
     shards: list[Shard]
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, data_roots: Sequence[str | Path] | None = None) -> "ShardedData":
-        ds = load_dataset(spec.data, spec.seed, spec.training.dtype, data_roots)
+    def from_spec(cls, spec: JobSpec, data_roots: Sequence[str | Path] | None = None,
+                  limits: DataLimits = DataLimits()) -> "ShardedData":
+        ds = load_dataset(spec.data, spec.seed, spec.training.dtype, data_roots, limits)
         return cls(ds, make_shards(len(ds.X_train), spec.data.shards, spec.training.batch_size, spec.seed))
 
 

@@ -215,7 +215,7 @@ class Scheduler:
 
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
-            job_id=job_id, on_step=lambda record: self._on_step(job_id, record),
+            job_id=job_id, data_limits=self.settings.data_limits(), on_step=lambda record: self._on_step(job_id, record),
             on_event=lambda event: self._on_event(job_id, event))
         try:
             if not self._ray_connected:

@@ -109,3 +109,21 @@ def test_a_cancel_is_seen_while_workers_wait_for_cpus(ray_cluster, tmp_path):
     with pytest.raises(JobCancelled, match="while its workers were starting"):
         coordinator.run()
     assert time.monotonic() - began < 20
+
+
+def test_the_data_limits_given_are_enforced_by_every_worker_too(ray_cluster, tmp_path):
+    """The service's limits reach the workers: a worker started with a row
+    limit the data exceeds fails the job with the loader's message."""
+    from core.datafiles import DataLimits
+    from workers.pool import start_gradient_worker
+
+    given = []
+
+    def start_tight_second_worker(spec, index, roots, cpus, limits):
+        given.append(limits)
+        return start_gradient_worker(spec, index, roots, cpus, DataLimits(max_rows=100) if index == 1 else limits)
+
+    generous = DataLimits(max_rows=5000)
+    with pytest.raises(TrainingError, match="1797 rows"):
+        Coordinator(small_spec(), tmp_path / "run", data_limits=generous, start_worker=start_tight_second_worker).run()
+    assert given and all(limits == generous for limits in given)

@@ -40,6 +40,7 @@ class Computation:
     batch: int
     version: int  # of the parameters it is computed on
     generation: int  # of the server it is for (AsyncRun.generation)
+    token: int  # the watchdog's
 
     @property
     def index(self) -> int:
@@ -67,6 +68,8 @@ def async_position(version: int, shards: int) -> list[int]:
 
 
 class AsyncLoop:
+    computing = False  # it sees a cancel within WAIT_S: never a step to end by killing its workers
+
     def __init__(self, job: JobParts, applied_batches: list[tuple[int, int]]):
         self.job = job
         self.server = None  # async mode has one parameter server
@@ -74,18 +77,17 @@ class AsyncLoop:
 
     def run(self, start: int, resumed: Checkpoint | None) -> list:
         """Make updates `start`... to the end; returns refs to the final parameters."""
-        job, t = self.job, self.job.spec.training
+        job = self.job
         self.server = job.servers.actors[0]
         run = AsyncRun(self.server.publish.remote(), start, self._taken(resumed, start), start)
         self._submit(run)
-        with job.watchdog.running():
-            self._updates(run)
+        self._updates(run)
         return [run.params_ref]
 
     def _updates(self, run: AsyncRun) -> None:
         job, t = self.job, self.job.spec.training
         while run.version < t.steps:
-            job.check_cancelled()
+            job.check_going_on()
             change = job.wanted_workers()
             if change is not None:
                 job.resize(change)
@@ -98,7 +100,7 @@ class AsyncLoop:
     def _arrived(self, run: AsyncRun, ref) -> None:
         job, t = self.job, self.job.spec.training
         c = run.inflight.pop(ref)
-        job.watchdog.finished(c.work)
+        job.watchdog.finished(c.token)
         if c.generation != run.generation:  # computed for a server since replaced
             return
         new_params, stats_ref = self.server.push.remote(c.version, t.max_staleness, [ref])
@@ -167,7 +169,7 @@ class AsyncLoop:
         job = self.job
         live = set(job.pool.indices)
         for ref in [r for r, c in run.inflight.items() if c.index not in live]:
-            job.watchdog.finished(run.inflight.pop(ref).work)  # a dropped worker's
+            job.watchdog.finished(run.inflight.pop(ref).token)  # a dropped worker's
         busy = {c.index for c in run.inflight.values()}
         computing = {c.shard for c in run.inflight.values() if c.generation == run.generation}
         assignment = job.pool.assignment()
@@ -182,6 +184,6 @@ class AsyncLoop:
             shard, batch = free[0], run.taken[free[0]]
             work = Work(("batch", shard, batch), f"shard {shard}'s batch {batch}", run.version + 1, (member.index,))
             ref = member.actor.compute.remote(batch, (shard,), [run.params_ref])
-            run.inflight[ref] = Computation(work, shard, batch, run.version, run.generation)
-            job.watchdog.started(work)
+            run.inflight[ref] = Computation(work, shard, batch, run.version, run.generation,
+                                            job.watchdog.started(work, ref))
             computing.add(shard)

@@ -20,12 +20,13 @@ from typing import Callable
 
 import numpy as np
 
+from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.spec import JobSpec, checkpoint_key, load_spec
 from core.trainer import ShardedData, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
-from workers.checkpoint import Checkpoint, JobCheckpoints
+from workers.checkpoint import JobCheckpoints
 from workers.job import JobParts
 from workers.pool import JobCancelled, StartWorker, WorkerPool, start_gradient_worker
 from workers.protocol import (CheckpointDamaged, CheckpointWritten, Counters, Event, Resumed, ServerState)
@@ -45,10 +46,12 @@ class Coordinator:
     def __init__(self, spec: JobSpec | dict | str | Path, checkpoint_dir: str | Path, *,
                  data_roots: list[str | Path] | None = None, job_id: str | None = None,
                  on_step: Callable[[dict], None] | None = None, on_event: Callable[[Event], None] | None = None,
-                 start_worker: StartWorker = start_gradient_worker, pipeline_depth: int = 2):
+                 data_limits: DataLimits = DataLimits(), start_worker: StartWorker = start_gradient_worker,
+                 pipeline_depth: int = 2):
         self.spec = load_spec(spec)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.data_roots = [str(r) for r in data_roots] if data_roots else None
+        self.data_limits = data_limits  # what the data may be, checked here and in every worker (core.datafiles)
         self.job_id = job_id or self.spec.name
         self.on_step = on_step or (lambda record: None)
         self.on_event = on_event or (lambda event: None)
@@ -61,6 +64,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._target_workers = self.spec.resources.workers
         self._job: JobParts | None = None
+        self._loop: SyncLoop | AsyncLoop | None = None
 
     # ------------------------------------------------------------ control
 
@@ -75,12 +79,16 @@ class Coordinator:
 
     def cancel(self) -> None:
         """Stop at the next step boundary. A compiled step cannot be
-        interrupted, so if the job has not stopped CANCEL_GRACE_S later (a
-        hung worker), its workers are killed, which ends the step at once."""
+        interrupted, so if a sync step is still under way CANCEL_GRACE_S
+        later (a hung worker), the job's workers are killed, which ends it."""
         self._cancelled.set()
-        timer = threading.Timer(CANCEL_GRACE_S, lambda: self._job is not None and self._job.pool.kill())
+        timer = threading.Timer(CANCEL_GRACE_S, self._kill_if_still_computing)
         timer.daemon = True
         timer.start()
+
+    def _kill_if_still_computing(self) -> None:
+        if self._loop is not None and self._loop.computing:
+            self._job.pool.kill()
 
     def resize(self, workers: int) -> None:
         """Use `workers` gradient workers from the next step boundary on."""
@@ -123,7 +131,7 @@ class Coordinator:
         connect_ray(None, spec.resources.workers)
         # Loading the data here checks it before any actor starts, and gives
         # the initial network and the validation split; workers load their own.
-        data = ShardedData.from_spec(spec, self.data_roots)
+        data = ShardedData.from_spec(spec, self.data_roots, self.data_limits)
         net = build_network(spec, data.dataset)
         job = self._job = self._parts(net, data)
         start, resumed = 0, job.reporter.latest_checkpoint() if resume else None
@@ -137,10 +145,14 @@ class Coordinator:
             job.servers.start(ServerState(net.params, resumed.optimizer if resumed else {}, start))
             job.pool.start(self._target_workers)
             job.reporter.restart_clock()
-            if spec.training.mode == "sync":
-                final = run_at_low_priority(SyncLoop(job).run, start)
-            else:
-                final = AsyncLoop(job, self.applied_batches).run(start, resumed)
+            # the watchdog's thread at normal priority, the sync loop's waiting at the lowest
+            with job.watchdog.running():
+                if spec.training.mode == "sync":
+                    self._loop = SyncLoop(job)
+                    final = run_at_low_priority(self._loop.run, start)
+                else:
+                    self._loop = AsyncLoop(job, self.applied_batches)
+                    final = self._loop.run(start, resumed)
             net.params[:] = job.servers.fetch(final)
             job.reporter.checkpoint(spec.training.steps, job.servers.state())
             return net
@@ -154,7 +166,8 @@ class Coordinator:
         # the servers' parameters and one row per shard, twice over for workers replaced after a failure
         size = net.params.size * np.dtype(spec.training.dtype).itemsize
         files = shared.JobFiles(size * (1 + 2 * spec.data.shards), self.shared_root)
-        pool = WorkerPool(spec, self.data_roots, self._cancelled, files, self.on_event, self.start_worker)
+        pool = WorkerPool(spec, self.data_roots, self.data_limits, self._cancelled, files, self.on_event,
+                          self.start_worker)
         servers = ServerGroup(spec)
         checkpoints = JobCheckpoints(self.checkpoint_dir, self._spec_key(), _stored_spec_key,
                                      self._written, self._damaged)

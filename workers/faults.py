@@ -3,7 +3,7 @@
 A `FaultPlan` maps worker indices to the faults their workers suffer, and is
 passed to the coordinator as the way to start workers
 (`Coordinator(..., start_worker=FaultPlan({1: Faults(fail_at=(3, 5))}))`):
-the workers it names are FaultyGradientWorkers (their process title),, a subclass that misbehaves
+the workers it names are FaultyGradientWorkers (their process title), a subclass that misbehaves
 as told; every other worker is a plain GradientWorker.
 """
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+
+from core.datafiles import DataLimits
 
 from workers.gradient_worker import GradientWorker
 from workers.pool import start_gradient_worker
@@ -33,8 +35,8 @@ class Faults:
 class FaultyGradientWorker(GradientWorker.__ray_actor_class__):
     """A GradientWorker that suffers `faults`."""
 
-    def __init__(self, spec, index, data_roots=None, threads=1, faults: Faults = Faults()):
-        super().__init__(spec, index, data_roots, threads)
+    def __init__(self, spec, index, data_roots=None, threads=1, limits=DataLimits(), faults: Faults = Faults()):
+        super().__init__(spec, index, data_roots, threads, limits)
         self.faults = faults
 
     def _shard_gradient(self, net, shard, step, out):
@@ -60,8 +62,8 @@ class FaultPlan:
 
     faults: dict[int, Faults]
 
-    def __call__(self, spec, index: int, data_roots, cpus: int):
+    def __call__(self, spec, index: int, data_roots, cpus: int, limits: DataLimits):
         faults = self.faults.get(index)
         if faults is None:
-            return start_gradient_worker(spec, index, data_roots, cpus)
-        return start_gradient_worker(spec, index, data_roots, cpus, FaultyWorkerActor, faults)
+            return start_gradient_worker(spec, index, data_roots, cpus, limits)
+        return start_gradient_worker(spec, index, data_roots, cpus, limits, FaultyWorkerActor, faults)

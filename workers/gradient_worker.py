@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from threadpoolctl import threadpool_limits
 
+from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.spec import JobSpec
 from core.trainer import ShardGradient, ShardedData, build_network, shard_gradient
@@ -39,11 +40,12 @@ def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
 
 @ray.remote(concurrency_groups={"probe": 1})
 class GradientWorker:
-    def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None, threads: int = 1):
+    def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None, threads: int = 1,
+                 limits: DataLimits = DataLimits()):
         # One BLAS thread for the life of the process: see core.trainer.one_blas_thread.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.index = index
-        self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None)
+        self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None, limits)
         self.net = build_network(spec, self.data.dataset)
         self.threads = max(1, threads)
         self._returned_at: float | None = None  # when `step` last returned (sync mode)

@@ -38,9 +38,11 @@ class JobParts:
     on_event: Callable
     pipeline_depth: int
 
-    def check_cancelled(self) -> None:
+    def check_going_on(self) -> None:
+        """Raise if the job is cancelled, or the watchdog gave it up."""
         if self.cancelled.is_set():
             raise JobCancelled(f"job {self.job_id} cancelled at step {self.reporter.reported}")
+        self.recovery.policy.check()
 
     def wanted_workers(self) -> int | None:
         """The worker count to change to at this step boundary, if any."""
@@ -52,6 +54,7 @@ class JobParts:
         self.on_event(Resized(before, workers, self.reporter.reported))
 
     def recover(self, loss: Loss, resume_at: int) -> Resumption:
+        self.check_going_on()
         resumption = self.recovery.recover(loss, resume_at, self.reporter.reported, self.target_workers())
         self.reporter.restart_clock()
         return resumption

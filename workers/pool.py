@@ -14,6 +14,7 @@ GradientWorker; tests and chaos runs pass a fault plan (workers.faults).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,15 +23,15 @@ from typing import Callable, Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from core.datafiles import DataLimits
 from core.spec import JobSpec
 from core.trainer import TrainingError
 from workers.gradient_worker import GradientWorker
 from workers.protocol import WorkerLocation, WorkersStarted
-from workers.runtime import kill_actor
+from workers.runtime import ALIVE_TIMEOUT_S, kill_actor
 from workers.shared import JobFiles
 
 START_TIMEOUT_S = 300.0
-PROBE_TIMEOUT_S = 30.0
 CAPACITY_RECHECK_S = 1.0  # asking the cluster for free CPUs costs a round trip
 
 
@@ -39,14 +40,16 @@ class JobCancelled(Exception):
 
 
 class StartWorker(Protocol):
-    def __call__(self, spec: JobSpec, index: int, data_roots: list[str] | None, cpus: int): ...
+    def __call__(self, spec: JobSpec, index: int, data_roots: list[str] | None, cpus: int, limits: DataLimits): ...
 
 
-def start_gradient_worker(spec: JobSpec, index: int, data_roots: list[str] | None, cpus: int,
+def start_gradient_worker(spec: JobSpec, index: int, data_roots: list[str] | None, cpus: int, limits: DataLimits,
                           actor_class=GradientWorker, *more):
     """A GradientWorker actor (or one of `actor_class`, given `more`
-    arguments) reserving `cpus` CPUs, spread over the nodes."""
-    return actor_class.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(spec, index, data_roots, cpus, *more)
+    arguments) reserving `cpus` CPUs, spread over the nodes, reading its
+    data within `limits`."""
+    return actor_class.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(
+        spec, index, data_roots, cpus, limits, *more)
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,9 @@ class Member:
 
 
 class WorkerPool:
-    def __init__(self, spec: JobSpec, data_roots: list[str] | None, cancelled: threading.Event,
+    def __init__(self, spec: JobSpec, data_roots: list[str] | None, limits: DataLimits, cancelled: threading.Event,
                  files: JobFiles, on_event: Callable, start_worker: StartWorker = start_gradient_worker):
-        self.spec, self.data_roots, self.cancelled, self.files = spec, data_roots, cancelled, files
+        self.spec, self.data_roots, self.limits, self.cancelled, self.files = spec, data_roots, limits, cancelled, files
         self.on_event, self.start_worker = on_event, start_worker
         self.members: list[Member] = []
         self.locations: dict[int, WorkerLocation] = {}  # every worker the job started, by index
@@ -91,7 +94,8 @@ class WorkerPool:
         cpus = self.spec.resources.cpus_per_worker
         new = []
         for _ in range(count):
-            new.append((self._next_index, self.start_worker(self.spec, self._next_index, self.data_roots, cpus)))
+            new.append((self._next_index, self.start_worker(self.spec, self._next_index, self.data_roots, cpus,
+                                                            self.limits)))
             self._next_index += 1
         try:
             where = self._placed([actor for _, actor in new])
@@ -103,6 +107,9 @@ class WorkerPool:
         except RayTaskError as err:
             self._kill([actor for _, actor in new])
             raise TrainingError(f"a worker could not start: {err.cause or err}") from None
+        except RayActorError as err:  # its constructor raised (bad data, say), or its process died starting
+            self._kill([actor for _, actor in new])
+            raise TrainingError(f"a worker could not start: {_last_line(err)}") from None
         with self._lock:
             self.members.extend(Member(i, actor, loc) for (i, actor), loc in zip(new, where))
         self.locations.update((loc.index, loc) for loc in where)
@@ -203,9 +210,17 @@ class WorkerPool:
             kill_actor(actor)
 
 
+def _last_line(err: Exception) -> str:
+    """What an actor's failed start says in the end: the exception raised in
+    its constructor (`module.Class: message` as `Class: message`), without
+    Ray's traceback around it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1]) if lines else type(err).__name__
+
+
 def _alive(actor) -> bool:
     try:
-        ray.get(actor.location.remote(), timeout=PROBE_TIMEOUT_S)
+        ray.get(actor.location.remote(), timeout=ALIVE_TIMEOUT_S)
         return True
     except (RayActorError, GetTimeoutError):
         return False

@@ -213,7 +213,7 @@ class Recovered(Event):
     step: int  # where the job goes on from
     steps_replayed: int
     seconds: float
-    servers: bool  # the parameter servers were restored from a checkpoint
+    servers: bool  # a parameter server died (servers that ran ahead are restored too, with this False)
     workers: int  # workers the job has now
 
 

@@ -15,6 +15,7 @@ hangs HANGS_PER_WORK times (see workers.watchdog), fails the job.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,10 +66,15 @@ class FailurePolicy:
         self._hangs: dict[tuple, int] = {}
         self._losses: dict[tuple, int] = {}
         self._killed_for_hang: set[int] = set()
+        self._lock = threading.Lock()  # hangs are counted in the watchdog's thread, losses in the loop's
         self.given_up: TrainingError | None = None  # set (from the watchdog's thread) at a last hang
 
     def hung(self, works: list[Work], workers: list[int]) -> None:
         """Count a hang of each of `works`, whose `workers` are about to be killed."""
+        with self._lock:
+            self._count_hang(works, workers)
+
+    def _count_hang(self, works: list[Work], workers: list[int]) -> None:
         self.counters.hung_workers += len(workers)
         self._killed_for_hang.update(workers)
         for w in works:
@@ -79,13 +85,18 @@ class FailurePolicy:
                     f"({self.limit:g} s) with workers started afresh each time; if this job's steps are that "
                     "slow, raise it")
 
+    def check(self) -> None:
+        """Raise the reason the job gives up, if the watchdog found one."""
+        if self.given_up is not None:
+            raise self.given_up
+
     def lost(self, loss: Loss) -> None:
         """Count a loss of actors making `loss.work`, unless it is workers the
         watchdog killed (a hang, counted as one); raise at the last."""
-        if self.given_up is not None:
-            raise self.given_up
-        killed = self._killed_for_hang.intersection(loss.workers)
-        self._killed_for_hang.difference_update(loss.workers)
+        self.check()
+        with self._lock:
+            killed = self._killed_for_hang.intersection(loss.workers)
+            self._killed_for_hang.difference_update(loss.workers)
         if killed:
             return
         key = loss.work.key
@@ -106,6 +117,7 @@ class Recovery:
         version) whose result was not received, `reported` the steps already
         reported (those made again count as replayed)."""
         began = time.perf_counter()
+        self.policy.check()
         self.counters.worker_failures += len(self.pool.drop(loss.workers))
         if loss.servers:
             self.counters.server_failures += 1
@@ -116,7 +128,8 @@ class Recovery:
         self.pool.refill(target_workers)
         step = ckpt.step if ckpt is not None else resume_at
         seconds = time.perf_counter() - began
-        replayed = max(0, reported - step)
+        # steps made again that had been reported (those of an earlier replay are counted there)
+        replayed = max(0, min(reported, resume_at) - step)
         self.counters.recoveries += 1
         self.counters.steps_replayed += replayed
         self.counters.recovery_seconds += seconds

@@ -63,6 +63,9 @@ def started_here() -> bool:
         ray.get_runtime_context().get_node_id() == _started_node
 
 
+ALIVE_TIMEOUT_S = 30.0  # how long an actor may take to answer before it counts as gone
+
+
 def kill_actor(actor) -> None:
     """Kill an actor for good; nothing happens if it is gone already."""
     try:

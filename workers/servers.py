@@ -18,9 +18,8 @@ from core.spec import JobSpec
 from workers.checkpoint import Checkpoint
 from workers.parameter_server import ParameterServer, slice_bounds
 from workers.protocol import ServerLocation, ServerState
-from workers.runtime import kill_actor
+from workers.runtime import ALIVE_TIMEOUT_S, kill_actor
 
-PROBE_TIMEOUT_S = 30.0
 
 
 class ServerGroup:
@@ -57,11 +56,11 @@ class ServerGroup:
         return ServerState.join(tuple(ray.get([s.state.remote() for s in self.actors])))
 
     def node_ids(self) -> set[str]:
-        return {loc.node_id for loc in ray.get([s.location.remote() for s in self.actors])}
+        return {loc.node_id for loc in self.locations}
 
     def alive(self) -> bool:
         try:
-            ray.get(self.publish(), timeout=PROBE_TIMEOUT_S)
+            ray.get(self.publish(), timeout=ALIVE_TIMEOUT_S)
             return True
         except (RayActorError, RayTaskError, GetTimeoutError):
             return False
@@ -71,7 +70,7 @@ class ServerGroup:
         steps whose results were lost), or cannot say."""
         try:
             return any(loc.version != version for loc in
-                       ray.get([s.location.remote() for s in self.actors], timeout=PROBE_TIMEOUT_S))
+                       ray.get([s.location.remote() for s in self.actors], timeout=ALIVE_TIMEOUT_S))
         except (RayActorError, RayTaskError, GetTimeoutError):
             return True
 

@@ -38,7 +38,7 @@ from workers.pool import JobCancelled
 from workers.protocol import StepPlan, StepStats
 from workers.runtime import started_here
 
-PROBE_TIMEOUT_S = 5.0  # how long a worker may take to say whether it is computing
+HUNG_PROBE_TIMEOUT_S = 5.0  # how long a worker may take to say whether it is computing
 RESULT_POLL_S = 0.5
 
 
@@ -96,11 +96,11 @@ class CompiledStep:
 
     def hung(self, step: int, limit: float) -> list[int]:
         """Positions of the workers computing for over limit / 2, or not
-        answering within PROBE_TIMEOUT_S. Each answers on a thread of its own
+        answering within HUNG_PROBE_TIMEOUT_S. Each answers on a thread of its own
         (GradientWorker.computing_for), and the driver makes no other calls to
         them while the graph runs, so an answer waits for nothing else."""
         refs = [w.computing_for.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=HUNG_PROBE_TIMEOUT_S)
         hung = []
         for i, ref in enumerate(refs):
             try:

@@ -27,22 +27,22 @@ from workers.step_graph import StepGraph, build_step_graph
 class SyncLoop:
     def __init__(self, job: JobParts):
         self.job = job
+        job.watchdog.find_hung = self.find_hung
         self.graph: StepGraph | None = None
         self.shared_dir: str | None = None  # the current graph's (None: arrays go through it)
 
     def run(self, start: int) -> list:
         """Make steps `start`... to the end; returns refs to the final parameters."""
-        with self.job.watchdog.running(self.find_hung):
-            try:
-                self._steps(start)
-            finally:
-                self.close()
+        try:
+            self._steps(start)
+        finally:
+            self.close()
         return self.job.servers.publish()
 
     def _steps(self, step: int) -> None:
         job, steps = self.job, self.job.spec.training.steps
         while step < steps:
-            job.check_cancelled()
+            job.check_going_on()
             change = job.wanted_workers()
             if change is not None:
                 self.close()
@@ -60,19 +60,18 @@ class SyncLoop:
                     pending.popleft()
                     self._finish(stats)
                     if job.cancelled.is_set() or (step < steps and job.wanted_workers() is not None):
-                        step = self._drain(pending)
+                        self._drain(pending)  # then `step` is the next to run
                         break
             except ActorLost as lost:
                 step = job.recover(lost.loss, pending[0][0].step if pending else step).step
 
-    def _drain(self, pending: deque) -> int:
-        """Finish the steps in flight; returns the next step to run."""
-        self.job.check_cancelled()
+    def _drain(self, pending: deque) -> None:
+        """Finish the steps in flight (a cancel or a resize waits for a step boundary)."""
+        self.job.check_going_on()
         while pending:
-            stats = self._result(*pending[0])  # on a failure the step stays pending: see run
+            stats = self._result(*pending[0])  # on a failure the step stays pending: see _steps
             pending.popleft()
             self._finish(stats)
-        return self.job.reporter.reported
 
     def _plan(self, step: int) -> StepPlan:
         reporter = self.job.reporter
@@ -89,6 +88,11 @@ class SyncLoop:
         job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
                                 self.shared_dir is not None))
         return self.graph
+
+    @property
+    def computing(self) -> bool:
+        """Whether a step graph is up (a step may be under way)."""
+        return self.graph is not None
 
     def close(self) -> None:
         """Tear the step graph down, leaving its actors alive and callable."""
@@ -122,7 +126,7 @@ class SyncLoop:
             with job.watchdog.waiting(work):
                 return self.graph.result(outputs, job.cancelled)
         except JobCancelled:
-            job.check_cancelled()
+            job.check_going_on()
             raise
         except RayTaskError as err:
             cause = err.cause if err.cause is not None else err
@@ -136,12 +140,9 @@ class SyncLoop:
         """After a failed step: tear the graph down and find what died."""
         self.close()
         job = self.job
-        if job.cancelled.is_set():
-            return JobCancelled(f"job {job.job_id} cancelled at step {job.reporter.reported}")
-        if job.recovery.policy.given_up is not None:
-            return job.recovery.policy.given_up
+        job.check_going_on()
         servers = not job.servers.alive()
         dead = job.pool.dead()
         if servers or dead:
             return ActorLost(Loss(work, dead, servers))
-        return TrainingError(f"step {job.reporter.reported + 1} failed: {err}")
+        return TrainingError(f"{work.name} failed: {err}")
