@@ -168,7 +168,7 @@ def test_idempotency_key(paused):
     a = httpx.post(f"{url}/v1/jobs", json=tiny_spec(), headers=h)
     # the same body, spelled differently (key order, whitespace)
     same = json.dumps(dict(reversed(list(tiny_spec().items()))), indent=3)
-    b = httpx.post(f"{url}/v1/jobs", content=same, headers=h)
+    b = httpx.post(f"{url}/v1/jobs", content=same, headers={**h, "Content-Type": "application/json"})
     assert a.status_code == 201 and b.status_code == 200 and a.json()["id"] == b.json()["id"]
     before = app.state.store.snapshot()
     c = httpx.post(f"{url}/v1/jobs", json=_with("name", "other"), headers=h)
@@ -192,8 +192,8 @@ def test_token_on_every_mutating_call(tmp_path):
                                    ("PATCH", f"/v1/jobs/{job['id']}", {"workers": 1}),
                                    ("POST", f"/v1/jobs/{job['id']}/predict", {"rows": [[1.0]]})]:
             assert httpx.request(method, f"{url}{path}", json=body).status_code == 401
-        assert httpx.get(f"{url}/v1/jobs").status_code == 200  # reading needs no token
-        assert httpx.get(f"{url}/v1/jobs/{job['id']}").json()["state"] == "queued"
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401  # reading jobs needs it too (docs/security.md)
+        assert httpx.get(f"{url}/v1/jobs/{job['id']}", headers=ok).json()["state"] == "queued"
         assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel", headers=ok).json()["state"] == "cancelled"
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from core.data import DataError, resolve_data_path
 from core.spec import BUILTIN_SOURCES, SpecError, parse_spec
-from service.bodies import RawJSON, Resize, documented, validated
+from service.bodies import OptionalJSON, RawJSON, Resize, documented, validated
 from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
 from service.scheduler import NotRunning
 from service.settings import Settings
@@ -23,7 +23,7 @@ from service.store import IdempotencyConflict, IllegalTransition, NotFound, Stor
 MAX_IDEMPOTENCY_KEY = 200
 CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
 
 def json_safe(value):
@@ -37,7 +37,7 @@ def json_safe(value):
     return value
 
 
-@router.post("", status_code=201, dependencies=[Depends(require_token)],
+@router.post("", status_code=201,
              summary="Submit a job (body: the job spec as JSON)")
 async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
@@ -97,9 +97,9 @@ def metrics(job_id: str, store: StoreDep,
         raise HTTPException(404, str(err))
 
 
-@router.post("/{job_id}/cancel", dependencies=[Depends(require_token)],
-             summary="Cancel a job (a running one is given a few seconds to stop)")
-def cancel(job_id: str, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+@router.post("/{job_id}/cancel",
+             summary="Cancel a job (a running one is given a few seconds to stop); no body, or any JSON")
+def cancel(job_id: str, _: JobDep, _body: OptionalJSON, store: StoreDep, scheduler: SchedulerDep):
     try:
         scheduler.cancel(job_id, wait_s=CANCEL_WAIT_S)
     except IllegalTransition as err:
@@ -107,9 +107,9 @@ def cancel(job_id: str, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
     return find_job(store, scheduler, job_id)
 
 
-@router.patch("/{job_id}", dependencies=[Depends(require_token)], openapi_extra=documented(Resize),
+@router.patch("/{job_id}", openapi_extra=documented(Resize),
               summary='Resize a running job: {"workers": n}')
-def resize(job_id: str, raw: RawJSON, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+def resize(job_id: str, _: JobDep, raw: RawJSON, store: StoreDep, scheduler: SchedulerDep):
     workers = validated(Resize, raw).workers
     try:
         scheduler.resize(job_id, workers)
