@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,9 @@ MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 MAX_NAME_BYTES = 255  # one path component, as most file systems allow
 
 BUILTIN_SOURCES = ("digits", "iris", "wine", "breast_cancer", "synthetic")
+# A job's name names files (`shardprop train` writes <name>.npz and a folder
+# <name>-<time>): no path separator, no leading dot, no NUL, nothing to escape.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 def validation_rows(n_rows: int, validation_split: float) -> int:
@@ -220,6 +224,14 @@ class JobSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.fullmatch(v):
+            raise ValueError(f"must be letters, digits, '.', '_' and '-', starting with a letter or digit "
+                             f"(it names files), got {v!r:.80}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":

@@ -3,8 +3,9 @@
 
 `create_app(settings)` builds the app with its store, scheduler and metrics,
 kept in `app.state`, where `service/deps.py` reads them for the routes. Every
-error is `{"detail": "..."}` naming the field and the value; bad input never
-gets a 5xx.
+request passes `service/guard.py` first (Host, Origin). Every error is
+`{"detail": "..."}` naming the field and the value; bad input never gets a
+5xx.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.bodies import REFUSED, BodyLimit
+from service.guard import BrowserGuard
 from service.metrics import ServiceMetrics
 from service.routes import dashboard, health, jobs, models, prometheus
 from service.scheduler import Scheduler
@@ -59,6 +61,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     app.state.settings, app.state.store = settings, scheduler.store
     app.state.scheduler, app.state.metrics = scheduler, scheduler.metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BrowserGuard, settings=settings)  # added last: runs first
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

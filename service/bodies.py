@@ -1,5 +1,5 @@
-"""How the API reads request bodies: at most `max_body_bytes`, JSON only, and
-the two bodies the API defines itself as pydantic models.
+"""How the API reads request bodies: at most `max_body_bytes`, JSON only
+(sent as `application/json`), and the two bodies the API defines itself as pydantic models.
 
 (A job spec is `core.spec`'s: the submit route hands it to `parse_spec`.)
 Every refusal reads like the rest of the API's errors, naming the field and
@@ -22,6 +22,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_PREDICT_ROWS = 100_000
+JSON_TYPE = "application/json"
 REFUSED = "shardprop_refused"  # the error type whose message is a whole `detail`
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -61,10 +62,28 @@ def _refusal(status: int, detail: str) -> JSONResponse:
 
 
 async def read_json(request: Request) -> Any:
-    """The body as JSON (whatever the Content-Type says), or a 400 saying why it is not."""
+    """The body as JSON, or a 400 saying why it is not; 415 unless it is sent
+    as `application/json` (a page can send any other type to any origin
+    without asking first, see service/guard.py)."""
     body = await request.body()
     if not body.strip():
         raise HTTPException(400, "request body is empty; expected a JSON object")
+    return _decode(body, request.headers.get("content-type"))
+
+
+async def read_optional_json(request: Request) -> Any:
+    """As `read_json`, but an empty body is None: for calls whose body says nothing."""
+    body = await request.body()
+    return _decode(body, request.headers.get("content-type")) if body.strip() else None
+
+
+def _decode(body: bytes, content_type: str | None) -> Any:
+    media, *params = (content_type or "").split(";")
+    charsets = [v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params)
+                if k.strip().lower() == "charset"]
+    if media.strip().lower() != JSON_TYPE or any(c not in ("utf-8", "utf8") for c in charsets):
+        given = f"{content_type!r:.100}" if content_type is not None else "none"
+        raise HTTPException(415, f"Content-Type must be {JSON_TYPE} (optionally; charset=utf-8), got {given}")
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -76,16 +95,17 @@ async def read_json(request: Request) -> Any:
 
 
 RawJSON = Annotated[Any, Depends(read_json)]
+OptionalJSON = Annotated[Any, Depends(read_optional_json)]
 
 
 def validated(model: type[Body], raw: Any, **context) -> Body:
     """`raw` as `model` (`context` is the validators'), or a 422 naming what is wrong.
 
-    A route takes `raw: RawJSON` and calls this itself, rather than taking a
-    FastAPI body parameter, so that the body is read whatever its
-    Content-Type and checked in the order the API answers in: the token
-    (401), the body's JSON (400), the job the path names (404), the body's
-    fields (422)."""
+    A route takes `raw: RawJSON` (after the job its path names) and calls
+    this itself, rather than taking a FastAPI body parameter, so that a
+    request is checked in the order the API answers in: the token (401), the
+    job the path names (404), the body's type (415) and JSON (400), the
+    body's fields (422)."""
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as err:
@@ -161,10 +181,16 @@ class Predict(BaseModel):
             if width is not None and len(row) != width:
                 raise refused(f"rows[{i}] has {len(row)} values, the model takes {width}")
             for j, v in enumerate(row):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise refused(f"rows[{i}][{j}] must be a finite number, got {v!r:.80}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not _fits_float64(v):
+                    shown = f"an integer of {len(str(abs(v)))} digits" if type(v) is int else f"{v!r:.80}"
+                    raise refused(f"rows[{i}][{j}] must be a finite number within float64's range, got {shown}")
         if len({len(r) for r in rows}) != 1:
             raise refused("rows must all have the same length")
         return raw
 
 
+def _fits_float64(v: int | float) -> bool:
+    try:
+        return math.isfinite(float(v))  # an int past 1.8e308 raises OverflowError
+    except OverflowError:
+        return False

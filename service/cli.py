@@ -1,7 +1,8 @@
 """The `shardprop` command: run the service, and talk to it.
 
     shardprop serve [--host H] [--port P] [--store PATH] [--data-root DIR ...] [--ray-address ADDR]
-                   [--limit NAME=VALUE ...]
+                    [--limit NAME=VALUE ...]
+                    [--allowed-host NAME ...]
     shardprop submit JOB.yaml [--follow]
     shardprop list | status ID | metrics ID | cancel ID | resize ID N
     shardprop model ID -o FILE | predict ID ROWS.csv
@@ -38,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.add_parser(sub)
 
     p = sub.add_parser("serve", help="run the job service (HTTP API, queue, job store)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs SHARDPROP_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (non-loopback needs SHARDPROP_TOKEN, 16+ characters)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME[:PORT]",
+                   help="also answer requests whose Host is this name (e.g. the compose name ray-head)")
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--store", help="the SQLite job store (default ~/.shardprop/shardprop.db); "
                                    "checkpoints and models go beside it")
@@ -97,17 +101,21 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args) -> int:
     from pydantic import ValidationError
 
-    from service.settings import LIMITS, Settings, is_loopback
+    from service.settings import LIMITS, Settings, is_loopback, token_weakness
 
     token = os.environ.get("SHARDPROP_TOKEN") or None
     if not is_loopback(args.host) and not token:
         raise CommandError(f"refusing to bind {args.host} (not loopback) without a token: set SHARDPROP_TOKEN")
+    if not is_loopback(args.host) and token_weakness(token):
+        raise CommandError(f"refusing to bind {args.host} (not loopback) with a weak SHARDPROP_TOKEN: "
+                           f"{token_weakness(token)} (make one with: python -c 'import secrets; "
+                           "print(secrets.token_urlsafe(32))')")
     if args.max_concurrent_jobs < 0:
         raise CommandError(f"--max-concurrent-jobs must be >= 0, got {args.max_concurrent_jobs}")
     if args.ray_address:
         _check_reachable(args.ray_address)
     kw = {"host": args.host, "port": args.port, "token": token, "ray_address": args.ray_address,
-          "max_concurrent_jobs": args.max_concurrent_jobs}
+          "max_concurrent_jobs": args.max_concurrent_jobs, "allowed_hosts": args.allowed_host or []}
     if args.store:
         kw["store_path"] = Path(args.store).resolve()
     if args.data_root:
@@ -117,6 +125,7 @@ def serve(args) -> int:
         settings = Settings(**kw)
     except ValidationError as err:
         raise CommandError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    os.umask(0o077)  # the store, checkpoints, models and logs this process (and a Ray it starts) writes: private
 
     import uvicorn
 

@@ -6,6 +6,7 @@ lines print how to stop it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -30,8 +31,8 @@ def start_service() -> int | None:
     """Start `shardprop serve` detached; its pid, or None if one is already up."""
     if healthy():
         return None
-    HOME.mkdir(parents=True, exist_ok=True)
-    log = open(HOME / "serve.log", "ab")
+    HOME.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log = os.fdopen(os.open(HOME / "serve.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", "8470"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 90

@@ -41,7 +41,10 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
 def require_token(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Mutating calls need `Authorization: Bearer <SHARDPROP_TOKEN>` when the service has a token."""
+    """With a token set, every call that changes or reveals jobs (their
+    specs, metrics, models, predictions; Prometheus' /metrics too) needs
+    `Authorization: Bearer <SHARDPROP_TOKEN>`; /healthz and the dashboard's
+    page (static, no data) do not."""
     if not settings.token:
         return
     scheme, _, given = (authorization or "").partition(" ")

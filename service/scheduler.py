@@ -257,7 +257,7 @@ class Scheduler:
         try:
             net = coordinator.run(resume=resume)
             path = self.settings.model_path(job_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             net.save(path)
             self._transition(job_id, "succeeded", "finished")
         except JobCancelled:

@@ -8,6 +8,7 @@ arguments win. Checkpoints and models live beside the store file.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -37,7 +38,9 @@ class Settings(BaseSettings):
     data_roots: list[Path] = Field(default_factory=lambda: [Path.cwd()],
                                    description="folders data paths in specs are confined to")
     ray_address: str | None = None
-    token: str | None = Field(None, repr=False, description="bearer token for mutating calls")
+    token: str | None = Field(None, repr=False, description="bearer token for every call that changes or reveals jobs")
+    allowed_hosts: list[str] = Field(default_factory=list,
+                                     description="Host names (NAME or NAME:PORT) answered besides the bind address")
     max_concurrent_jobs: int = Field(1, ge=0, le=1024, description="0 pauses execution: jobs only queue")
     max_body_bytes: int = Field(1 << 20, gt=0)
     poll_interval_s: float = Field(0.2, gt=0, le=60)
@@ -71,6 +74,15 @@ class Settings(BaseSettings):
         # absolute: Ray workers do not share the service's cwd
         return [Path(p).expanduser().resolve() for p in v]
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            if not re.fullmatch(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+                raise ValueError(f"an allowed host is a name or address with an optional :port "
+                                 f"(like ray-head or ray-head:8470), got {host!r}")
+        return [h.lower() for h in v]
+
     @field_validator("token")
     @classmethod
     def _token(cls, v: str | None) -> str | None:
@@ -97,6 +109,19 @@ class Settings(BaseSettings):
 
     def model_path(self, job_id: str) -> Path:
         return self.models_dir / f"{job_id}.npz"
+
+
+MIN_TOKEN_LENGTH, MIN_TOKEN_VARIETY = 16, 8
+
+
+def token_weakness(token: str) -> str | None:
+    """Why `token` is too weak to guard a service beyond loopback, or None:
+    fewer than 16 characters, or fewer than 8 different ones."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"it has {len(token)} characters, at least {MIN_TOKEN_LENGTH} are needed"
+    if len(set(token)) < MIN_TOKEN_VARIETY:
+        return f"it has {len(set(token))} different characters, at least {MIN_TOKEN_VARIETY} are needed"
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -8,6 +8,7 @@ anyway, and the service's writes are small. Each method is one transaction.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -89,10 +90,21 @@ def _finite(x):
     return x if x == x and abs(x) != float("inf") else None
 
 
+def create_private(path: Path) -> None:
+    """The store's folder 0700 (when this creates it; an existing one is
+    left as it is) and its file 0600, before SQLite opens it: SQLite gives
+    the -wal and -shm files the mode of the database file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for existing in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if existing.exists():  # made by an earlier version, world-readable
+            os.chmod(existing, 0o600)
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                    timeout=30.0)

@@ -168,7 +168,7 @@ def test_idempotency_key(paused):
     a = httpx.post(f"{url}/v1/jobs", json=tiny_spec(), headers=h)
     # the same body, spelled differently (key order, whitespace)
     same = json.dumps(dict(reversed(list(tiny_spec().items()))), indent=3)
-    b = httpx.post(f"{url}/v1/jobs", content=same, headers=h)
+    b = httpx.post(f"{url}/v1/jobs", content=same, headers={**h, "Content-Type": "application/json"})
     assert a.status_code == 201 and b.status_code == 200 and a.json()["id"] == b.json()["id"]
     before = app.state.store.snapshot()
     c = httpx.post(f"{url}/v1/jobs", json=_with("name", "other"), headers=h)
@@ -177,6 +177,19 @@ def test_idempotency_key(paused):
     d = httpx.post(f"{url}/v1/jobs", json=tiny_spec(), headers={"Idempotency-Key": "abc-2"})
     assert d.status_code == 201 and d.json()["id"] != a.json()["id"]
     assert len(httpx.get(f"{url}/v1/jobs").json()["jobs"]) == 2
+
+
+def test_an_idempotent_retry_is_the_same_job_however_its_numbers_are_spelled(paused):
+    """The key guards the job, not the bytes: `lr: 1` and `lr: 1.0`, or a
+    default spelled out, are the same spec; another learning rate is not."""
+    url, app = paused
+    h = {"Idempotency-Key": "lr-1"}
+    a = httpx.post(f"{url}/v1/jobs", json=_with("training.optimizer", {"name": "sgd", "lr": 1}), headers=h)
+    b = httpx.post(f"{url}/v1/jobs", json=_with("training.optimizer", {"name": "sgd", "lr": 1.0, "momentum": 0.0}),
+                   headers=h)
+    assert a.status_code == 201 and b.status_code == 200 and a.json()["id"] == b.json()["id"]
+    c = httpx.post(f"{url}/v1/jobs", json=_with("training.optimizer", {"name": "sgd", "lr": 0.5}), headers=h)
+    assert c.status_code == 409 and "lr-1" in c.json()["detail"]
 
 
 def test_token_on_every_mutating_call(tmp_path):
@@ -192,8 +205,8 @@ def test_token_on_every_mutating_call(tmp_path):
                                    ("PATCH", f"/v1/jobs/{job['id']}", {"workers": 1}),
                                    ("POST", f"/v1/jobs/{job['id']}/predict", {"rows": [[1.0]]})]:
             assert httpx.request(method, f"{url}{path}", json=body).status_code == 401
-        assert httpx.get(f"{url}/v1/jobs").status_code == 200  # reading needs no token
-        assert httpx.get(f"{url}/v1/jobs/{job['id']}").json()["state"] == "queued"
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401  # reading jobs needs it too (docs/security.md)
+        assert httpx.get(f"{url}/v1/jobs/{job['id']}", headers=ok).json()["state"] == "queued"
         assert httpx.post(f"{url}/v1/jobs/{job['id']}/cancel", headers=ok).json()["state"] == "cancelled"
 
 

@@ -98,17 +98,21 @@ def test_metrics_while_a_job_runs_then_gone_after_retention(service):
     assert not any(s.labels.get("job_id") == jid for f in fams.values() for s in f.samples)
 
 
+def launch_chromium(playwright):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is installed by .ci/run"
+    return playwright.chromium.launch(executable_path=chromium, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
 def test_dashboard_chart_grows_live_and_the_table_shows_success(service):
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by .ci/run"
     job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"{service}/?job={job['id']}")
@@ -125,3 +129,38 @@ def test_dashboard_chart_grows_live_and_the_table_shows_success(service):
             phone.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_with_a_token_the_page_asks_for_it_then_shows_the_jobs(tmp_path):
+    """A service with a token (paused: the job only queues) answers the page
+    401 until the token is typed in; then the page shows the jobs, and keeps
+    the token for the tab (sessionStorage) across a reload."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.service_helpers import service as paused_service, tiny_spec
+
+    token = "dashboard-token-0123456789"
+    with paused_service(tmp_path, token=token) as (url, _):
+        job = httpx.post(f"{url}/v1/jobs", json=tiny_spec(), headers={"Authorization": f"Bearer {token}"}).json()
+        with sync_playwright() as p:
+            browser = launch_chromium(p)
+            try:
+                page = browser.new_page()
+                page.goto(f"{url}/")
+                error = page.locator("#error")
+                wait_for(lambda: "needs its token" in (error.text_content() or ""), timeout=30)
+                assert page.locator("#auth").is_visible() and page.locator("tr.job").count() == 0
+                page.fill("#token", "not-the-token-at-all")
+                page.click("#use-token")
+                wait_for(lambda: error.text_content() == "wrong token", timeout=30)
+                assert page.locator("tr.job").count() == 0
+                page.fill("#token", token)
+                page.click("#use-token")
+                row = page.locator(f"tr.job[data-id='{job['id']}']")
+                wait_for(lambda: row.count() == 1 and row.get_attribute("data-state") == "queued", timeout=30)
+                assert not page.locator("#auth").is_visible() and error.text_content() == ""
+                page.reload()
+                wait_for(lambda: row.count() == 1, timeout=30)
+                assert page.evaluate("sessionStorage.getItem('shardprop-token')") == token
+            finally:
+                browser.close()

@@ -6,6 +6,7 @@ scraping a real service and answering with a job's train loss."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -24,8 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMQL_FUNCTIONS = {"rate", "increase", "histogram_quantile", "sum", "by", "le", "phase", "job_id", "label_values"}
 
 
-def test_prometheus_config_is_valid():
-    done = subprocess.run(["promtool", "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+SECRET = "/run/secrets/shardprop_token"  # where compose mounts SHARDPROP_TOKEN for Prometheus
+
+
+def test_prometheus_config_is_valid(tmp_path):
+    # promtool also checks that the token file exists: here it is a local one
+    text = (ROOT / "deploy" / "prometheus.yml").read_text()
+    assert text.count(SECRET) == 1
+    token = tmp_path / "token"
+    token.write_text("a-token-of-sixteen+\n")
+    (tmp_path / "prometheus.yml").write_text(text.replace(SECRET, str(token)))
+    done = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -47,6 +57,13 @@ def test_compose_services_run_commands_the_cli_has():
     assert "jobstore" in compose["volumes"] and "data" in compose["volumes"]
     assert "ray start --head" in script
     assert services["ray-worker"]["command"][:2] == ["ray", "start"]
+    # Prometheus scrapes the service by its compose name, with the service's token
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
+    target_host, _, target_port = scrape["static_configs"][0]["targets"][0].partition(":")
+    assert target_host in args.allowed_host and int(target_port) == args.port
+    assert scrape["authorization"]["credentials_file"] == SECRET
+    assert "shardprop_token" in services["prometheus"]["secrets"]
+    assert compose["secrets"]["shardprop_token"] == {"environment": "SHARDPROP_TOKEN"}
 
 
 def dashboard_metric_names() -> set[str]:
@@ -100,6 +117,42 @@ def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa
         prometheus.wait(timeout=30)
 
 
+def test_a_real_prometheus_scrapes_a_service_with_a_token_only_with_its_credentials_file(tmp_path):
+    """deploy/prometheus.yml's way of sending the token, against a real
+    service with one: the scrape with the token file is up, the one without
+    is down (401)."""
+    from tests.service_helpers import service as paused_service
+
+    token = "prometheus-scrapes-with-this"
+    (tmp_path / "token").write_text(token + "\n")
+    os.chmod(tmp_path / "token", 0o600)  # a token file: its owner's only
+    port = free_port()
+    with paused_service(tmp_path, token=token) as (url, _):
+        target = url.removeprefix("http://")
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": "with-token", "authorization": {"credentials_file": str(tmp_path / "token")},
+                 "static_configs": [{"targets": [target]}]},
+                {"job_name": "without", "static_configs": [{"targets": [target]}]}]}))
+        prometheus = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def up():
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=5).json()
+                except httpx.HTTPError:
+                    return None
+                found = {s["metric"]["job"]: s["value"][1] for s in r.get("data", {}).get("result", [])}
+                return found if len(found) == 2 else None
+
+            assert wait_for(up, timeout=90, every=0.5) == {"with-token": "1", "without": "0"}
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+
+
 ATTACHED_TRANSPORT = """
 import json, sys
 from core.spec import parse_spec
@@ -121,7 +174,6 @@ print(json.dumps(graphs))
 def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
     """The bare-machine commands of docs/deploy.md, on loopback; the head is
     ended by its pid (never `ray stop`, which would end every Ray here)."""
-    import os
     import signal
 
     from tests.service_helpers import ServiceProcess, wait_state

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Annotated
 
@@ -11,9 +10,9 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from core.spec import SpecError, parse_spec
+from core.spec import JobSpec, SpecError, parse_spec
 from service.admission import Refused, admit
-from service.bodies import RawJSON, Resize, documented, validated
+from service.bodies import OptionalJSON, RawJSON, Resize, documented, validated
 from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
 from service.scheduler import NotRunning
 from service.settings import Settings
@@ -23,7 +22,7 @@ from service.store import IdempotencyConflict, IllegalTransition, NotFound, Stor
 MAX_IDEMPOTENCY_KEY = 200
 CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
 
 def json_safe(value):
@@ -37,7 +36,7 @@ def json_safe(value):
     return value
 
 
-@router.post("", status_code=201, dependencies=[Depends(require_token)],
+@router.post("", status_code=201,
              summary="Submit a job (body: the job spec as JSON)")
 async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
@@ -63,14 +62,15 @@ def _create(settings: Settings, store: Store, raw, idempotency_key: str | None) 
         raise HTTPException(422, str(err))
     try:
         return store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
-                                body_hash=_canonical_hash(raw) if idempotency_key else None)
+                                body_hash=_canonical_hash(spec) if idempotency_key else None)
     except IdempotencyConflict as err:
         raise HTTPException(409, str(err))
 
 
-def _canonical_hash(raw) -> str:
-    """The same for the same JSON, whatever its key order and spacing."""
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _canonical_hash(spec: JobSpec) -> str:
+    """The same for the same job, however its JSON was written: key order,
+    spacing, `1` or `1.0`, defaults left out or spelled out."""
+    return hashlib.sha256(spec.to_json().encode()).hexdigest()
 
 
 @router.get("", summary="List jobs, newest first")
@@ -96,9 +96,9 @@ def metrics(job_id: str, store: StoreDep,
         raise HTTPException(404, str(err))
 
 
-@router.post("/{job_id}/cancel", dependencies=[Depends(require_token)],
-             summary="Cancel a job (a running one is given a few seconds to stop)")
-def cancel(job_id: str, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+@router.post("/{job_id}/cancel",
+             summary="Cancel a job (a running one is given a few seconds to stop); no body, or any JSON")
+def cancel(job_id: str, _: JobDep, _body: OptionalJSON, store: StoreDep, scheduler: SchedulerDep):
     try:
         scheduler.cancel(job_id, wait_s=CANCEL_WAIT_S)
     except IllegalTransition as err:
@@ -106,9 +106,9 @@ def cancel(job_id: str, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
     return find_job(store, scheduler, job_id)
 
 
-@router.patch("/{job_id}", dependencies=[Depends(require_token)], openapi_extra=documented(Resize),
+@router.patch("/{job_id}", openapi_extra=documented(Resize),
               summary='Resize a running job: {"workers": n}')
-def resize(job_id: str, raw: RawJSON, _: JobDep, store: StoreDep, scheduler: SchedulerDep):
+def resize(job_id: str, _: JobDep, raw: RawJSON, store: StoreDep, scheduler: SchedulerDep):
     workers = validated(Resize, raw).workers
     try:
         scheduler.resize(job_id, workers)

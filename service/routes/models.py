@@ -18,7 +18,7 @@ from service.deps import JobDep, SettingsDep, require_token
 from service.routes.jobs import json_safe
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1/jobs", tags=["models"])
+router = APIRouter(prefix="/v1/jobs", tags=["models"], dependencies=[Depends(require_token)])
 
 
 def _model_file(job: dict, settings: Settings, needs: str) -> Path:
@@ -44,9 +44,9 @@ def model(job_id: str, job: JobDep, settings: SettingsDep):
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.npz")
 
 
-@router.post("/{job_id}/predict", dependencies=[Depends(require_token)], openapi_extra=documented(Predict),
+@router.post("/{job_id}/predict", openapi_extra=documented(Predict),
              summary='Predict: {"rows": [[...], ...]} -> {"outputs", "labels"}')
-def predict(job_id: str, raw: RawJSON, net: Annotated[MLP, Depends(trained_model)], settings: SettingsDep):
+def predict(job_id: str, _: JobDep, raw: RawJSON, net: Annotated[MLP, Depends(trained_model)], settings: SettingsDep):
     sizes = net.config["sizes"]
     rows = validated(Predict, raw, width=sizes[0], widest=max(sizes), max_values=settings.max_predict_values).rows
     outputs = np.asarray(net.predict(np.asarray(rows, dtype=np.float64)), dtype=float)
