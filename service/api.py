@@ -25,7 +25,7 @@ from service.routes import dashboard, health, jobs, models, prometheus
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.signals import reclaim_stop_signals
-from service.store import Store
+from service.store import Store, StoreUnavailable
 
 log = logging.getLogger("shardprop.api")
 
@@ -61,6 +61,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _internal_error)
     for router in (*ROUTERS, *extra_routers):
         app.include_router(router)
@@ -87,6 +88,13 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+
+
+async def _store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
+    # 507 Insufficient Storage for a full disk, 503 for other disk errors; nothing was stored
+    log.error("%s %s: %s", request.method, request.url.path, err)
+    return JSONResponse({"detail": f"{err}; nothing was stored, try again later"},
+                        status_code=507 if err.disk_full else 503, headers={"Retry-After": "10"})
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:
