@@ -43,12 +43,12 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        scheduler.on_ray_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
+        scheduler.ray.on_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
         scheduler.start()
         try:
             yield
         finally:
-            scheduler.on_ray_connected = None  # uvicorn is putting its own handlers back
+            scheduler.ray.on_connected = None  # uvicorn is putting its own handlers back
             left = scheduler.stop()
             if left:
                 log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the next "

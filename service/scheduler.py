@@ -18,7 +18,7 @@ import threading
 
 from core.spec import JobSpec, SpecError, parse_spec
 from service import job_runner
-from service.job_runner import Active, Outcome
+from service.job_runner import Active
 from service.metrics import ServiceMetrics
 from service.queue_policy import Waiting, choose
 from service.ray_connection import RayConnection
@@ -49,19 +49,11 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
+        # its on_connected is called once Ray is connected (create_app hands back the stop signals there)
         self.ray = RayConnection(settings.ray_address, settings.ray_connect_timeout_s, settings.ray_retry_s)
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
         self._store_error: str | None = None  # the last store failure the loop logged
-
-    @property
-    def on_ray_connected(self):
-        """Called once Ray is connected (create_app hands back the stop signals)."""
-        return self.ray.on_connected
-
-    @on_ray_connected.setter
-    def on_ray_connected(self, callback) -> None:
-        self.ray.on_connected = callback
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,7 +137,7 @@ class Scheduler:
         if active is None or job["state"] != "running":
             raise NotRunning(f"job {job_id} is {job['state']}; only running jobs can be resized")
         per_worker = active.coordinator.spec.resources.cpus_per_worker
-        total = self._total_cpus()
+        _, total = self._cpus()
         if workers * per_worker > total:
             raise ValueError(f"{workers} workers need {workers * per_worker} CPUs (workers {workers} × "
                              f"cpus_per_worker {per_worker}); the cluster has {total:g} in all")
@@ -181,7 +173,7 @@ class Scheduler:
                 self._wake.wait(self.settings.poll_interval_s)
                 self._wake.clear()
 
-    def _queue(self) -> list[tuple[Waiting, dict, JobSpec]]:
+    def _queue(self) -> list[tuple[Waiting, JobSpec]]:
         """The jobs waiting to run, oldest first: those to resume, then the
         queued. Jobs whose spec no longer parses, and jobs resumed too often,
         are failed on the way."""
@@ -204,22 +196,20 @@ class Scheduler:
                 self._fail(job["id"], f"spec no longer valid: {err}")
                 continue
             waiting = Waiting(job["id"], spec.resources.workers, spec.resources.cpus_per_worker, resumed)
-            queue.append((waiting, job, spec))
+            queue.append((waiting, spec))
         return queue
 
-    def _total_cpus(self) -> float:
-        from workers.runtime import cluster_cpus
-
-        return cluster_cpus()
-
-    def _free_cpus(self) -> float:
+    def _cpus(self) -> tuple[float, float]:
+        """The cluster's free CPUs, as far as the queue may use them, and its total."""
         import ray
 
-        available = ray.available_resources().get("CPU", 0.0)
+        from workers.runtime import cluster_cpus
+
+        total, available = cluster_cpus(), ray.available_resources().get("CPU", 0.0)
         with self._lock:
             ours = sum(a.cpus for a in self._active.values())
         # Actors of a job just started may not hold their CPUs yet.
-        return min(available, self._total_cpus() - ours)
+        return min(available, total - ours), total
 
     def _schedule_one(self) -> bool:
         with self._lock:
@@ -238,12 +228,9 @@ class Scheduler:
             self.waiting_for = (f"cannot connect to Ray at {self.ray.where}: {self.ray.error}; "
                                 f"retrying every {self.settings.ray_retry_s:g} s")
             return False
-        choice = choose([w for w, _, _ in queue], self._free_cpus(), self._total_cpus(), self._overtakes,
+        choice = choose([w for w, _ in queue], *self._cpus(), self._overtakes,
                         self.settings.max_overtakes)
         for waiting, reason in choice.never_fit:
-            with self._lock:
-                if waiting.job_id in self._resume:
-                    self._resume.remove(waiting.job_id)
             self._fail(waiting.job_id, reason)
         self.waiting_for = choice.waiting_for
         if choice.start is None:
@@ -251,8 +238,7 @@ class Scheduler:
         for job_id in choice.overtaken:
             self._overtakes[job_id] = self._overtakes.get(job_id, 0) + 1
         self._overtakes.pop(choice.start.job_id, None)
-        _, job, spec = next(entry for entry in queue if entry[0] is choice.start)
-        self._start(choice.start, spec)
+        self._start(choice.start, next(spec for waiting, spec in queue if waiting is choice.start))
         return True
 
     def _start(self, waiting: Waiting, spec: JobSpec) -> None:
@@ -268,8 +254,8 @@ class Scheduler:
             if waiting.resume:
                 if job_id not in self._resume:
                     return  # cancelled meanwhile
+                self.store.count_resume(job_id)  # first: a store that refuses it leaves the job to resume
                 self._resume.remove(job_id)
-                self.store.count_resume(job_id)
             else:
                 try:
                     self.store.transition(job_id, "running", "started", allowed_from={"queued"})
@@ -302,6 +288,9 @@ class Scheduler:
             self.store.transition(job_id, "failed", "error", error=error)
         except (IllegalTransition, NotFound) as err:
             log.warning("%s", err)
+        with self._lock:
+            if job_id in self._resume:
+                self._resume.remove(job_id)
         self._finished(job_id)
 
     def _finished(self, job_id: str) -> None:
