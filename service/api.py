@@ -27,7 +27,7 @@ from service.routes import dashboard, health, jobs, models, prometheus
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.signals import reclaim_stop_signals
-from service.store import Store
+from service.store import Store, StoreUnavailable
 
 log = logging.getLogger("shardprop.api")
 
@@ -45,12 +45,12 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        scheduler.on_ray_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
+        scheduler.ray.on_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
         scheduler.start()
         try:
             yield
         finally:
-            scheduler.on_ray_connected = None  # uvicorn is putting its own handlers back
+            scheduler.ray.on_connected = None  # uvicorn is putting its own handlers back
             left = scheduler.stop()
             if left:
                 log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the next "
@@ -64,6 +64,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     app.add_middleware(BrowserGuard, settings=settings)  # added last: runs first
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _internal_error)
     for router in (*ROUTERS, *extra_routers):
         app.include_router(router)
@@ -90,6 +91,13 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+
+
+async def _store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
+    # 507 Insufficient Storage for a full disk, 503 for other disk errors; nothing was stored
+    log.error("%s %s: %s", request.method, request.url.path, err)
+    return JSONResponse({"detail": f"{err}; nothing was stored, try again later"},
+                        status_code=507 if err.disk_full else 503, headers={"Retry-After": "10"})
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:

@@ -1,39 +1,40 @@
-"""The queue: runs stored jobs on Ray, first in first out.
+"""The queue: runs stored jobs on Ray, oldest first, with backfill.
 
-A job waits while the concurrency limit is reached (0 pauses execution) or
-while the cluster lacks the CPUs it asks for. Each running job is one
-Coordinator driven from a thread of this process. Jobs found `running` when
+A job waits while the concurrency limit is reached (0 pauses execution), while
+Ray cannot be reached, or while the cluster lacks the CPUs it asks for; which
+waiting job starts next, and which can never fit and fails at once, is
+service.queue_policy's decision. Each running job is one Coordinator driven
+from a thread of this process (service.job_runner). Jobs found `running` when
 the scheduler starts (the service was killed) resume from their latest
-checkpoint. Ray is connected lazily, when the first job is about to run.
+checkpoint, each at most `max_resumes` times, so that a job that kills the
+service cannot crash-loop it. Ray is connected when the first job is about to
+run (service.ray_connection), with a bounded wait.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
-from core.spec import SpecError, parse_stored_spec
+from core.spec import JobSpec, SpecError, parse_stored_spec
+from service import job_runner
+from service.job_runner import Active
 from service.metrics import ServiceMetrics
+from service.queue_policy import Waiting, choose
+from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
-from service.store import IllegalTransition, NotFound, Store
+from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
 
+QUEUE_WINDOW = 64  # queued jobs looked at for one decision: backfill reaches this far back
+RESIZE_WAIT_S = 2.0  # a resize happens at the next step boundary; clients time out after 5 s or more
+
 
 class NotRunning(Exception):
     pass
-
-
-@dataclass
-class Active:
-    job_id: str
-    coordinator: object
-    thread: threading.Thread | None = None
-    cpus: int = 0
-    cancel_requested: bool = False
 
 
 class Scheduler:
@@ -44,14 +45,15 @@ class Scheduler:
         self._lock = threading.Lock()
         self._active: dict[str, Active] = {}
         self._resume: list[str] = []  # jobs found running at start, oldest first
+        self._overtakes: dict[str, int] = {}  # waiting job -> how many later jobs started ahead of it
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
-        self._ray_connected = False
-        self.ray_error: str | None = None  # why connecting to Ray failed, if it did
+        # its on_connected is called once Ray is connected (create_app hands back the stop signals there)
+        self.ray = RayConnection(settings.ray_address, settings.ray_connect_timeout_s, settings.ray_retry_s)
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
-        self.on_ray_connected = None  # called once Ray is connected (create_app hands back the stop signals)
+        self._store_error: str | None = None  # the last store failure the loop logged
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,39 +103,48 @@ class Scheduler:
             return job
         if job["state"] in TERMINAL:
             raise IllegalTransition(f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
+        # Under the lock, the scheduler cannot start the job between the
+        # look at _active and the store's move to cancelled (see _start).
         with self._lock:
             active = self._active.get(job_id)
-            if active is not None:
+            if active is None:
+                if job_id in self._resume:
+                    self._resume.remove(job_id)
+                try:
+                    job = self.store.transition(job_id, "cancelled", "cancelled by request")
+                except IllegalTransition:  # it ended meanwhile
+                    return self.store.get_job(job_id)
+            else:
                 active.cancel_requested = True
                 active.coordinator.cancel()
         if active is not None:
             if active.thread is not None and wait_s > 0:
                 active.thread.join(wait_s)
             return self.store.get_job(job_id)
-        with self._lock:
-            if job_id in self._resume:
-                self._resume.remove(job_id)
-        try:
-            job = self.store.transition(job_id, "cancelled", "cancelled by request")
-        except IllegalTransition:
-            job = self.store.get_job(job_id)  # it started (or ended) meanwhile
-            with self._lock:
-                active = self._active.get(job_id)
-                if active is not None:
-                    active.cancel_requested = True
-                    active.coordinator.cancel()
         self._finished(job_id)
         self.wake()
         return job
 
-    def resize(self, job_id: str, workers: int) -> dict:
+    def resize(self, job_id: str, workers: int, wait_s: float = RESIZE_WAIT_S) -> dict:
+        """Ask a running job for `workers` workers from its next step boundary
+        on, and wait up to `wait_s` for that. The store's worker count is
+        what runs: it changes when the coordinator reports the resize done (a
+        Resized event), not before. A count the cluster can never hold is
+        refused (ValueError naming the figures)."""
         job = self.store.get_job(job_id)
         with self._lock:
             active = self._active.get(job_id)
         if active is None or job["state"] != "running":
             raise NotRunning(f"job {job_id} is {job['state']}; only running jobs can be resized")
+        per_worker = active.coordinator.spec.resources.cpus_per_worker
+        _, total = self._cpus()
+        if workers * per_worker > total:
+            raise ValueError(f"{workers} workers need {workers * per_worker} CPUs (workers {workers} × "
+                             f"cpus_per_worker {per_worker}); the cluster has {total:g} in all")
+        active.resized.clear()
         active.coordinator.resize(workers)  # ValueError names the bounds
-        self.store.set_workers(job_id, workers)
+        if workers != job["workers"]:
+            active.resized.wait(wait_s)
         return self.store.get_job(job_id)
 
     def running_ids(self) -> list[str]:
@@ -141,9 +152,7 @@ class Scheduler:
             return list(self._active)
 
     def ray_status(self) -> str:
-        if self.ray_error is not None:
-            return f"unreachable: {self.ray_error}"
-        return "connected" if self._ray_connected else "not connected yet (connects when a job is about to run)"
+        return self.ray.status()
 
     # ------------------------------------------------------------ the loop
 
@@ -152,6 +161,11 @@ class Scheduler:
             try:
                 self.metrics.set_job_states(self.store.counts())
                 started = self._schedule_one()
+                self._store_error = None
+            except StoreUnavailable as err:  # a full disk: say it once, try again at the next poll
+                if str(err) != self._store_error:
+                    log.error("scheduler: %s; trying again", err)
+                self._store_error, started = str(err), False
             except Exception:  # never let the loop die
                 log.exception("scheduler loop")
                 started = False
@@ -159,37 +173,43 @@ class Scheduler:
                 self._wake.wait(self.settings.poll_interval_s)
                 self._wake.clear()
 
-    def _next(self) -> tuple[dict, bool] | None:
-        while self._resume:
-            job_id = self._resume[0]
-            job = self.store.get_job(job_id, details=True)
-            if job["state"] == "running":
-                return job, True
-            self._resume.pop(0)
-        queued = self.store.jobs_in_state("queued")
-        return (queued[0], False) if queued else None
+    def _queue(self) -> list[tuple[Waiting, JobSpec]]:
+        """The jobs waiting to run, oldest first: those to resume, then the
+        queued. Jobs whose spec no longer parses, and jobs resumed too often,
+        are failed on the way."""
+        with self._lock:
+            resume = set(self._resume)
+        running = [j for j in self.store.jobs_in_state("running") if j["id"] in resume]
+        queue = []
+        for job, resumed in [(j, True) for j in running] + \
+                            [(j, False) for j in self.store.jobs_in_state("queued", QUEUE_WINDOW)]:
+            if resumed and job["resumes"] >= self.settings.max_resumes:
+                self._fail(job["id"], f"the service stopped {job['resumes'] + 1} times while running this job "
+                                      f"(it was resumed {job['resumes']} times; max_resumes is "
+                                      f"{self.settings.max_resumes})")
+                continue
+            try:
+                spec = parse_stored_spec(job["spec"])
+                if job["workers"] != spec.resources.workers:
+                    spec = spec.with_workers(job["workers"])
+            except SpecError as err:
+                self._fail(job["id"], f"spec no longer valid: {err}")
+                continue
+            waiting = Waiting(job["id"], spec.resources.workers, spec.resources.cpus_per_worker, resumed)
+            queue.append((waiting, spec))
+        return queue
 
-    def _connect(self) -> None:
-        if not self._ray_connected:
-            from workers.runtime import connect_ray
-
-            connect_ray(self.settings.ray_address)
-            self._ray_connected = True
-            if self.on_ray_connected is not None:
-                try:
-                    self.on_ray_connected()
-                except RuntimeError:  # the service's event loop is closing: it is stopping anyway
-                    pass
-
-    def _free_cpus(self) -> float:
+    def _cpus(self) -> tuple[float, float]:
+        """The cluster's free CPUs, as far as the queue may use them, and its total."""
         import ray
 
-        total = ray.cluster_resources().get("CPU", 0.0)
-        available = ray.available_resources().get("CPU", 0.0)
+        from workers.runtime import cluster_cpus
+
+        total, available = cluster_cpus(), ray.available_resources().get("CPU", 0.0)
         with self._lock:
             ours = sum(a.cpus for a in self._active.values())
         # Actors of a job just started may not hold their CPUs yet.
-        return min(available, total - ours)
+        return min(available, total - ours), total
 
     def _schedule_one(self) -> bool:
         with self._lock:
@@ -198,97 +218,83 @@ class Scheduler:
                     "execution is paused (max_concurrent_jobs is 0)" if self.max_concurrent_jobs == 0 else
                     f"{len(self._active)} job(s) running, the limit (max_concurrent_jobs) is {self.max_concurrent_jobs}")
                 return False
-            nxt = self._next()
-        if nxt is None:
+        queue = self._queue()
+        if not queue:
             self.waiting_for = None
             return False
-        job, resume = nxt
-        job_id = job["id"]
-        try:
-            spec = parse_stored_spec(job["spec"])
-            if job["workers"] != spec.resources.workers:
-                spec = spec.with_workers(job["workers"])
-        except SpecError as err:
-            self._fail(job_id, f"spec no longer valid: {err}")
-            return True
+        if not self.ray.connected and self.ray.error is None:
+            self.waiting_for = f"connecting to Ray at {self.ray.where}"
+        if not self.ray.ensure():
+            self.waiting_for = (f"cannot connect to Ray at {self.ray.where}: {self.ray.error}; "
+                                f"retrying every {self.settings.ray_retry_s:g} s")
+            return False
+        choice = choose([w for w, _ in queue], *self._cpus(), self._overtakes,
+                        self.settings.max_overtakes)
+        for waiting, reason in choice.never_fit:
+            self._fail(waiting.job_id, reason)
+        self.waiting_for = choice.waiting_for
+        if choice.start is None:
+            return bool(choice.never_fit)
+        for job_id in choice.overtaken:
+            self._overtakes[job_id] = self._overtakes.get(job_id, 0) + 1
+        self._overtakes.pop(choice.start.job_id, None)
+        self._start(choice.start, next(spec for waiting, spec in queue if waiting is choice.start))
+        return True
+
+    def _start(self, waiting: Waiting, spec: JobSpec) -> None:
         from workers.coordinator import Coordinator
 
+        job_id = waiting.job_id
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, data_limits=self.settings.data_limits(), on_step=lambda record: self._on_step(job_id, record),
             on_event=lambda event: self._on_event(job_id, event))
-        try:
-            if not self._ray_connected:
-                self.waiting_for = f"connecting to Ray at {self.settings.ray_address or 'a private local instance'}"
-            self._connect()
-        except Exception as err:  # a wrong --ray-address: say so, try again later
-            self.waiting_for = f"cannot connect to Ray at {self.settings.ray_address}: {err}"
-            if self.ray_error != str(err):
-                log.error("%s", self.waiting_for)
-            self.ray_error = str(err)
-            return False
-        self.ray_error = None
-        free, need = self._free_cpus(), coordinator.required_cpus
-        if free < need:
-            # FIFO: the head of the queue waits, nothing overtakes it
-            self.waiting_for = f"job {job_id} needs {need} CPU(s); the cluster has {max(free, 0):g} free"
-            return False
-        self.waiting_for = None
-        active = Active(job_id, coordinator, cpus=coordinator.required_cpus)
-        with self._lock:
-            if resume:
+        active = Active(job_id, coordinator, cpus=waiting.cpus)
+        with self._lock:  # with cancel's look at _active: a job is cancelled, or started, never both
+            if waiting.resume:
+                if job_id not in self._resume:
+                    return  # cancelled meanwhile
+                self.store.count_resume(job_id)  # first: a store that refuses it leaves the job to resume
                 self._resume.remove(job_id)
             else:
                 try:
                     self.store.transition(job_id, "running", "started", allowed_from={"queued"})
                 except IllegalTransition:
-                    return True  # cancelled meanwhile
+                    return  # cancelled meanwhile
             self._active[job_id] = active
-        active.thread = threading.Thread(target=self._run_job, args=(active, resume),
+        active.thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
                                          name=f"shardprop-job-{job_id}", daemon=True)
         active.thread.start()
-        return True
 
     def _run_job(self, active: Active, resume: bool) -> None:
-        from core.trainer import TrainingError
-        from workers.coordinator import JobCancelled
-
-        job_id, coordinator = active.job_id, active.coordinator
+        job_id = active.job_id
         try:
-            net = coordinator.run(resume=resume)
-            path = self.settings.model_path(job_id)
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            net.save(path)
-            self._transition(job_id, "succeeded", "finished")
-        except JobCancelled:
-            if active.cancel_requested or not self._stop.is_set():
-                self._transition(job_id, "cancelled", "cancelled by request")
-            # else: the service is stopping; the job stays running and resumes on restart
-        except (TrainingError, ValueError) as err:
-            self._fail(job_id, str(err))
-        except Exception as err:
-            log.exception("job %s", job_id)
-            self._fail(job_id, f"{type(err).__name__}: {err}")
+            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop)
         finally:
-            self.metrics.observe_counters(job_id, coordinator.counters)
-            with self._lock:
+            self.metrics.observe_counters(job_id, active.coordinator.counters)
+            with self._lock:  # its actors are gone: its CPUs are free for the next job
                 self._active.pop(job_id, None)
-            self._finished(job_id)
             self.wake()
+        if outcome is not None:
+            job_runner.record(self.store, job_id, outcome, self._stop)
+            self._finished(job_id)
 
     # ------------------------------------------------------------ callbacks
 
-    def _transition(self, job_id: str, to: str, reason: str, error: str | None = None) -> None:
+    def _fail(self, job_id: str, error: str) -> None:
+        """Fail a job that is not running (from the loop: a store that
+        refuses the write raises, and the loop tries again at its next poll)."""
         try:
-            self.store.transition(job_id, to, reason, error=error)
+            self.store.transition(job_id, "failed", "error", error=error)
         except (IllegalTransition, NotFound) as err:
             log.warning("%s", err)
-
-    def _fail(self, job_id: str, error: str) -> None:
-        self._transition(job_id, "failed", "error", error=error)
+        with self._lock:
+            if job_id in self._resume:
+                self._resume.remove(job_id)
         self._finished(job_id)
 
     def _finished(self, job_id: str) -> None:
+        self._overtakes.pop(job_id, None)
         self.metrics.job_finished(job_id)
 
     def _on_step(self, job_id: str, record: dict) -> None:
@@ -301,6 +307,10 @@ class Scheduler:
                 self.store.set_checkpoint(job_id, step)
             case Resized(after=workers):
                 self.store.set_workers(job_id, workers)
+                with self._lock:
+                    active = self._active.get(job_id)
+                if active is not None:
+                    active.resized.set()
             case WorkersHung(step=step, seconds=seconds, workers=workers):
                 log.warning("job %s: no result for step %s within %g s (resources.worker_timeout_s); workers %s "
                             "killed, to be replaced unless that step has hung 3 times",

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(1, ge=0, le=1024, description="0 pauses execution: jobs only queue")
     max_body_bytes: int = Field(1 << 20, gt=0)
     poll_interval_s: float = Field(0.2, gt=0, le=60)
+    max_resumes: int = Field(3, ge=0, le=1000, description="a job found running at start is resumed at most this "
+                             "many times, then failed (a job that kills the service cannot crash-loop it)")
+    max_overtakes: int = Field(3, ge=0, le=1000, description="how many times later jobs may start ahead of a job "
+                               "that waits for CPUs (backfill); 0 is strict first in first out")
+    ray_connect_timeout_s: float = Field(5.0, gt=0, le=600, description="each step of connecting to Ray")
+    ray_retry_s: float = Field(10.0, gt=0, le=3600, description="wait before connecting to Ray again after a failure")
 
     # Admission limits, sized for one machine of 24 GiB and 2 cores.
     max_parameters: int = Field(50_000_000, gt=0, description="network parameters, over all layers")

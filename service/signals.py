@@ -5,7 +5,7 @@ Connecting to Ray installs Ray's own C-level handler for SIGTERM, which
 writes a crash report ("*** SIGTERM received ...", addresses of a stack)
 before passing the signal on. A stop is not a crash, so the service takes
 its stop signals back once Ray is connected (`create_app`'s lifespan sets
-`reclaim_stop_signals` as the scheduler's `on_ray_connected`).
+`reclaim_stop_signals` as the scheduler's `ray.on_connected`).
 """
 
 from __future__ import annotations

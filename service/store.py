@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
     body_hash TEXT,
-    workers INTEGER NOT NULL
+    workers INTEGER NOT NULL,
+    resumes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -60,7 +61,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error", "created_at",
-              "updated_at", "workers")
+              "updated_at", "workers", "resumes")
+# columns added since the first schema, with their definitions, for stores made before them
+ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0"}}
 
 
 class StoreError(Exception):
@@ -77,6 +80,28 @@ class IllegalTransition(StoreError):
 
 class IdempotencyConflict(StoreError):
     pass
+
+
+class StoreUnavailable(StoreError):
+    """The store's disk refused a write (full, or an I/O error); nothing was
+    written, and the same call may succeed later."""
+
+    def __init__(self, message: str, disk_full: bool):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+DISK_ERRORS = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY"}
+
+
+def unavailable(err: sqlite3.Error, path: Path) -> StoreUnavailable | None:
+    """The StoreUnavailable a disk error stands for, None for other errors."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    if not any(name == kind or name.startswith(kind + "_") for kind in DISK_ERRORS):
+        return None
+    full = name == "SQLITE_FULL"
+    return StoreUnavailable(f"the job store {path} cannot be written: "
+                            f"{'no space left on device' if full else err}", disk_full=full)
 
 
 def now() -> str:
@@ -115,6 +140,15 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a store made by an older version lacks."""
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -185,10 +219,10 @@ class Store:
                                         (state, limit))
             return [self._job(r) for r in rows]
 
-    def jobs_in_state(self, state: str) -> list[dict]:
-        """Oldest first (FIFO), with specs."""
+    def jobs_in_state(self, state: str, limit: int = -1) -> list[dict]:
+        """Oldest first (FIFO), with specs; the first `limit` (-1: all)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq", (state,))
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (state, limit))
             return [self._job(r, spec=True) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -218,6 +252,12 @@ class Store:
     def set_workers(self, job_id: str, workers: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET workers = ?, updated_at = ? WHERE id = ?", (workers, now(), job_id))
+
+    def count_resume(self, job_id: str) -> int:
+        """One more resume of a job found running at start; returns the count."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET resumes = resumes + 1, updated_at = ? WHERE id = ?", (now(), job_id))
+            return db.execute("SELECT resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()["resumes"]
 
     def set_checkpoint(self, job_id: str, step: int) -> None:
         with self._tx() as db:
@@ -273,14 +313,34 @@ class _Tx:
         self.store._lock.acquire()
         try:
             self.store._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
+        except BaseException as err:
             self.store._lock.release()
+            self._raise_unavailable(err)
             raise
         return self.store._db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.store._db.execute("COMMIT")
+                except sqlite3.Error as err:
+                    exc = err
+            if exc is not None and self.store._db.in_transaction:
+                try:
+                    self.store._db.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite has rolled back already (a full disk does that)
+                    pass
         finally:
             self.store._lock.release()
+        if exc is not None:
+            self._raise_unavailable(exc)
+            if exc_type is None:
+                raise exc
         return False
+
+    def _raise_unavailable(self, err: BaseException) -> None:
+        if isinstance(err, sqlite3.Error):
+            replacement = unavailable(err, self.store.path)
+            if replacement is not None:
+                raise replacement from err

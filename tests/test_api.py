@@ -255,8 +255,9 @@ def test_cancel_running_job_frees_its_cpus(tmp_path, ray_local):
 
 @pytest.mark.ray
 def test_queue_waits_for_cpus_first_in_first_out(tmp_path, ray_local):
-    """The head of the queue waits for the CPUs it asks for, says so, and
-    nothing behind it overtakes it, even a job that would fit."""
+    """With backfill off (max_overtakes 0), the head of the queue waits for
+    the CPUs it asks for, says so, and nothing behind it overtakes it, even
+    a job that would fit (backfill: tests/test_service_queue.py)."""
     import ray
 
     def spec(workers):
@@ -265,7 +266,7 @@ def test_queue_waits_for_cpus_first_in_first_out(tmp_path, ray_local):
         return s
 
     total = ray.cluster_resources()["CPU"]
-    with service(tmp_path, max_concurrent_jobs=3, ray_address=ray_local) as (url, app):
+    with service(tmp_path, max_concurrent_jobs=3, ray_address=ray_local, max_overtakes=0) as (url, app):
         a = httpx.post(f"{url}/v1/jobs", json=spec(int(total) - 2)).json()
         b = httpx.post(f"{url}/v1/jobs", json=spec(3)).json()  # needs 3 CPUs, 2 are free
         c = httpx.post(f"{url}/v1/jobs", json=spec(1)).json()  # would fit, but comes after b

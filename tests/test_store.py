@@ -106,3 +106,21 @@ def test_threads_each_job_once_and_one_winner_per_transition(store):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert wins == [1]
+
+
+def test_a_store_made_before_resumes_were_counted_gains_the_column(tmp_path):
+    import sqlite3
+
+    from service.store import SCHEMA
+
+    old = SCHEMA.replace(",\n    resumes INTEGER NOT NULL DEFAULT 0", "")
+    assert "resumes" not in old
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.executescript(old)
+        db.execute("INSERT INTO jobs (id, name, spec, state, steps, created_at, updated_at, workers) "
+                   "VALUES ('j1', 'a', '{}', 'running', 10, 'then', 'then', 2)")
+    store = Store(tmp_path / "old.db")
+    assert store.get_job("j1")["resumes"] == 0
+    assert [store.count_resume("j1") for _ in range(3)] == [1, 2, 3]
+    store.close()
+    assert Store(tmp_path / "old.db").get_job("j1")["resumes"] == 3  # opened again: no second ALTER

@@ -66,11 +66,15 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     np.savez(buffer, **arrays)
     final = path_for(directory, ckpt.step)
     tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(buffer.getbuffer())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # a full disk (ENOSPC), an interrupt: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -131,7 +135,13 @@ class JobCheckpoints:
         self._on_written, self._on_damaged = on_written, on_damaged
 
     def write(self, step: int, params: np.ndarray, optimizer: dict, counters: dict) -> Path:
-        path = write_checkpoint(self.directory, Checkpoint(step, params, dict(optimizer), self.key, counters))
+        """Write one checkpoint; a disk that refuses it (full, read-only)
+        ends the job with a TrainingError naming the folder and the reason."""
+        try:
+            path = write_checkpoint(self.directory, Checkpoint(step, params, dict(optimizer), self.key, counters))
+        except OSError as err:
+            reason = (err.strerror or str(err)).lower()
+            raise TrainingError(f"cannot write the checkpoint of step {step} in {self.directory}: {reason}") from None
         self._on_written(step, path)
         return path
 

@@ -7,6 +7,11 @@ so that an oversubscribed job runs slowly instead of waiting forever for CPUs
 that do not exist. Ray 2.60's own servers (GCS, raylet, workers) still listen
 on every interface, as seen here with `ss -ltnp`; Ray's token authentication,
 on by default since 2.5x, is what guards them, so leave it on.
+
+`ray.init` against an address where something listens but is not Ray
+waits for minutes (measured: still waiting after 70 s, logging only "Failed
+to connect to GCS"), so `probe_ray` asks first, with a bounded wait, whether
+a gRPC server (Ray's GCS) answers there.
 """
 
 from __future__ import annotations
@@ -53,6 +58,36 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     else:
         _started_node = None
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+
+
+class RayUnreachable(RuntimeError):
+    """Nothing at a Ray address answers as Ray's GCS does."""
+
+
+def probe_ray(address: str, timeout_s: float) -> None:
+    """Raise RayUnreachable, with the reason, unless a TCP connection to
+    `address` (HOST:PORT) opens and a gRPC handshake completes there within
+    `timeout_s`. Addresses of other forms ("auto", "ray://...") are left to
+    Ray."""
+    import socket
+
+    import grpc
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RayUnreachable(str(err.strerror or err).lower()) from None
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise RayUnreachable(f"a connection opens but no gRPC handshake (Ray's GCS) completed within "
+                             f"{timeout_s:g} s: is it Ray?") from None
+    finally:
+        channel.close()
 
 
 def started_here() -> bool:
