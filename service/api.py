@@ -28,6 +28,7 @@ from service.scheduler import Scheduler
 from service.settings import Settings
 from service.signals import reclaim_stop_signals
 from service.store import Store, StoreUnavailable
+from service.store_lock import StoreOwner
 
 log = logging.getLogger("shardprop.api")
 
@@ -36,14 +37,17 @@ ROUTERS = (jobs.router, models.router, health.router, dashboard.router, promethe
 
 def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
                store: Store | None = None, extra_routers: Iterable[APIRouter] = (),
-               metrics: ServiceMetrics | None = None) -> FastAPI:
-    """The service. Owns (starts and stops) the scheduler it creates or is given."""
+               metrics: ServiceMetrics | None = None, owner: StoreOwner | None = None) -> FastAPI:
+    """The service. Owns (starts and stops) the scheduler it creates or is given.
+    It runs only as the store's one owner: with `owner`, the lock `serve` took
+    first; without, its lifespan takes it (StoreOwned if another holds it)."""
     if scheduler is None:
         store = store or Store(settings.store_path)
         scheduler = Scheduler(settings, store, metrics if metrics is not None else ServiceMetrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        held = owner or StoreOwner.acquire(settings.store_path, settings.url)
         loop = asyncio.get_running_loop()
         scheduler.ray.on_connected = lambda: loop.call_soon_threadsafe(reclaim_stop_signals)
         scheduler.start()
@@ -51,10 +55,13 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
             yield
         finally:
             scheduler.ray.on_connected = None  # uvicorn is putting its own handlers back
-            left = scheduler.stop()
-            if left:
-                log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the next "
-                            "start", ", ".join(left))
+            try:
+                left = scheduler.stop()
+                if left:
+                    log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the "
+                                "next start", ", ".join(left))
+            finally:
+                held.release()
 
     app = FastAPI(title="shardprop", version="0.1.0", lifespan=lifespan,
                   description="Distributed data-parallel training jobs on Ray.")

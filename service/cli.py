@@ -112,8 +112,6 @@ def serve(args) -> int:
                            "print(secrets.token_urlsafe(32))')")
     if args.max_concurrent_jobs < 0:
         raise CommandError(f"--max-concurrent-jobs must be >= 0, got {args.max_concurrent_jobs}")
-    if args.ray_address:
-        _check_reachable(args.ray_address)
     kw = {"host": args.host, "port": args.port, "token": token, "ray_address": args.ray_address,
           "max_concurrent_jobs": args.max_concurrent_jobs, "allowed_hosts": args.allowed_host or []}
     if args.store:
@@ -126,13 +124,21 @@ def serve(args) -> int:
     except ValidationError as err:
         raise CommandError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
     os.umask(0o077)  # the store, checkpoints, models and logs this process (and a Ray it starts) writes: private
+    from service.store_lock import StoreOwned, StoreOwner
+
+    try:  # before anything else is done with the store or Ray: one service per store
+        owner = StoreOwner.acquire(settings.store_path, settings.url)
+    except StoreOwned as err:
+        raise CommandError(str(err)) from None
+    if args.ray_address:
+        _check_reachable(args.ray_address)
 
     import uvicorn
 
     from service.api import create_app
     from service.signals import stacks_on_sigusr1
 
-    app = create_app(settings)
+    app = create_app(settings, owner=owner)
     _log_to_stderr(args.log_level)
     stacks_on_sigusr1()
     print(f"shardprop service on http://{settings.host}:{settings.port} (store {settings.store_path}; "

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
                           max_rows=self.max_rows, max_features=self.max_features, max_classes=self.max_classes)
 
     @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def store_dir(self) -> Path:
         return self.store_path.parent
 
