@@ -27,7 +27,7 @@ from service.routes import dashboard, health, jobs, models, prometheus
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.signals import reclaim_stop_signals
-from service.store import Store, StoreUnavailable
+from service.store import Store, StoreBusy, StoreUnavailable
 from service.store_lock import StoreOwner
 
 log = logging.getLogger("shardprop.api")
@@ -60,6 +60,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
                 if left:
                     log.warning("stopped; job(s) %s stay running and resume from their latest checkpoint at the "
                                 "next start", ", ".join(left))
+                scheduler.store.flush()  # what jobs reported while the file was locked
             finally:
                 held.release()
 
@@ -72,6 +73,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StoreBusy, _store_busy)  # a StoreUnavailable, answered sooner
     app.add_exception_handler(Exception, _internal_error)
     for router in (*ROUTERS, *extra_routers):
         app.include_router(router)
@@ -105,6 +107,10 @@ async def _store_unavailable(request: Request, err: StoreUnavailable) -> JSONRes
     log.error("%s %s: %s", request.method, request.url.path, err)
     return JSONResponse({"detail": f"{err}; nothing was stored, try again later"},
                         status_code=507 if err.disk_full else 503, headers={"Retry-After": "10"})
+
+
+async def _store_busy(request: Request, err: StoreBusy) -> JSONResponse:
+    return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": str(err.retry_after_s)})
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:

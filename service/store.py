@@ -1,21 +1,33 @@
 """The job store: one SQLite file (WAL) holding jobs, their state transitions
 and their per-step metrics history.
 
-One connection shared by every thread behind a lock: SQLite serializes writes
-anyway, and the service's writes are small. Each method is one transaction.
+Each method is one transaction: writes on the one writer connection, reads on
+read-only connections of their own (`service/store_db.py`), so a read never
+waits behind a write. What a running job reports (per-step metrics, its
+checkpoint step, its workers) is never refused for a lock: while the file is
+locked by someone else it is kept and written, in order, by the next write
+that gets through, so training goes on and nothing is lost.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import sqlite3
-import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from service.states import LEGAL, STATES
+from service.store_db import WRITE_WAIT_S, Connections, StoreBusy, StoreError, StoreUnavailable
+
+__all__ = ["Store", "StoreError", "StoreUnavailable", "StoreBusy", "NotFound", "IllegalTransition",
+           "IdempotencyConflict"]
+
+log = logging.getLogger("shardprop.store")
+METRIC_WAIT_S = 0.1  # the training thread waits no longer than this for a locked store
+METRIC_RETRY_S = 1.0  # and then keeps what it reports for at least this long before trying again
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,6 +68,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     lr REAL,
     phases TEXT,
     at TEXT NOT NULL,
+    record TEXT,
     PRIMARY KEY (job, step)
 );
 """
@@ -63,11 +76,13 @@ CREATE TABLE IF NOT EXISTS metrics (
 JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error", "created_at",
               "updated_at", "workers", "resumes")
 # columns added since the first schema, with their definitions, for stores made before them
-ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0"}}
-
-
-class StoreError(Exception):
-    pass
+ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0"}, "metrics": {"record": "TEXT"}}
+METRIC_COLUMNS = ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr", "phases", "at")
+UPSERT_METRIC = (
+    f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
+    "ON CONFLICT(job, step) DO UPDATE SET "
+    + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
+_PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
 
 
 class NotFound(StoreError):
@@ -82,28 +97,6 @@ class IdempotencyConflict(StoreError):
     pass
 
 
-class StoreUnavailable(StoreError):
-    """The store's disk refused a write (full, or an I/O error); nothing was
-    written, and the same call may succeed later."""
-
-    def __init__(self, message: str, disk_full: bool):
-        super().__init__(message)
-        self.disk_full = disk_full
-
-
-DISK_ERRORS = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY"}
-
-
-def unavailable(err: sqlite3.Error, path: Path) -> StoreUnavailable | None:
-    """The StoreUnavailable a disk error stands for, None for other errors."""
-    name = getattr(err, "sqlite_errorname", "") or ""
-    if not any(name == kind or name.startswith(kind + "_") for kind in DISK_ERRORS):
-        return None
-    full = name == "SQLITE_FULL"
-    return StoreUnavailable(f"the job store {path} cannot be written: "
-                            f"{'no space left on device' if full else err}", disk_full=full)
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -115,49 +108,50 @@ def _finite(x):
     return x if x == x and abs(x) != float("inf") else None
 
 
-def create_private(path: Path) -> None:
-    """The store's folder 0700 (when this creates it; an existing one is
-    left as it is) and its file 0600, before SQLite opens it: SQLite gives
-    the -wal and -shm files the mode of the database file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for existing in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if existing.exists():  # made by an earlier version, world-readable
-            os.chmod(existing, 0o600)
+def _integer(x):
+    return None if x is None else int(x)
 
 
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        create_private(self.path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            self._migrate()
+        self._connections = Connections(self.path, SCHEMA)  # the folder 0700, the file 0600
+        self._db = self._connections.writer
+        with self._tx() as db:
+            self._migrate(db)
+        self._retry_at = 0.0  # what a job reports waits until then before trying a locked file again
 
-    def _migrate(self) -> None:
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
         """Add the columns a store made by an older version lacks."""
         for table, columns in ADDED_COLUMNS.items():
-            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
             for name, definition in columns.items():
                 if name not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+                    if (table, name) == ("metrics", "record"):
+                        _fill_records(db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.flush()
+        self._connections.close()
+
+    def flush(self) -> None:
+        """Write what was kept while the file was locked (at a stop: the last chance)."""
+        if self._connections.deferred:
+            try:
+                with self._tx():
+                    pass
+            except StoreUnavailable as err:
+                log.error("%s: %d deferred write(s) not done", err, self._connections.deferred)
 
     # ------------------------------------------------------------ helpers
 
-    def _tx(self):
-        return _Tx(self)
+    def _tx(self, wait_s: float = WRITE_WAIT_S):
+        return self._connections.write(wait_s)
+
+    def _read(self):
+        return self._connections.read()
 
     @staticmethod
     def _job(row: sqlite3.Row, spec: bool = False) -> dict:
@@ -195,39 +189,39 @@ class Store:
             return self._job(row, spec=True), True
 
     def get_job(self, job_id: str, *, details: bool = False) -> dict:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job with id {job_id!r}")
             job = self._job(row, spec=details)
             if details:
                 job["transitions"] = [
                     {"from": t["from_state"], "to": t["to_state"], "at": t["at"], "reason": t["reason"]}
-                    for t in self._db.execute("SELECT * FROM transitions WHERE job = ? ORDER BY id", (job_id,))]
-                m = self._db.execute("SELECT * FROM metrics WHERE job = ? ORDER BY step DESC LIMIT 1",
-                                     (job_id,)).fetchone()
-                job["latest_metrics"] = self._metric(m) if m is not None else None
+                    for t in db.execute("SELECT * FROM transitions WHERE job = ? ORDER BY id", (job_id,))]
+                m = db.execute("SELECT record FROM metrics WHERE job = ? ORDER BY step DESC LIMIT 1",
+                               (job_id,)).fetchone()
+                job["latest_metrics"] = json.loads(m[0]) if m is not None else None
             return job
 
     def list_jobs(self, state: str | None = None, limit: int = 1000) -> list[dict]:
         """Newest first."""
-        with self._lock:
+        with self._read() as db:
             if state is None:
-                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+                rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
             else:
-                rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
+                rows = db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
                                         (state, limit))
             return [self._job(r) for r in rows]
 
     def jobs_in_state(self, state: str, limit: int = -1) -> list[dict]:
         """Oldest first (FIFO), with specs; the first `limit` (-1: all)."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (state, limit))
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (state, limit))
             return [self._job(r, spec=True) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            found = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        with self._read() as db:
+            found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         return {s: found.get(s, 0) for s in STATES}
 
     def transition(self, job_id: str, to: str, reason: str = "", error: str | None = None,
@@ -250,8 +244,7 @@ class Store:
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def set_workers(self, job_id: str, workers: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET workers = ?, updated_at = ? WHERE id = ?", (workers, now(), job_id))
+        self._write_soon(("UPDATE jobs SET workers = ?, updated_at = ? WHERE id = ?", (workers, now(), job_id)))
 
     def count_resume(self, job_id: str) -> int:
         """One more resume of a job found running at start; returns the count."""
@@ -260,87 +253,72 @@ class Store:
             return db.execute("SELECT resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()["resumes"]
 
     def set_checkpoint(self, job_id: str, step: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET checkpoint_step = ?, updated_at = ? WHERE id = ?", (step, now(), job_id))
+        self._write_soon(("UPDATE jobs SET checkpoint_step = ?, updated_at = ? WHERE id = ?", (step, now(), job_id)))
 
     # ------------------------------------------------------------ metrics
 
     def record_metric(self, job_id: str, record: dict) -> None:
         """Upsert one step's record (a replayed step is reported again)."""
-        step = int(record["step"])
-        phases = record.get("phases")
-        at = now()
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO metrics (job, step, loss, val_loss, val_accuracy, samples_per_s, workers, lr, phases, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job, step) DO UPDATE SET loss=excluded.loss, "
-                "val_loss=excluded.val_loss, val_accuracy=excluded.val_accuracy, "
-                "samples_per_s=excluded.samples_per_s, workers=excluded.workers, lr=excluded.lr, "
-                "phases=excluded.phases, at=excluded.at",
-                (job_id, step, _finite(record.get("loss")), _finite(record.get("val_loss")),
-                 _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
-                 record.get("workers"), _finite(record.get("lr")),
-                 json.dumps(phases) if phases is not None else None, at))
-            db.execute("UPDATE jobs SET step = MAX(step, ?), updated_at = ? WHERE id = ?", (step, at, job_id))
+        row = _metric_row(job_id, record)
+        step, at = row[1], row[9]
+        self._write_soon((UPSERT_METRIC, row),
+                         ("UPDATE jobs SET step = MAX(step, ?), updated_at = ? WHERE id = ?", (step, at, job_id)))
 
-    @staticmethod
-    def _metric(row: sqlite3.Row) -> dict:
-        return {"step": row["step"], "loss": row["loss"], "val_loss": row["val_loss"],
-                "val_accuracy": row["val_accuracy"], "samples_per_s": row["samples_per_s"],
-                "workers": row["workers"], "lr": row["lr"],
-                "phases": json.loads(row["phases"]) if row["phases"] else None, "at": row["at"]}
+    def _write_soon(self, *statements: tuple[str, tuple]) -> None:
+        """The training thread's writes: now if the file is free, else kept
+        (in order) and written by the next write that gets through; never an
+        error, and never more than a short wait for the caller."""
+        for statement in statements:
+            self._connections.defer(*statement)
+        if time.monotonic() < self._retry_at:
+            return  # still locked a moment ago: do not make training wait again yet
+        try:
+            with self._tx(wait_s=METRIC_WAIT_S):
+                pass
+        except StoreBusy as err:
+            if self._retry_at == 0.0:
+                log.warning("%s; progress is kept and written once the store is free", err)
+            self._retry_at = time.monotonic() + METRIC_RETRY_S
+        else:
+            self._retry_at = 0.0
 
-    def metrics(self, job_id: str, since: int = 0) -> list[dict]:
-        with self._lock:
-            if self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+    def metrics(self, job_id: str, since: int = 0, limit: int | None = None) -> list[dict]:
+        """The records of steps after `since`, in step order; at most `limit`."""
+        return [json.loads(text) for text in self.metrics_json(job_id, since, limit)]
+
+    def metrics_json(self, job_id: str, since: int = 0, limit: int | None = None) -> list[str]:
+        """The same, each record as the JSON text stored with it: a page is
+        polled often, and is served without decoding and encoding it again."""
+        with self._read() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise NotFound(f"no job with id {job_id!r}")
-            rows = self._db.execute("SELECT * FROM metrics WHERE job = ? AND step > ? ORDER BY step",
-                                    (job_id, since))
-            return [self._metric(r) for r in rows]
+            rows = db.execute("SELECT record FROM metrics WHERE job = ? AND step > ? ORDER BY step LIMIT ?",
+                              (job_id, since, -1 if limit is None else limit))
+            return [r[0] for r in rows]
 
     def snapshot(self) -> tuple:
         """Everything stored, for tests that check nothing changed."""
-        with self._lock:
-            return tuple(tuple(tuple(r) for r in self._db.execute(f"SELECT * FROM {t} ORDER BY 1, 2"))
+        with self._read() as db:
+            return tuple(tuple(tuple(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY 1, 2"))
                          for t in ("jobs", "transitions", "metrics"))
 
 
-class _Tx:
-    def __init__(self, store: Store):
-        self.store = store
+def _metric_row(job_id: str, record: dict) -> tuple:
+    """The row stored for a step: its columns, then the record as the API
+    shows it (JSON, every number finite or null)."""
+    phases = record.get("phases")
+    values = (int(record["step"]), _finite(record.get("loss")), _finite(record.get("val_loss")),
+              _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
+              _integer(record.get("workers")), _finite(record.get("lr")),
+              {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
+    shown = dict(zip(METRIC_COLUMNS, values))
+    return (job_id, *values[:7], json.dumps(values[7]) if values[7] is not None else None, values[8],
+            json.dumps(shown, separators=(",", ":")))
 
-    def __enter__(self):
-        self.store._lock.acquire()
-        try:
-            self.store._db.execute("BEGIN IMMEDIATE")
-        except BaseException as err:
-            self.store._lock.release()
-            self._raise_unavailable(err)
-            raise
-        return self.store._db
 
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                try:
-                    self.store._db.execute("COMMIT")
-                except sqlite3.Error as err:
-                    exc = err
-            if exc is not None and self.store._db.in_transaction:
-                try:
-                    self.store._db.execute("ROLLBACK")
-                except sqlite3.Error:  # SQLite has rolled back already (a full disk does that)
-                    pass
-        finally:
-            self.store._lock.release()
-        if exc is not None:
-            self._raise_unavailable(exc)
-            if exc_type is None:
-                raise exc
-        return False
-
-    def _raise_unavailable(self, err: BaseException) -> None:
-        if isinstance(err, sqlite3.Error):
-            replacement = unavailable(err, self.store.path)
-            if replacement is not None:
-                raise replacement from err
+def _fill_records(db: sqlite3.Connection) -> None:
+    """The `record` of every step of a store made before it existed, from the other columns."""
+    rows = db.execute(f"SELECT job, {', '.join(METRIC_COLUMNS)} FROM metrics").fetchall()
+    db.executemany("UPDATE metrics SET record = ? WHERE job = ? AND step = ?", [
+        (json.dumps({**dict(zip(METRIC_COLUMNS, tuple(r)[1:])), "phases": _PHASES.decode(r[8]) if r[8] else None},
+                    separators=(",", ":")), r[0], r[1]) for r in rows])

@@ -124,3 +124,29 @@ def test_a_store_made_before_resumes_were_counted_gains_the_column(tmp_path):
     assert [store.count_resume("j1") for _ in range(3)] == [1, 2, 3]
     store.close()
     assert Store(tmp_path / "old.db").get_job("j1")["resumes"] == 3  # opened again: no second ALTER
+
+
+def test_a_store_made_before_records_were_kept_as_json_gets_them(tmp_path):
+    import sqlite3
+
+    from service.store import SCHEMA
+
+    old = SCHEMA.replace("\n    record TEXT,", "")
+    assert "record" not in old
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.executescript(old)
+        db.execute("INSERT INTO jobs (id, name, spec, state, steps, created_at, updated_at, workers) "
+                   "VALUES ('j1', 'a', '{}', 'running', 10, 'then', 'then', 2)")
+        db.execute("INSERT INTO metrics (job, step, loss, workers, phases, at) "
+                   "VALUES ('j1', 1, 0.5, 2, '{\"compute\": 0.25, \"wait\": NaN}', 't1')")
+        db.execute("INSERT INTO metrics (job, step, loss, val_accuracy, lr, at) VALUES ('j1', 2, 0.25, 0.75, 0.1, 't2')")
+    store = Store(tmp_path / "old.db")
+    assert store.metrics("j1") == [
+        {"step": 1, "loss": 0.5, "val_loss": None, "val_accuracy": None, "samples_per_s": None, "workers": 2,
+         "lr": None, "phases": {"compute": 0.25, "wait": None}, "at": "t1"},
+        {"step": 2, "loss": 0.25, "val_loss": None, "val_accuracy": 0.75, "samples_per_s": None, "workers": None,
+         "lr": 0.1, "phases": None, "at": "t2"}]
+    assert store.get_job("j1", details=True)["latest_metrics"]["val_accuracy"] == 0.75
+    store.record_metric("j1", {"step": 3, "loss": 0.125, "phases": {"compute": float("inf")}})
+    assert store.metrics("j1", since=2)[0]["phases"] == {"compute": None}
+    store.close()
