@@ -60,8 +60,20 @@ class Client:
     def status(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
+    def metrics_page(self, job_id: str, since: int = 0, limit: int | None = None) -> dict:
+        """One page of the history: `metrics` (steps after `since`), `next_since`, `more`."""
+        params = {"since": since} if limit is None else {"since": since, "limit": limit}
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()
+
     def metrics(self, job_id: str, since: int = 0) -> list[dict]:
-        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params={"since": since}).json()["metrics"]
+        """Every record of the steps after `since`, page by page."""
+        rows = []
+        while True:
+            page = self.metrics_page(job_id, since)
+            rows += page["metrics"]
+            since = page["next_since"]
+            if not page["more"]:
+                return rows
 
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()

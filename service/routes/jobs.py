@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from core.spec import JobSpec, SpecError, parse_spec
 from service.admission import Refused, admit
@@ -20,6 +21,7 @@ from service.states import STATES
 from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
 
 MAX_IDEMPOTENCY_KEY = 200
+METRICS_PAGE, MAX_METRICS_PAGE = 1000, 10_000  # records per GET .../metrics, by default and at most
 CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
@@ -87,13 +89,23 @@ def get_job(job_id: str, store: StoreDep, scheduler: SchedulerDep):
     return json_safe(find_job(store, scheduler, job_id, details=True))
 
 
-@router.get("/{job_id}/metrics", summary="The per-step history")
+@router.get("/{job_id}/metrics", summary="The per-step history, a page at a time")
 def metrics(job_id: str, store: StoreDep,
-            since: Annotated[int, Query(ge=0, description="only steps after this one")] = 0):
+            since: Annotated[int, Query(ge=0, description="only steps after this one")] = 0,
+            limit: Annotated[int, Query(ge=1, le=MAX_METRICS_PAGE, description="at most this many records")]
+            = METRICS_PAGE):
+    """`next_since` is the `since` to ask for next (the last step given, or
+    `since` when none); `more` says whether steps after it are stored already."""
     try:
-        return json_safe({"job_id": job_id, "metrics": store.metrics(job_id, since)})
+        records = store.metrics_json(job_id, since, limit + 1)
     except NotFound as err:
         raise HTTPException(404, str(err))
+    page = records[:limit]
+    next_since = json.loads(page[-1])["step"] if page else since
+    # Polled often: the records go out as the JSON text they were stored as.
+    body = (f'{{"job_id":{json.dumps(job_id)},"metrics":[{",".join(page)}],"next_since":{next_since},'
+            f'"more":{json.dumps(len(records) > limit)}}}')
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel",
