@@ -83,6 +83,7 @@ UPSERT_METRIC = (
     "ON CONFLICT(job, step) DO UPDATE SET "
     + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
 _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
+_RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
 
 
 class NotFound(StoreError):
@@ -311,14 +312,13 @@ def _metric_row(job_id: str, record: dict) -> tuple:
               _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
               _integer(record.get("workers")), _finite(record.get("lr")),
               {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
-    shown = dict(zip(METRIC_COLUMNS, values))
-    return (job_id, *values[:7], json.dumps(values[7]) if values[7] is not None else None, values[8],
-            json.dumps(shown, separators=(",", ":")))
+    return (job_id, *values[:7], _RECORD.encode(values[7]) if values[7] is not None else None, values[8],
+            _RECORD.encode(dict(zip(METRIC_COLUMNS, values))))
 
 
 def _fill_records(db: sqlite3.Connection) -> None:
     """The `record` of every step of a store made before it existed, from the other columns."""
     rows = db.execute(f"SELECT job, {', '.join(METRIC_COLUMNS)} FROM metrics").fetchall()
     db.executemany("UPDATE metrics SET record = ? WHERE job = ? AND step = ?", [
-        (json.dumps({**dict(zip(METRIC_COLUMNS, tuple(r)[1:])), "phases": _PHASES.decode(r[8]) if r[8] else None},
-                    separators=(",", ":")), r[0], r[1]) for r in rows])
+        (_RECORD.encode({**dict(zip(METRIC_COLUMNS, tuple(r)[1:])), "phases": _PHASES.decode(r[8]) if r[8] else None}),
+         r[0], r[1]) for r in rows])

@@ -139,7 +139,8 @@ def test_a_store_made_before_records_were_kept_as_json_gets_them(tmp_path):
                    "VALUES ('j1', 'a', '{}', 'running', 10, 'then', 'then', 2)")
         db.execute("INSERT INTO metrics (job, step, loss, workers, phases, at) "
                    "VALUES ('j1', 1, 0.5, 2, '{\"compute\": 0.25, \"wait\": NaN}', 't1')")
-        db.execute("INSERT INTO metrics (job, step, loss, val_accuracy, lr, at) VALUES ('j1', 2, 0.25, 0.75, 0.1, 't2')")
+        db.execute("INSERT INTO metrics (job, step, loss, val_accuracy, lr, at) "
+                   "VALUES ('j1', 2, 0.25, 0.75, 0.1, 't2')")
     store = Store(tmp_path / "old.db")
     assert store.metrics("j1") == [
         {"step": 1, "loss": 0.5, "val_loss": None, "val_accuracy": None, "samples_per_s": None, "workers": 2,
