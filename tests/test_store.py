@@ -108,17 +108,24 @@ def test_threads_each_job_once_and_one_winner_per_transition(store):
     assert wins == [1]
 
 
-def test_a_store_made_before_resumes_were_counted_gains_the_column(tmp_path):
+def _older_store(path, column: str, *inserts: str):
+    """A store as a version before `column` (a line of SCHEMA) left it: job j1, then `inserts`."""
     import sqlite3
 
     from service.store import SCHEMA
 
-    old = SCHEMA.replace(",\n    resumes INTEGER NOT NULL DEFAULT 0", "")
-    assert "resumes" not in old
-    with sqlite3.connect(tmp_path / "old.db") as db:
+    old = SCHEMA.replace(column, "")
+    assert column.strip(",\n ").split()[0] not in old  # "resumes", "record": gone
+    with sqlite3.connect(path) as db:
         db.executescript(old)
         db.execute("INSERT INTO jobs (id, name, spec, state, steps, created_at, updated_at, workers) "
                    "VALUES ('j1', 'a', '{}', 'running', 10, 'then', 'then', 2)")
+        for insert in inserts:
+            db.execute(insert)
+
+
+def test_a_store_made_before_resumes_were_counted_gains_the_column(tmp_path):
+    _older_store(tmp_path / "old.db", ",\n    resumes INTEGER NOT NULL DEFAULT 0")
     store = Store(tmp_path / "old.db")
     assert store.get_job("j1")["resumes"] == 0
     assert [store.count_resume("j1") for _ in range(3)] == [1, 2, 3]
@@ -127,20 +134,10 @@ def test_a_store_made_before_resumes_were_counted_gains_the_column(tmp_path):
 
 
 def test_a_store_made_before_records_were_kept_as_json_gets_them(tmp_path):
-    import sqlite3
-
-    from service.store import SCHEMA
-
-    old = SCHEMA.replace("\n    record TEXT,", "")
-    assert "record" not in old
-    with sqlite3.connect(tmp_path / "old.db") as db:
-        db.executescript(old)
-        db.execute("INSERT INTO jobs (id, name, spec, state, steps, created_at, updated_at, workers) "
-                   "VALUES ('j1', 'a', '{}', 'running', 10, 'then', 'then', 2)")
-        db.execute("INSERT INTO metrics (job, step, loss, workers, phases, at) "
-                   "VALUES ('j1', 1, 0.5, 2, '{\"compute\": 0.25, \"wait\": NaN}', 't1')")
-        db.execute("INSERT INTO metrics (job, step, loss, val_accuracy, lr, at) "
-                   "VALUES ('j1', 2, 0.25, 0.75, 0.1, 't2')")
+    _older_store(tmp_path / "old.db", "\n    record TEXT,",
+                 "INSERT INTO metrics (job, step, loss, workers, phases, at) "
+                 "VALUES ('j1', 1, 0.5, 2, '{\"compute\": 0.25, \"wait\": NaN}', 't1')",
+                 "INSERT INTO metrics (job, step, loss, val_accuracy, lr, at) VALUES ('j1', 2, 0.25, 0.75, 0.1, 't2')")
     store = Store(tmp_path / "old.db")
     assert store.metrics("j1") == [
         {"step": 1, "loss": 0.5, "val_loss": None, "val_accuracy": None, "samples_per_s": None, "workers": 2,
