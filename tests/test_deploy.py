@@ -88,6 +88,16 @@ def test_every_dashboard_query_names_a_metric_the_service_exports(service):  # n
     assert names and names <= exported, names - exported
 
 
+def prometheus_query(port: int, query: str) -> list:
+    """The result of an instant query to a Prometheus on loopback; [] while it
+    is not up yet (refused, or `503 Service Unavailable` while it starts)."""
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
+    except httpx.HTTPError:
+        return []
+    return r.json().get("data", {}).get("result", []) if r.status_code == 200 else []
+
+
 @pytest.mark.ray
 def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa: F811
     port = free_port()
@@ -102,12 +112,7 @@ def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa
         job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
 
         def loss_from_prometheus():
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                              params={"query": f'shardprop_train_loss{{job_id="{job["id"]}"}}'}, timeout=5).json()
-            except httpx.HTTPError:
-                return None
-            result = r.get("data", {}).get("result", [])
+            result = prometheus_query(port, f'shardprop_train_loss{{job_id="{job["id"]}"}}')
             return float(result[0]["value"][1]) if result else None
 
         loss = wait_for(loss_from_prometheus, timeout=90, every=0.5)
@@ -140,11 +145,7 @@ def test_a_real_prometheus_scrapes_a_service_with_a_token_only_with_its_credenti
              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             def up():
-                try:
-                    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=5).json()
-                except httpx.HTTPError:
-                    return None
-                found = {s["metric"]["job"]: s["value"][1] for s in r.get("data", {}).get("result", [])}
+                found = {s["metric"]["job"]: s["value"][1] for s in prometheus_query(port, "up")}
                 return found if len(found) == 2 else None
 
             assert wait_for(up, timeout=90, every=0.5) == {"with-token": "1", "without": "0"}
