@@ -12,6 +12,8 @@ problem, never the file's contents; nothing is ever unpickled.
 from __future__ import annotations
 
 import csv
+import os
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,6 +101,23 @@ def _read_header(fh, where: str) -> NpyHeader:
     return NpyHeader(tuple(shape), dtype, fortran_order)
 
 
+def _zip_directory_size(fh) -> int | None:
+    """The size of a zip file's central directory, from its end record (the
+    last 22 bytes, or up to 64 KiB more when the archive has a comment);
+    None when there is no end record. A ZIP64 archive (its size field all
+    ones) is larger than any data limit, so its size is given as such."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    tail_start = max(0, size - (22 + 0xFFFF))
+    fh.seek(tail_start)
+    tail = fh.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    (directory,) = struct.unpack_from("<I", tail, at + 12)
+    return directory
+
+
 def inspect_npz(path: Path, limits: DataLimits) -> dict[str, NpyHeader]:
     """The headers of an .npz's `X` and `y`, from its zip directory and
     each member's .npy header, refusing (before anything is decompressed) a
@@ -110,11 +129,11 @@ def inspect_npz(path: Path, limits: DataLimits) -> dict[str, NpyHeader]:
         with open(path, "rb") as fh:
             if fh.read(4) != b"PK\x03\x04":  # np.load would try anything else as a pickle
                 raise DataError(f"{path}: not a readable .npz file (no zip archive header)")
-            end = zipfile._EndRecData(fh)  # the end record; ZipFile would read the whole directory
-        if end is None:
+            directory = _zip_directory_size(fh)  # ZipFile would read the whole directory
+        if directory is None:
             raise DataError(f"{path}: not a readable .npz file (no zip directory)")
-        if end[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY:
-            raise DataError(f"{path}: its zip directory is {end[zipfile._ECD_SIZE]} bytes, more than "
+        if directory > MAX_ZIP_DIRECTORY:
+            raise DataError(f"{path}: its zip directory is {directory} bytes, more than "
                             f"{MAX_ZIP_DIRECTORY}; an .npz of X and y needs a few hundred")
         with zipfile.ZipFile(path) as archive:
             members = {info.filename: info for info in archive.infolist()}

@@ -147,3 +147,24 @@ def test_unusable_file_names_are_refused_in_the_spec(source, message):
     with pytest.raises(SpecError) as err:
         data_spec(source=source)
     assert str(err.value) == message
+
+
+def test_an_npz_whose_zip_directory_is_huge_is_refused_from_its_end_record(tmp_path):
+    """Thousands of members make a directory past 64 KiB (an .npz of X and y
+    needs a few hundred bytes): refused from the zip's end record, before
+    the directory is read."""
+    import zipfile
+
+    path = tmp_path / "many.npz"
+    np.savez(path, X=np.zeros((4, 2)), y=np.zeros(4))
+    with zipfile.ZipFile(path, "a") as archive:
+        for i in range(1500):
+            archive.writestr(f"padding-{i:05d}-{'x' * 40}.npy", b"")
+    directory = sum(46 + len(info.filename) for info in zipfile.ZipFile(path).infolist())
+    assert directory > 64 * 1024
+    with pytest.raises(DataError, match=rf"its zip directory is {directory} bytes, more than 65536"):
+        load_arrays(parse_spec({"data": {"source": str(path)}, "training": {"steps": 1}}).data, 0, [str(tmp_path)])
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, X=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]))
+    X, y, _ = load_arrays(parse_spec({"data": {"source": str(ok)}, "training": {"steps": 1}}).data, 0, [str(tmp_path)])
+    assert X.shape == (4, 2) and y.shape == (4,)
