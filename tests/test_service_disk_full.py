@@ -60,6 +60,7 @@ class FlakyStore(Store):
 
 
 @pytest.mark.ray
+@pytest.mark.chaos  # fills a real tmpfs under a running job
 def test_a_full_checkpoint_disk_fails_the_job_cleanly_and_the_next_one_succeeds(tmp_path, ray_local):
     settings = Settings(store_path=tmp_path / "store" / "shardprop.db", data_roots=[tmp_path], token=None,
                         max_concurrent_jobs=1, ray_address=ray_local, poll_interval_s=0.05)
