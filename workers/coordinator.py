@@ -37,7 +37,7 @@ from workers.servers import ServerGroup
 from workers.sync_loop import SyncLoop
 from workers.watchdog import Watchdog
 
-__all__ = ["Coordinator", "JobCancelled", "spec_key"]
+__all__ = ["Coordinator", "JobCancelled"]
 
 CANCEL_GRACE_S = 5.0
 
@@ -180,8 +180,8 @@ class Coordinator:
                         self._target, self.on_event, self.pipeline_depth)
 
     def _spec_key(self) -> str:
-        """The spec as checkpoints name it (see spec_key)."""
-        return spec_key(self.spec.model_dump(mode="json"))
+        """The spec as checkpoints name it: less its `resources` (core.spec.checkpoint_key)."""
+        return checkpoint_key(self.spec.model_dump(mode="json"))
 
     def _written(self, step: int, path: Path) -> None:
         self.on_event(CheckpointWritten(step, str(path)))
@@ -191,12 +191,6 @@ class Coordinator:
         self.on_event(CheckpointDamaged(str(path), str(err)))
 
 
-def spec_key(raw: dict) -> str:
-    """A spec (as JSON data) as checkpoints name it: less its `resources`,
-    which change no arithmetic and so may change on resume."""
-    return checkpoint_key(raw)
-
-
 def _stored_spec_key(spec_json: str) -> str:
     """A checkpoint's spec key, read again by today's rule (a checkpoint
     written before `resources` existed names its fields in `training`)."""
@@ -204,4 +198,4 @@ def _stored_spec_key(spec_json: str) -> str:
         raw = json.loads(spec_json)
     except ValueError:
         return spec_json
-    return spec_key(raw) if isinstance(raw, dict) else spec_json
+    return checkpoint_key(raw) if isinstance(raw, dict) else spec_json
