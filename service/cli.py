@@ -7,6 +7,7 @@
     shardprop list | status ID | metrics ID | cancel ID | resize ID N
     shardprop model ID -o FILE | predict ID ROWS.csv
     shardprop train JOB.yaml ...       (without a service)
+    shardprop data prepare SOURCE OUT  (a data set prepared for sharded training)
 
 `--server URL` picks the service (default http://127.0.0.1:8470); the token
 comes from SHARDPROP_TOKEN.
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from service import train_command
+from service import data_command, train_command
 from service.client import DEFAULT_SERVER, Client, ClientError
 from service.states import STATES, TERMINAL
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the service's URL (default {DEFAULT_SERVER})")
     sub = parser.add_subparsers(dest="command", required=True)
     train_command.add_parser(sub)
+    data_command.add_parser(sub)
 
     p = sub.add_parser("serve", help="run the job service (HTTP API, queue, job store)")
     p.add_argument("--host", default="127.0.0.1",
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train_command.run(args)
+    if args.command == "data":
+        return data_command.run(args)
     try:
         if args.command == "serve":
             return serve(args)
