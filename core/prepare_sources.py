@@ -25,14 +25,15 @@ import numpy as np
 from core.datafiles import MAX_CELL_CHARS, DataError, DataLimits, _layout, _read_header, npz_shapes
 from core.spec import BUILTIN_SOURCES, DataSpec
 
-CSV_BLOCK_BYTES = 16 << 20
+CSV_BLOCK_BYTES = 1 << 20  # pyarrow parses blocks in parallel: small ones keep both cores busy
 BATCH_VALUES = 1 << 21  # values per batch of a Parquet or .npz source (16 MiB as float64)
 UNBOUNDED = sys.maxsize
 
 
 @dataclass
 class RowSource:
-    """A source opened for streaming: its shape, and its rows as (X, y) float64 batches."""
+    """A source opened for streaming: its shape, and its rows as float64 batches of
+    shape (m, features + targets), the features first, then the label column(s)."""
 
     name: str
     features: int
@@ -40,7 +41,7 @@ class RowSource:
     vector_labels: bool  # labels are one column (classification when all integral)
     label_column: str | int | None
     bytes: int
-    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+    batches: Iterator[np.ndarray]
     digest: "hashlib._Hash"  # complete once `batches` is exhausted
     position: Callable[[], int] | None = None  # source bytes read so far, when known
 
@@ -112,7 +113,7 @@ def _builtin(spec: DataSpec, seed: int, limits: DataLimits) -> RowSource:
     text = json.dumps(described, sort_keys=True).encode()
     y2 = y.astype(np.float64).reshape(len(y), -1)
     return RowSource(spec.source, X.shape[1], y2.shape[1], y.ndim == 1, None, len(text),
-                     iter([(X, y2)]), hashlib.sha256(text))
+                     iter([np.hstack([X, y2])]), hashlib.sha256(text))
 
 
 # ----------------------------------------------------------------------- npz
@@ -142,7 +143,7 @@ def _npz(path: Path, limits: DataLimits) -> RowSource:
                     y = _read_rows(ys, y_head.dtype, m, targets, path, "y")
                     _finite(str(path), X, start + 1, lambda c: c + 1)
                     _finite(f"{path}: array y", y, start + 1, lambda c: c + 1)
-                    yield X, y
+                    yield np.hstack([X, y])
         except (zipfile.BadZipFile, OSError, EOFError):
             raise DataError(f"{path}: not a readable .npz file (a damaged zip archive)") from None
 
@@ -186,7 +187,7 @@ def _parquet(root: Path, files: list[Path], label_column, limits: DataLimits) ->
             if not (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
                 raise DataError(f"{f}: column {field.name!r} has type {field.type}, not numbers")
     label = _label_index(root, names, label_column)
-    feature_cols = [j for j in range(width) if j != label]
+    stored = [j for j in range(width) if j != label] + [label]  # source column of each stored one
     digest, size = _file_digest(files, root)
 
     def batches():
@@ -201,12 +202,10 @@ def _parquet(root: Path, files: list[Path], label_column, limits: DataLimits) ->
                             r = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
                             raise DataError(f"{f}: row {start + r}, column {names[j]!r}: empty (null)")
                         cols.append(column.to_numpy(zero_copy_only=False).astype(np.float64))
-                    X = np.column_stack([cols[j] for j in feature_cols])
-                    y = cols[label].reshape(-1, 1)
-                    _finite(str(f), X, start, lambda c: repr(names[feature_cols[c]]))
-                    _finite(str(f), y, start, lambda c: repr(names[label]))
+                    rows = np.column_stack([cols[j] for j in stored])
+                    _finite(str(f), rows, start, lambda c: repr(names[stored[c]]))
                     start += batch.num_rows
-                    yield X, y
+                    yield rows
             except pa.ArrowException:
                 raise DataError(f"{f}: not a readable Parquet file (a damaged page)") from None
 
@@ -254,8 +253,8 @@ class _HashingReader:
         self.closed = True
 
 
-def _first_line(path: Path, limits: DataLimits) -> tuple[list[str], int]:
-    """The first non-blank line's cells, and how many lines precede it."""
+def _first_line(path: Path, limits: DataLimits) -> tuple[list[str], int, int]:
+    """The first non-blank line's cells, how many lines precede it, and its length."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -282,14 +281,15 @@ def _first_line(path: Path, limits: DataLimits) -> tuple[list[str], int]:
         raise DataError(f"{path}: not UTF-8 text (line {skipped + 1})") from None
     except pa.ArrowException:
         raise DataError(f"{path}: line {skipped + 1} is not readable CSV") from None
-    return [table.column(i)[0].as_py() for i in range(width)], skipped
+    return [table.column(i)[0].as_py() for i in range(width)], skipped, len(line)
 
 
 def _csv(path: Path, label_column, limits: DataLimits) -> RowSource:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    first, skipped = _first_line(path, limits)
+    first, skipped, length = _first_line(path, limits)
+    block = max(CSV_BLOCK_BYTES, 16 * length)  # a row must fit in one block
     if len(first) > limits.max_features + 1:
         raise DataError(f"{path}: line {skipped + 1} has {len(first)} columns, more than the limit of "
                         f"{limits.max_features + 1} (max_features + 1)")
@@ -297,7 +297,7 @@ def _csv(path: Path, label_column, limits: DataLimits) -> RowSource:
     width, label = layout.width, layout.label
     names = [f"c{i}" for i in range(width)]
     shown = (lambda j: repr(layout.header[j])) if layout.header else (lambda j: str(j + 1))
-    feature_cols = [j for j in range(width) if j != label]
+    stored = [j for j in range(width) if j != label] + [label]  # source column of each stored one
     skip = skipped + (1 if layout.header else 0)
     size = path.stat().st_size
     reader = _HashingReader(open(path, "rb"))
@@ -309,37 +309,60 @@ def _csv(path: Path, label_column, limits: DataLimits) -> RowSource:
             ragged.append(row)
             return "skip"
 
-        def csv_stream(use_threads: bool, source):
+        def csv_stream(cells, use_threads: bool, source):
             return pacsv.open_csv(
                 source,
-                read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=CSV_BLOCK_BYTES,
+                read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=block,
                                                use_threads=use_threads),
                 parse_options=pacsv.ParseOptions(invalid_row_handler=on_ragged),
-                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                convert_options=pacsv.ConvertOptions(column_types={n: cells for n in names},
                                                      null_values=[], strings_can_be_null=False,
                                                      quoted_strings_can_be_null=False))
 
+        def checked(batch, start, convert):
+            if ragged:
+                raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
+            rows = np.empty((batch.num_rows, width))
+            for c, j in enumerate(stored):
+                rows[:, c] = convert(batch.column(j), j)
+            _finite(str(path), rows, start, lambda c: shown(stored[c]))
+            return rows
+
+        # Fast: pyarrow converts the cells. On the first cell it cannot (a bad
+        # value, or one float() reads but pyarrow does not, such as " 1.5"),
+        # the rows from there on are read again as text and converted
+        # the way float() does, which also finds the bad cell's row and column.
         start = 1
         try:
-            for batch in csv_stream(True, reader):
-                if ragged:
-                    raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
-                values = np.empty((batch.num_rows, width))
-                for j in range(width):
-                    values[:, j] = _numbers(batch.column(j), path, start, shown(j))
-                X, y = values[:, feature_cols], values[:, [label]]
-                _finite(str(path), X, start, lambda c: shown(feature_cols[c]))
-                _finite(str(path), y, start, lambda c: shown(label))
-                start += batch.num_rows
-                yield X, y
+            try:
+                for batch in csv_stream(pa.float64(), True, reader):
+                    rows = checked(batch, start, lambda column, j: column.to_numpy(zero_copy_only=False))
+                    start += len(rows)
+                    yield rows
+            except pa.ArrowInvalid:
+                while reader.read(8 << 20):  # the source's hash takes every byte
+                    pass
+                ragged.clear()
+                with open(path, "rb") as fh:
+                    done = 0
+                    for batch in csv_stream(pa.string(), True, fh):
+                        if done + batch.num_rows < start:  # yielded already
+                            done += batch.num_rows
+                            continue
+                        batch, done = batch.slice(start - 1 - done), start - 1
+                        rows = checked(batch, start,
+                                       lambda column, j: _numbers(column, path, start, shown(j)))
+                        start += len(rows)
+                        done += len(rows)
+                        yield rows
             if ragged:
                 raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
         except pa.ArrowInvalid as err:
             if "UTF8" in str(err) or "utf8" in str(err).lower():
                 raise DataError(f"{path}: not UTF-8 text (after data row {start - 1})") from None
             if "straddling" in str(err) or "block" in str(err):
-                raise DataError(f"{path}: a row after data row {start - 1} is longer than "
-                                f"{CSV_BLOCK_BYTES} bytes") from None
+                raise DataError(f"{path}: a row after data row {start - 1} is longer than {block} bytes "
+                                f"(16 times the first row)") from None
             raise DataError(f"{path}: not readable CSV after data row {start - 1}") from None
         finally:
             reader.fh.close()
@@ -352,11 +375,13 @@ def _csv(path: Path, label_column, limits: DataLimits) -> RowSource:
 
 def _ragged_message(path: Path, width: int, skip: int, ragged, csv_stream) -> str:
     """The first ragged row, found again single-threaded when pyarrow did not number it."""
+    import pyarrow as pa
+
     row = min(ragged, key=lambda r: r.number if r.number is not None else sys.maxsize)
     if row.number is None:
         ragged.clear()
         with open(path, "rb") as fh:
-            for _ in csv_stream(False, fh):
+            for _ in csv_stream(pa.string(), False, fh):
                 if ragged:
                     break
         row = ragged[0] if ragged else row

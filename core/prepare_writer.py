@@ -106,10 +106,11 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
     # pass 1: source order
     n, lowest, highest, integral = 0, math.inf, -math.inf, True
     with open(work / "rows", "wb") as fh:
-        for X, y in src.batches:
-            np.hstack([X, y]).tofile(fh)
-            n += len(X)
+        for rows in src.batches:
+            rows.tofile(fh)
+            n += len(rows)
             if src.vector_labels:
+                y = rows[:, F]
                 lowest, highest = min(lowest, float(y.min())), max(highest, float(y.max()))
                 integral = integral and bool((y == np.floor(y)).all())
             report(Progress("read", n, src.position() if src.position else 0, src.bytes))
