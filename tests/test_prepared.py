@@ -191,6 +191,32 @@ def test_a_csv_larger_than_the_read_block_streams_in_many_batches(tmp_path, monk
     assert q.block_rows == (16 << 20) // (8 * 4) and len(q.manifest["files"]) == 4
 
 
+def test_cells_float_reads_but_pyarrow_does_not_are_read_as_float_reads_them(tmp_path, monkeypatch):
+    """Padded numbers fail pyarrow's conversion; from that batch on the rows are
+    read again as text: the result equals the plain file's, rows neither lost
+    nor doubled, and the source hash is still of every byte."""
+    monkeypatch.setattr(core.prepare_sources, "CSV_BLOCK_BYTES", 8 << 10)
+    X, y = make_data(n=1500, f=3)
+    plain = write_csv(tmp_path / "plain.csv", X, y)
+    lines = plain.read_text().splitlines()
+    lines[1200] = " " + lines[1200].replace(",", " , ")  # data row 1200, after several read blocks
+    padded = tmp_path / "padded.csv"
+    padded.write_text("\n".join(lines) + "\n")
+    a = prepare(plain, tmp_path / "a", seed=1, block_rows=100)
+    b = prepare(padded, tmp_path / "b", seed=1, block_rows=100)
+    assert a.manifest["files"] == b.manifest["files"]
+    assert b.manifest["source"]["sha256"] == hashlib.sha256(padded.read_bytes()).hexdigest()
+    lines[1400] = lines[1400].replace(",", ",x" + SECRET, 1)
+    padded.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"padded.csv: row 1400, column 'x1': not a number") as err:
+        prepare(padded, tmp_path / "c", seed=1)
+    assert SECRET not in str(err.value)
+    lines[1400] = lines[1400] + ",5"
+    padded.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"padded.csv: row 1400 has 5 columns, expected 4"):
+        prepare(padded, tmp_path / "c", seed=1)
+
+
 # ----------------------------------------------------------------- refusals
 
 HEAD = "a,b,label\n"
