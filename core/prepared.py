@@ -109,13 +109,14 @@ class _Remote:
         return target
 
 
-def s3_filesystem():
+def s3_filesystem(**options):
     """pyarrow's S3 filesystem; the endpoint from SHARDPROP_S3_ENDPOINT (e.g.
-    http://127.0.0.1:9000), credentials and region from the standard AWS_* variables."""
+    http://127.0.0.1:9000), credentials and region from the standard AWS_* variables;
+    `options` go to pyarrow.fs.S3FileSystem as they are."""
     from pyarrow import fs
 
     endpoint = os.environ.get("SHARDPROP_S3_ENDPOINT") or None
-    kw = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    kw = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1", **options}
     if endpoint:
         scheme, _, rest = endpoint.partition("://")
         kw.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")

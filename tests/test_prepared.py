@@ -363,3 +363,62 @@ def test_a_manifest_whose_sizes_or_hashes_differ_from_the_files_fails_verificati
     (root / "manifest.json").unlink()
     with pytest.raises(DataError, match=r"manifest.json: missing"):
         PreparedSet.open(root)
+
+
+# ------------------------------------------------------------ from S3 (moto)
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """moto's S3 server in this process, on a free loopback port."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "SHARDPROP_S3_ENDPOINT": f"http://127.0.0.1:{port}",
+                        "SHARDPROP_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    server.stop()
+
+
+def upload(fs, root, prefix):
+    fs.create_dir(prefix.split("/")[0])
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with fs.open_output_stream(f"{prefix}/{path.relative_to(root)}") as out:
+                out.write(path.read_bytes())
+
+
+def test_a_set_on_s3_reads_and_verifies_as_the_local_copy(prepared, s3_server, tmp_path):
+    from core.prepared import s3_filesystem
+
+    local, root = prepared
+    fs = s3_filesystem(allow_bucket_creation=True)
+    upload(fs, root, "bucket/sets/d")
+    remote = PreparedSet.open("s3://bucket/sets/d")
+    assert remote.manifest_sha256 == local.manifest_sha256
+    remote.verify()
+    for a, b in ((0, local.n_train), (31, 97)):
+        for got, want in zip(remote.read_train(a, b), local.read_train(a, b)):
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(remote.read_val(0, local.n_val)[1], local.read_val(0, local.n_val)[1])
+    assert (tmp_path / "cache/prepared" / local.manifest_sha256 / "train/X-00000.npy").is_file()
+    # a damaged or missing object is named by its s3:// address (a fresh cache: nothing fetched yet)
+    with fs.open_output_stream("bucket/sets/d/train/X-00001.npy") as out:
+        out.write((root / "train/X-00001.npy").read_bytes()[:-4])
+    fs.delete_file("bucket/sets/d/train/y-00002.npy")
+    os.environ["SHARDPROP_CACHE"] = str(tmp_path / "cache2")
+    fresh = PreparedSet.open("s3://bucket/sets/d")
+    with pytest.raises(DataError, match=r"s3://bucket/sets/d/train/X-00001.npy: truncated"):
+        fresh.verify_train(32, 40)
+    with pytest.raises(DataError, match=r"s3://bucket/sets/d/train/y-00002.npy: missing"):
+        fresh.verify_train(64, 70)
+    with pytest.raises(DataError, match=r"s3://bucket/nothing/manifest.json: missing"):
+        PreparedSet.open("s3://bucket/nothing")
