@@ -44,6 +44,13 @@ class RowSource:
     batches: Iterator[np.ndarray]
     digest: "hashlib._Hash"  # complete once `batches` is exhausted
     position: Callable[[], int] | None = None  # source bytes read so far, when known
+    total_rows: int | None = None  # when known up front (.npz, Parquet, built-in)
+
+    def bytes_done(self, rows: int) -> int:
+        """Source bytes read so far: counted for a CSV, else in proportion to the rows."""
+        if self.position is not None:
+            return self.position()
+        return self.bytes * rows // self.total_rows if self.total_rows else 0
 
     @property
     def sha256(self) -> str:
@@ -113,7 +120,7 @@ def _builtin(spec: DataSpec, seed: int, limits: DataLimits) -> RowSource:
     text = json.dumps(described, sort_keys=True).encode()
     y2 = y.astype(np.float64).reshape(len(y), -1)
     return RowSource(spec.source, X.shape[1], y2.shape[1], y.ndim == 1, None, len(text),
-                     iter([np.hstack([X, y2])]), hashlib.sha256(text))
+                     iter([np.hstack([X, y2])]), hashlib.sha256(text), total_rows=len(X))
 
 
 # ----------------------------------------------------------------------- npz
@@ -147,7 +154,8 @@ def _npz(path: Path, limits: DataLimits) -> RowSource:
         except (zipfile.BadZipFile, OSError, EOFError):
             raise DataError(f"{path}: not a readable .npz file (a damaged zip archive)") from None
 
-    return RowSource(str(path), features, targets, len(y_head.shape) == 1, None, size, batches(), digest)
+    return RowSource(str(path), features, targets, len(y_head.shape) == 1, None, size, batches(), digest,
+                     total_rows=rows)
 
 
 def _read_rows(fh, dtype: np.dtype, rows: int, width: int, path: Path, name: str) -> np.ndarray:
@@ -209,7 +217,8 @@ def _parquet(root: Path, files: list[Path], label_column, limits: DataLimits) ->
             except pa.ArrowException:
                 raise DataError(f"{f}: not a readable Parquet file (a damaged page)") from None
 
-    return RowSource(str(root), width - 1, 1, True, names[label], size, batches(), digest)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return RowSource(str(root), width - 1, 1, True, names[label], size, batches(), digest, total_rows=total)
 
 
 def _label_index(where, names: list[str], label_column) -> int:

@@ -113,7 +113,7 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
                 y = rows[:, F]
                 lowest, highest = min(lowest, float(y.min())), max(highest, float(y.max()))
                 integral = integral and bool((y == np.floor(y)).all())
-            report(Progress("read", n, src.position() if src.position else 0, src.bytes))
+            report(Progress("read", n, src.bytes_done(n), src.bytes))
     if n == 0:
         raise DataError(f"{src.name}: the source holds no rows")
     classes = classes_of(src.name, lowest, highest, limits) if src.vector_labels and integral else None

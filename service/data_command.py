@@ -1,4 +1,5 @@
-"""`shardprop data prepare SOURCE OUT`: a data set prepared for sharded training.
+"""`shardprop data prepare SOURCE OUT`: a data set prepared for sharded training;
+`shardprop data verify OUT`: every file of one checked against its manifest.
 
 Streams SOURCE (a .csv, .parquet, folder of .parquet files, .npz, or a built-in
 name) into the prepared directory OUT (docs/data.md), with a progress bar on
@@ -27,6 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="how the features are stored (default float32)")
     p.add_argument("--block-rows", type=int, help="rows per block file (default: about 16 MiB of features)")
+    p = sub.add_parser("verify", help="check every file of a prepared set against its manifest")
+    p.add_argument("location", help="the prepared directory, or s3://bucket/prefix")
 
 
 def _label(text: str | None) -> str | int | None:
@@ -88,6 +91,8 @@ class ProgressBar:
 
 
 def run(args) -> int:
+    if args.data_command == "verify":
+        return verify(args)
     from core.prepared import prepare
 
     bar = ProgressBar()
@@ -108,4 +113,18 @@ def run(args) -> int:
     print(f"prepared {args.out}: {prepared.n_train} training and {prepared.n_val} validation rows, "
           f"{prepared.n_features} features, {kind}, {len(m['files'])} files "
           f"(manifest sha256 {prepared.manifest_sha256[:16]})")
+    return 0
+
+
+def verify(args) -> int:
+    from core.prepared import PreparedSet
+
+    try:
+        prepared = PreparedSet.open(args.location)
+        prepared.verify()
+    except DataError as err:
+        print(f"shardprop data verify: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.location}: {len(prepared.manifest['files'])} files match the manifest "
+          f"(sha256 {prepared.manifest_sha256[:16]})")
     return 0

@@ -76,3 +76,16 @@ def test_a_builtin_set(tmp_path):
     assert run.returncode == 0, run.stderr
     p = PreparedSet.open(tmp_path / "digits")
     assert (p.n_train + p.n_val, p.n_features, p.n_classes) == (1797, 64, 10)
+
+
+def test_verify_passes_an_intact_set_and_names_an_altered_file(tmp_path):
+    assert shardprop("data", "prepare", "wine", "wine", "--block-rows", "50", cwd=tmp_path).returncode == 0
+    run = shardprop("data", "verify", "wine", cwd=tmp_path)
+    assert run.returncode == 0 and "wine: 8 files match the manifest" in run.stdout, run.stderr
+    block = tmp_path / "wine/train/X-00001.npy"
+    data = bytearray(block.read_bytes())
+    data[-1] ^= 0xFF
+    block.write_bytes(bytes(data))
+    run = shardprop("data", "verify", "wine", cwd=tmp_path)
+    assert run.returncode == 1
+    assert "shardprop data verify: error: wine/train/X-00001.npy: altered" in run.stderr
