@@ -1,7 +1,7 @@
 """The sources `prepare` reads, each as a stream of checked float64 row batches.
 
-A CSV is read by pyarrow's streaming reader block by block (cells as text,
-trimmed and converted the way Python's float() reads them), a Parquet file or
+A CSV is read by pyarrow's streaming reader block by block (core/prepare_csv.py),
+a Parquet file or
 folder by pyarrow.parquet batch by batch, an `.npz` member by member in
 chunks of rows straight from the zip (headers checked first, never
 unpickled), and the built-in sets from core.data. Every batch is checked for
@@ -12,7 +12,6 @@ row (1-based) and the column, never a cell's contents.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import zipfile
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.datafiles import MAX_CELL_CHARS, DataError, DataLimits, _layout, _read_header, npz_shapes
+from core.datafiles import DataError, DataLimits, _read_header, npz_shapes
 from core.spec import BUILTIN_SOURCES, DataSpec
 
-CSV_BLOCK_BYTES = 1 << 20  # pyarrow parses blocks in parallel: small ones keep both cores busy
 BATCH_VALUES = 1 << 21  # values per batch of a Parquet or .npz source (16 MiB as float64)
 UNBOUNDED = sys.maxsize
 
@@ -79,7 +77,9 @@ def open_source(source: str | DataSpec, label_column: str | int | None = None, s
         return _npz(path, limits)
     if suffix in (".parquet", ".pq"):
         return _parquet(path, [path], label_column, limits)
-    return _csv(path, label_column, limits)
+    from core.prepare_csv import csv_source
+
+    return csv_source(path, label_column, limits)
 
 
 def _file_digest(paths: list[Path], root: Path) -> tuple["hashlib._Hash", int]:
@@ -100,7 +100,7 @@ def _file_digest(paths: list[Path], root: Path) -> tuple["hashlib._Hash", int]:
     return digest, total
 
 
-def _finite(where: str, X: np.ndarray, first_row: int, columns) -> None:
+def check_finite(where: str, X: np.ndarray, first_row: int, columns) -> None:
     bad = ~np.isfinite(X)
     if bad.any():
         r, c = np.argwhere(bad)[0]
@@ -148,8 +148,8 @@ def _npz(path: Path, limits: DataLimits) -> RowSource:
                     m = min(chunk, rows - start)
                     X = _read_rows(xs, X_head.dtype, m, features, path, "X")
                     y = _read_rows(ys, y_head.dtype, m, targets, path, "y")
-                    _finite(str(path), X, start + 1, lambda c: c + 1)
-                    _finite(f"{path}: array y", y, start + 1, lambda c: c + 1)
+                    check_finite(str(path), X, start + 1, lambda c: c + 1)
+                    check_finite(f"{path}: array y", y, start + 1, lambda c: c + 1)
                     yield np.hstack([X, y])
         except (zipfile.BadZipFile, OSError, EOFError):
             raise DataError(f"{path}: not a readable .npz file (a damaged zip archive)") from None
@@ -211,7 +211,7 @@ def _parquet(root: Path, files: list[Path], label_column, limits: DataLimits) ->
                             raise DataError(f"{f}: row {start + r}, column {names[j]!r}: empty (null)")
                         cols.append(column.to_numpy(zero_copy_only=False).astype(np.float64))
                     rows = np.column_stack([cols[j] for j in stored])
-                    _finite(str(f), rows, start, lambda c: repr(names[stored[c]]))
+                    check_finite(str(f), rows, start, lambda c: repr(names[stored[c]]))
                     start += batch.num_rows
                     yield rows
             except pa.ArrowException:
@@ -232,187 +232,3 @@ def _label_index(where, names: list[str], label_column) -> int:
     if label_column not in names:
         raise DataError(f"label column {label_column!r} is not a column of {where}")
     return names.index(label_column)
-
-
-# ----------------------------------------------------------------------- csv
-
-
-class _HashingReader:
-    """A read-only file that hashes and counts the bytes pyarrow reads through it."""
-
-    def __init__(self, fh):
-        self.fh, self.digest, self.done, self.closed = fh, hashlib.sha256(), 0, False
-
-    def read(self, n=-1):
-        data = self.fh.read(n)
-        self.digest.update(data)
-        self.done += len(data)
-        return data
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return False
-
-    def tell(self):
-        return self.done
-
-    def close(self):
-        self.closed = True
-
-
-def _first_line(path: Path, limits: DataLimits) -> tuple[list[str], int, int]:
-    """The first non-blank line's cells, how many lines precede it, and its length."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    cap = (limits.max_features + 1) * MAX_CELL_CHARS
-    with open(path, "rb") as fh:
-        skipped = 0
-        while True:
-            line = fh.readline(cap)
-            if not line:
-                raise DataError(f"{path}: the file is empty")
-            if len(line) == cap and not line.endswith(b"\n"):
-                raise DataError(f"{path}: line {skipped + 1} is longer than {cap} characters")
-            if line.strip():
-                break
-            skipped += 1
-    try:
-        line.decode("utf-8")
-        opts = pacsv.ReadOptions(autogenerate_column_names=True)
-        width = pacsv.read_csv(io.BytesIO(line), read_options=opts).num_columns
-        types = {f"f{i}": pa.string() for i in range(width)}
-        table = pacsv.read_csv(io.BytesIO(line), read_options=opts,
-                               convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (line {skipped + 1})") from None
-    except pa.ArrowException:
-        raise DataError(f"{path}: line {skipped + 1} is not readable CSV") from None
-    return [table.column(i)[0].as_py() for i in range(width)], skipped, len(line)
-
-
-def _csv(path: Path, label_column, limits: DataLimits) -> RowSource:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    first, skipped, length = _first_line(path, limits)
-    block = max(CSV_BLOCK_BYTES, 16 * length)  # a row must fit in one block
-    if len(first) > limits.max_features + 1:
-        raise DataError(f"{path}: line {skipped + 1} has {len(first)} columns, more than the limit of "
-                        f"{limits.max_features + 1} (max_features + 1)")
-    layout = _layout(path, first, label_column)
-    width, label = layout.width, layout.label
-    names = [f"c{i}" for i in range(width)]
-    shown = (lambda j: repr(layout.header[j])) if layout.header else (lambda j: str(j + 1))
-    stored = [j for j in range(width) if j != label] + [label]  # source column of each stored one
-    skip = skipped + (1 if layout.header else 0)
-    size = path.stat().st_size
-    reader = _HashingReader(open(path, "rb"))
-
-    def batches():
-        ragged = []
-
-        def on_ragged(row):
-            ragged.append(row)
-            return "skip"
-
-        def csv_stream(cells, use_threads: bool, source):
-            return pacsv.open_csv(
-                source,
-                read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=block,
-                                               use_threads=use_threads),
-                parse_options=pacsv.ParseOptions(invalid_row_handler=on_ragged),
-                convert_options=pacsv.ConvertOptions(column_types={n: cells for n in names},
-                                                     null_values=[], strings_can_be_null=False,
-                                                     quoted_strings_can_be_null=False))
-
-        def checked(batch, start, convert):
-            if ragged:
-                raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
-            rows = np.empty((batch.num_rows, width))
-            for c, j in enumerate(stored):
-                rows[:, c] = convert(batch.column(j), j)
-            _finite(str(path), rows, start, lambda c: shown(stored[c]))
-            return rows
-
-        # Fast: pyarrow converts the cells. On the first cell it cannot (a bad
-        # value, or one float() reads but pyarrow does not, such as " 1.5"),
-        # the rows from there on are read again as text and converted
-        # the way float() does, which also finds the bad cell's row and column.
-        start = 1
-        try:
-            try:
-                for batch in csv_stream(pa.float64(), True, reader):
-                    rows = checked(batch, start, lambda column, j: column.to_numpy(zero_copy_only=False))
-                    start += len(rows)
-                    yield rows
-            except pa.ArrowInvalid:
-                while reader.read(8 << 20):  # the source's hash takes every byte
-                    pass
-                ragged.clear()
-                with open(path, "rb") as fh:
-                    done = 0
-                    for batch in csv_stream(pa.string(), True, fh):
-                        if done + batch.num_rows < start:  # yielded already
-                            done += batch.num_rows
-                            continue
-                        batch, done = batch.slice(start - 1 - done), start - 1
-                        rows = checked(batch, start,
-                                       lambda column, j: _numbers(column, path, start, shown(j)))
-                        start += len(rows)
-                        done += len(rows)
-                        yield rows
-            if ragged:
-                raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
-        except pa.ArrowInvalid as err:
-            if "UTF8" in str(err) or "utf8" in str(err).lower():
-                raise DataError(f"{path}: not UTF-8 text (after data row {start - 1})") from None
-            if "straddling" in str(err) or "block" in str(err):
-                raise DataError(f"{path}: a row after data row {start - 1} is longer than {block} bytes "
-                                f"(16 times the first row)") from None
-            raise DataError(f"{path}: not readable CSV after data row {start - 1}") from None
-        finally:
-            reader.fh.close()
-        if start == 1:
-            raise DataError(f"{path}: has a header but no data rows")
-
-    return RowSource(str(path), width - 1, 1, True, layout.header[label] if layout.header else label,
-                     size, batches(), reader.digest, lambda: reader.done)
-
-
-def _ragged_message(path: Path, width: int, skip: int, ragged, csv_stream) -> str:
-    """The first ragged row, found again single-threaded when pyarrow did not number it."""
-    import pyarrow as pa
-
-    row = min(ragged, key=lambda r: r.number if r.number is not None else sys.maxsize)
-    if row.number is None:
-        ragged.clear()
-        with open(path, "rb") as fh:
-            for _ in csv_stream(pa.string(), False, fh):
-                if ragged:
-                    break
-        row = ragged[0] if ragged else row
-    where = f"row {row.number - skip}" if row.number is not None else "a row"
-    return f"{path}: {where} has {row.actual_columns} columns, expected {width}"
-
-
-def _numbers(column, path: Path, first_row: int, shown: str) -> np.ndarray:
-    """A text column as float64, read as Python's float() reads it."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    try:
-        return pc.cast(pc.utf8_trim_whitespace(column), pa.float64()).to_numpy(zero_copy_only=False)
-    except pa.ArrowInvalid:
-        pass
-    values = column.to_pylist()
-    out = np.empty(len(values))
-    for i, text in enumerate(values):
-        try:
-            out[i] = float(text)
-        except ValueError:
-            what = "empty" if not text.strip() else "not a number"
-            raise DataError(f"{path}: row {first_row + i}, column {shown}: {what}") from None
-    return out

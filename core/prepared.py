@@ -347,8 +347,4 @@ class PreparedSet:
         self.verify_val(0, self.n_val)
 
 
-def prepare(*args, **kwargs) -> PreparedSet:
-    """Write a prepared data set; see core.prepare_writer.prepare."""
-    from core.prepare_writer import prepare as write
-
-    return write(*args, **kwargs)
+from core.prepare_writer import prepare  # noqa: E402  (the writer builds on the names above)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import core.prepare_sources
+import core.prepare_csv
 from core.data import load_arrays, split_rows
 from core.datafiles import DataError
 from core.prepared import PreparedSet, prepare
@@ -175,7 +175,7 @@ def test_builtin_and_synthetic_sets_match_the_loader(tmp_path):
 
 
 def test_a_csv_larger_than_the_read_block_streams_in_many_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(core.prepare_sources, "CSV_BLOCK_BYTES", 32 << 10)
+    monkeypatch.setattr(core.prepare_csv, "CSV_BLOCK_BYTES", 32 << 10)
     X, y = make_data(n=3000, f=8)
     csv = write_csv(tmp_path / "d.csv", X, y)
     seen = []
@@ -195,7 +195,7 @@ def test_cells_float_reads_but_pyarrow_does_not_are_read_as_float_reads_them(tmp
     """Padded numbers fail pyarrow's conversion; from that batch on the rows are
     read again as text: the result equals the plain file's, rows neither lost
     nor doubled, and the source hash is still of every byte."""
-    monkeypatch.setattr(core.prepare_sources, "CSV_BLOCK_BYTES", 8 << 10)
+    monkeypatch.setattr(core.prepare_csv, "CSV_BLOCK_BYTES", 8 << 10)
     X, y = make_data(n=1500, f=3)
     plain = write_csv(tmp_path / "plain.csv", X, y)
     lines = plain.read_text().splitlines()
@@ -422,3 +422,16 @@ def test_a_set_on_s3_reads_and_verifies_as_the_local_copy(prepared, s3_server, t
         fresh.verify_train(64, 70)
     with pytest.raises(DataError, match=r"s3://bucket/nothing/manifest.json: missing"):
         PreparedSet.open("s3://bucket/nothing")
+
+
+def test_blank_lines_and_lines_of_spaces_are_not_rows(tmp_path):
+    X, y = make_data(n=40, f=3)
+    plain = write_csv(tmp_path / "plain.csv", X, y)
+    lines = plain.read_text().splitlines()
+    lines[10:10] = ["", "   ", " , ,  "]
+    lines.insert(0, "")
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("\n".join(lines) + "\n")
+    a = prepare(plain, tmp_path / "a", seed=0, block_rows=8)
+    b = prepare(spaced, tmp_path / "b", seed=0, block_rows=8)
+    assert a.manifest["files"] == b.manifest["files"] and b.n_train + b.n_val == 40
