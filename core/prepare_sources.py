@@ -62,6 +62,10 @@ def open_source(source: str | DataSpec, label_column: str | int | None = None, s
     data held in memory, so they do not apply here; its feature, class and
     inflation limits do."""
     limits = replace(limits, max_rows=UNBOUNDED, max_data_bytes=UNBOUNDED)
+    tabular = not (isinstance(source, DataSpec) or source in BUILTIN_SOURCES or str(source).lower().endswith(".npz"))
+    if label_column is not None and not tabular:
+        raise DataError(f"{source if isinstance(source, str) else source.source}: a label column "
+                        f"({label_column!r}) applies to CSV and Parquet sources only")
     if isinstance(source, DataSpec) or source in BUILTIN_SOURCES:
         return _builtin(source if isinstance(source, DataSpec) else DataSpec(source=source), seed, limits)
     path = Path(source)

@@ -28,6 +28,7 @@ FORMAT = "shardprop-prepared/1"
 MANIFEST = "manifest.json"
 EVAL_BLOCK_ROWS = 4096
 HASH_CHUNK = 8 << 20
+MAPPED_BLOCKS = 64
 BLOCK_NAME = re.compile(r"(train|val)/([Xy])-(\d{5})\.npy")
 SPLITS = {"train": "train", "validation": "val"}
 
@@ -215,6 +216,7 @@ class PreparedSet:
         self.validation_split = float(manifest["split"]["validation_split"])
         self.block_rows = manifest["block_rows"]
         self.eval_block_rows = manifest["eval_block_rows"]
+        self._mapped: dict[str, np.ndarray] = {}  # the blocks mapped lately, newest last
 
     @classmethod
     def open(cls, location: str | Path, filesystem=None) -> "PreparedSet":
@@ -266,7 +268,20 @@ class PreparedSet:
     # -- reading
 
     def _load(self, split: str, kind: str, index: int) -> np.ndarray:
+        """A block, memory-mapped and checked against the manifest's shape; the
+        last MAPPED_BLOCKS stay mapped, so reading a shard's batches step by step
+        does not open its files again each step."""
         path = block_name(split, kind, index)
+        if path in self._mapped:
+            self._mapped[path] = self._mapped.pop(path)
+            return self._mapped[path]
+        array = self._map(split, kind, index, path)
+        self._mapped[path] = array
+        if len(self._mapped) > MAPPED_BLOCKS:
+            self._mapped.pop(next(iter(self._mapped)))
+        return array
+
+    def _map(self, split: str, kind: str, index: int, path: str) -> np.ndarray:
         where = self._storage.where(path)
         local = self._storage.local(path)
         rows = min(self.block_rows, self._rows(split) - index * self.block_rows)

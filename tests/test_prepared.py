@@ -267,6 +267,8 @@ def test_bad_parquet_and_npz_sources_are_refused(tmp_path):
         prepare(tmp_path / "obj.npz", tmp_path / "o")
     with pytest.raises(DataError, match="label column 'z' is not a column"):
         prepare(tmp_path / "n.parquet", tmp_path / "o", label_column="z")
+    with pytest.raises(DataError, match="applies to CSV and Parquet sources only"):
+        prepare(tmp_path / "i.npz", tmp_path / "o", label_column=0)
     assert not (tmp_path / "o").exists()
 
 
@@ -291,6 +293,8 @@ def prepared(tmp_path):
 def test_an_intact_set_verifies_and_reads(prepared):
     p, root = prepared
     p.verify()
+    first = p.read_train(0, 10)[0]
+    assert p.read_train(0, 10)[0].base is first.base  # the block stays mapped between reads
     again = PreparedSet.open(root)
     again.verify_train(0, again.n_train)
     assert again.manifest == p.manifest
