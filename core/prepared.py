@@ -362,4 +362,11 @@ class PreparedSet:
         self.verify_val(0, self.n_val)
 
 
-from core.prepare_writer import prepare  # noqa: E402  (the writer builds on the names above)
+def __getattr__(name: str):
+    # `prepare` lives in core/prepare_writer.py, which builds on this module's names;
+    # found here on first use, so either module may be imported first.
+    if name == "prepare":
+        from core.prepare_writer import prepare
+
+        return prepare
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

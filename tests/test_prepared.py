@@ -439,3 +439,17 @@ def test_blank_lines_and_lines_of_spaces_are_not_rows(tmp_path):
     a = prepare(plain, tmp_path / "a", seed=0, block_rows=8)
     b = prepare(spaced, tmp_path / "b", seed=0, block_rows=8)
     assert a.manifest["files"] == b.manifest["files"] and b.n_train + b.n_val == 40
+
+
+def test_where_rows_go_is_computed_in_chunks_without_changing_it(tmp_path, monkeypatch):
+    import core.prepare_writer
+
+    X, y = make_data(n=103, f=3)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    whole = prepare(tmp_path / "d.npz", tmp_path / "a", dtype="float64", block_rows=10, validation_split=0.3)
+    monkeypatch.setattr(core.prepare_writer, "INDEX_CHUNK", 7)
+    chunked = prepare(tmp_path / "d.npz", tmp_path / "b", dtype="float64", block_rows=10, validation_split=0.3)
+    assert whole.manifest["files"] == chunked.manifest["files"]
+    train, val = stored_order(103, 0.3, 0)
+    np.testing.assert_array_equal(chunked.read_train(0, chunked.n_train)[0], X[train])
+    np.testing.assert_array_equal(chunked.read_val(0, chunked.n_val)[0], X[val])
