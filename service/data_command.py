@@ -80,7 +80,7 @@ class ProgressBar:
             return
         if p.stage == "read":
             self.bar.update(p.bytes - self.bar.n)
-            self.bar.set_postfix(rows=p.rows, refresh=False)
+            self.bar.set_postfix_str(f"{p.rows:,} rows", refresh=False)
         elif p.stage == "write":
             self.bar.update(p.blocks - self.bar.n)
 
