@@ -104,6 +104,10 @@ def run(args) -> int:
         bar.close()
         print(f"shardprop data prepare: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a folder it may not write: nothing is left under OUT
+        bar.close()
+        print(f"shardprop data prepare: error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         bar.close()
         return 130

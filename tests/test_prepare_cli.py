@@ -89,3 +89,12 @@ def test_verify_passes_an_intact_set_and_names_an_altered_file(tmp_path):
     run = shardprop("data", "verify", "wine", cwd=tmp_path)
     assert run.returncode == 1
     assert "shardprop data verify: error: wine/train/X-00001.npy: altered" in run.stderr
+
+
+def test_a_folder_it_cannot_write_in_exits_1(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    run = shardprop("data", "prepare", "iris", tmp_path / "file.txt/out", cwd=tmp_path)
+    assert run.returncode == 1 and "no such folder to prepare into" in run.stderr
+    run = shardprop("data", "prepare", "iris", "/proc/shardprop-out", cwd=tmp_path)  # even root cannot
+    assert run.returncode == 1 and "cannot write /proc/shardprop-out" in run.stderr
+    assert "Traceback" not in run.stderr
