@@ -302,6 +302,8 @@ class Scheduler:
         self.metrics.observe_step(job_id, record)
 
     def _on_event(self, job_id: str, event: Event) -> None:
+        # every event goes on the job's timeline (GET /v1/jobs/{id}/events), with the step it names
+        self.store.record_event(job_id, event.kind, getattr(event, "step", None), event.detail())
         match event:
             case CheckpointWritten(step=step):
                 self.store.set_checkpoint(job_id, step)
