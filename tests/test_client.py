@@ -154,3 +154,53 @@ def test_typed_errors_carry_the_services_message(tmp_path):
                 client.events_page("nope")
             assert isinstance(err.value, ShardpropError)
             assert [e["detail"]["state"] for e in job.events(follow=False)] == ["queued"]
+
+
+def _run(job_id: str, hashes: dict[int, str], spec: dict | None = None) -> tuple[dict, list[dict]]:
+    status = {"id": job_id, "state": "succeeded", "spec": spec or {"a": {"b": 1, "c": [1, 2]}}, "provenance": {}}
+    return status, [{"step": s, **({"params_sha256": hashes[s]} if s in hashes else {})} for s in range(1, 11)]
+
+
+@pytest.mark.parametrize("hashes_a, hashes_b, verdict, identical", [
+    ({2: "x", 4: "y"}, {2: "x", 4: "y"}, "identical", True),
+    ({2: "x", 4: "y", 6: "z"}, {2: "x", 4: "q", 6: "r"}, "parameters first differ at step 4", False),
+    ({2: "x"}, {3: "x"}, "no common recorded step: job A recorded parameter hashes at steps 2, job B at steps 3",
+     False),
+    ({}, {}, "no common recorded step: job A recorded parameter hashes at no step, job B at no step", False),
+    ({2: "x", 4: "y"}, {2: "x"}, "parameters agree at the 1 steps both recorded, but the recorded steps differ: "
+                                 "only job A recorded steps 4", False),
+])
+def test_diff_says_identical_only_for_the_same_hashes_at_the_same_steps(hashes_a, hashes_b, verdict, identical):
+    from service.client.diff import compare
+
+    (a, history_a), (b, history_b) = _run("A", hashes_a), _run("B", hashes_b)
+    diff = compare(a, b, history_a, history_b)
+    assert diff.verdict() == verdict and diff.identical is identical
+    assert diff.lines()[-1] == verdict
+    if not identical:
+        assert not any("identical" in line for line in diff.lines())
+
+
+def test_spec_differences_are_dotted_paths_with_both_values():
+    from service.client.diff import MISSING, compare
+
+    a = {"name": "x", "training": {"optimizer": {"lr": 0.1, "name": "sgd"}, "steps": 5}, "model": {"hidden": [16]}}
+    b = {"name": "x", "training": {"optimizer": {"lr": 0.3, "name": "sgd", "momentum": 0.9}, "steps": 5},
+         "model": {"hidden": [16, 8]}}
+    diff = compare(_run("A", {}, a)[0], _run("B", {}, b)[0], [], [])
+    assert diff.spec == [("model.hidden", [16], [16, 8]), ("training.optimizer.lr", 0.1, 0.3),
+                         ("training.optimizer.momentum", MISSING, 0.9)]
+
+
+def test_a_spec_is_a_mapping_a_path_or_yaml_text(tmp_path):
+    from service.client import SpecFileError, load_spec
+
+    (tmp_path / "a.yaml").write_text("name: a\nseed: 3\n")
+    (tmp_path / "b.json").write_text('{"name": "b"}')
+    assert load_spec(tmp_path / "a.yaml") == load_spec(str(tmp_path / "a.yaml")) == {"name": "a", "seed": 3}
+    assert load_spec(str(tmp_path / "b.json")) == {"name": "b"} == load_spec({"name": "b"})
+    assert load_spec("name: c\nseed: 1") == {"name": "c", "seed": 1}
+    for bad, words in ((str(tmp_path / "missing.yaml"), "cannot read"), ("- 1\n- 2", "a mapping of fields, got list"),
+                       ("name: [", "not valid YAML")):
+        with pytest.raises(SpecFileError, match=words):
+            load_spec(bad)

@@ -69,7 +69,7 @@ def compare(a: dict, b: dict, history_a: list[dict], history_b: list[dict]) -> R
              for j in (a, b) if j["state"] != "succeeded"]
     return RunDiff(
         a["id"], b["id"], differences(a.get("spec") or {}, b.get("spec") or {}),
-        [d for d in differences(a.get("provenance") or {}, b.get("provenance") or {})],
+        differences(a.get("provenance") or {}, b.get("provenance") or {}),
         common, tuple(sorted(hashes_a.keys() - hashes_b.keys())), tuple(sorted(hashes_b.keys() - hashes_a.keys())),
         differ[0] if differ else None, (a["state"], b["state"]), notes)
 
