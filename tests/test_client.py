@@ -140,6 +140,12 @@ def test_typed_errors_carry_the_services_message(tmp_path):
             anonymous.list()
         assert err.value.status == 401 and "bearer token" in err.value.message
         with Client(url, token="t" * 24) as client:
+            queued = client.submit(small())
+        with Client(url, token="wrong" * 5) as stranger, pytest.raises(Unauthorized):
+            list(stranger.job(queued.id).events())  # the timeline is guarded like every read
+        with Client(url, token="wrong" * 5) as stranger, pytest.raises(Unauthorized):
+            stranger.events_page(queued.id)
+        with Client(url, token="t" * 24) as client:
             with pytest.raises(NotFound) as err:
                 client.job("nope")
             assert err.value.message == "no job with id 'nope'" and str(err.value) == "404: no job with id 'nope'"
