@@ -262,9 +262,10 @@ class Scheduler:
                 except IllegalTransition:
                     return  # cancelled meanwhile
             self._active[job_id] = active
-        active.thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
-                                         name=f"shardprop-job-{job_id}", daemon=True)
-        active.thread.start()
+        thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
+                                  name=f"shardprop-job-{job_id}", daemon=True)
+        thread.start()
+        active.thread = thread  # only once started: a cancel that sees it may join it
 
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
