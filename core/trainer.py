@@ -24,6 +24,7 @@ from core.data import Dataset, load_dataset
 from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.optim import Optimizer, learning_rate, make_optimizer
+from core.provenance import params_sha256, records_params
 from core.shards import Shard, make_shards
 from core.spec import JobSpec, load_spec
 
@@ -215,6 +216,8 @@ def train(
             record = step_record(spec, step, loss, count, time.perf_counter() - began, applied)
             if should_evaluate(spec, step):
                 record["val_loss"], record["val_accuracy"] = evaluate(net, data.dataset.X_val, data.dataset.y_val)
+            if records_params(spec, step):
+                record["params_sha256"] = params_sha256(net.params)
             history.append(record)
             if on_step is not None:
                 on_step(record)

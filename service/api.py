@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.bodies import REFUSED, BodyLimit
 from service.guard import BrowserGuard
 from service.metrics import ServiceMetrics
+from service.provenance import code_version
 from service.routes import dashboard, health, jobs, models, prometheus
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -41,6 +42,7 @@ def create_app(settings: Settings, scheduler: Scheduler | None = None, *,
     """The service. Owns (starts and stops) the scheduler it creates or is given.
     It runs only as the store's one owner: with `owner`, the lock `serve` took
     first; without, its lifespan takes it (StoreOwned if another holds it)."""
+    code_version()  # found once, at start (a git call): every job submitted records it
     if scheduler is None:
         store = store or Store(settings.store_path)
         scheduler = Scheduler(settings, store, metrics if metrics is not None else ServiceMetrics())

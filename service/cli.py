@@ -4,13 +4,15 @@
                     [--limit NAME=VALUE ...]
                     [--allowed-host NAME ...]
     shardprop submit JOB.yaml [--follow]
-    shardprop list | status ID | metrics ID | cancel ID | resize ID N
+    shardprop list | status ID | metrics ID | events ID [--follow] | cancel ID | resize ID N
     shardprop model ID -o FILE | predict ID ROWS.csv
+    shardprop diff JOB_A JOB_B         (specs, and parameters at every recorded step; exit 0 if identical)
     shardprop train JOB.yaml ...       (without a service)
     shardprop data prepare SOURCE OUT  (a data set prepared for sharded training)
 
-`--server URL` picks the service (default http://127.0.0.1:8470); the token
-comes from SHARDPROP_TOKEN.
+`--server URL` picks the service (default $SHARDPROP_SERVER, else
+http://127.0.0.1:8470); the token comes from SHARDPROP_TOKEN. Every client
+command goes through service.client.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 from pathlib import Path
 
 from service import data_command, train_command
-from service.client import DEFAULT_SERVER, Client, ClientError
+from service.client import DEFAULT_SERVER, Client, Job, JobEnded, ShardpropError
+from service.client.specs import load_spec_file
 from service.states import STATES, TERMINAL
 
 
@@ -78,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict for the rows of a CSV file (numbers only; a header is skipped)")
     p.add_argument("id")
     p.add_argument("rows")
+    p = sub.add_parser("events", help="a job's timeline (state changes, failures, recoveries), one JSON per line")
+    p.add_argument("id")
+    p.add_argument("--since", type=int, default=0, help="only events numbered after this one")
+    p.add_argument("--follow", action="store_true", help="go on until the job has ended")
+    p = sub.add_parser("diff", help="compare two jobs: spec differences, then `identical` or the first step "
+                                    "whose parameters differ (exit 0 identical, 1 not, 2 error)")
+    p.add_argument("job_a")
+    p.add_argument("job_b")
     return parser
 
 
@@ -92,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         with Client(args.server) as client:
             return COMMANDS[args.command](client, args)
-    except (ClientError, CommandError) as err:
+    except (ShardpropError, CommandError) as err:
         print(f"shardprop {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if args.command == "diff" else 1
     except KeyboardInterrupt:
         return 130
 
@@ -197,68 +208,53 @@ def _check_reachable(address: str) -> None:
 # ---------------------------------------------------------------- client commands
 
 
-def _load_spec_file(path: str) -> dict:
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise CommandError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        raw = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:
-        raise CommandError(f"{path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise CommandError(f"{path}: a job spec is a mapping of fields, got {type(raw).__name__}")
-    return raw
-
-
 def cmd_submit(client: Client, args) -> int:
-    job = client.submit(_load_spec_file(args.job), idempotency_key=args.idempotency_key)
-    print(job["id"])
+    job = client.submit(load_spec_file(args.job), idempotency_key=args.idempotency_key)
+    print(job.id)
     if not args.follow:
         return 0
-    return follow(client, job["id"], job.get("steps") or 0)
+    return follow(job, job.info.get("steps") or 0)
 
 
-def follow(client: Client, job_id: str, total: int, interval: float = 0.25) -> int:
+def follow(job: Job, total: int, interval: float = 0.25) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, desc=job_id)
-    last_step, last_val, waiting = 0, None, None
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, desc=job.id)
+    seen = {"step": 0, "val": None, "waiting": None}
+
+    def progress(status: dict) -> None:
+        if status.get("waiting_for") != seen["waiting"]:
+            seen["waiting"] = status.get("waiting_for")
+            if seen["waiting"]:
+                bar.write(f"queued: {seen['waiting']}", file=sys.stderr)
+        for m in job.metrics(since=seen["step"]):
+            seen["step"] = max(seen["step"], m["step"])
+            if m.get("val_accuracy") is not None:
+                seen["val"] = m["val_accuracy"]
+            shown = {"loss": f"{m['loss']:.4f}" if m.get("loss") is not None else "nan"}
+            if m.get("samples_per_s"):
+                shown["samples/s"] = f"{m['samples_per_s']:.0f}"
+            if seen["val"] is not None:
+                shown["val_acc"] = f"{seen['val']:.3f}"
+            bar.set_postfix(shown, refresh=False)
+        bar.update(seen["step"] - bar.n)
+
     try:
-        while True:
-            job = client.status(job_id)
-            if job.get("waiting_for") != waiting:
-                waiting = job.get("waiting_for")
-                if waiting:
-                    bar.write(f"queued: {waiting}", file=sys.stderr)
-            for m in client.metrics(job_id, since=last_step):
-                last_step = max(last_step, m["step"])
-                if m.get("val_accuracy") is not None:
-                    last_val = m["val_accuracy"]
-                shown = {"loss": f"{m['loss']:.4f}" if m.get("loss") is not None else "nan"}
-                if m.get("samples_per_s"):
-                    shown["samples/s"] = f"{m['samples_per_s']:.0f}"
-                if last_val is not None:
-                    shown["val_acc"] = f"{last_val:.3f}"
-                bar.set_postfix(shown, refresh=False)
-            bar.update(last_step - bar.n)
-            if job["state"] in TERMINAL:
-                break
-            time.sleep(interval)
+        final = job.wait(on_progress=progress, interval=interval)
+    except JobEnded as err:
+        final = err.job
     except KeyboardInterrupt:
         bar.close()
-        print(f"stopped following; job {job_id} goes on (shardprop status {job_id}, "
-              f"shardprop cancel {job_id})", file=sys.stderr)
+        print(f"stopped following; job {job.id} goes on (shardprop status {job.id}, "
+              f"shardprop cancel {job.id})", file=sys.stderr)
         return 130
     finally:
         bar.close()
-    line = f"job {job_id} {job['state']} at step {job['step']}/{job['steps']}"
-    if job.get("error"):
-        line += f": {job['error']}"
+    line = f"job {job.id} {final['state']} at step {final['step']}/{final['steps']}"
+    if final.get("error"):
+        line += f": {final['error']}"
     print(line)
-    return 0 if job["state"] == "succeeded" else 1
+    return 0 if final["state"] == "succeeded" else 1
 
 
 def cmd_list(client: Client, args) -> int:
@@ -303,15 +299,11 @@ def cmd_resize(client: Client, args) -> int:
 
 
 def cmd_model(client: Client, args) -> int:
-    data = client.model(args.id)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".part")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        out = Job(client, args.id).model(args.output)
     except OSError as err:
-        raise CommandError(f"cannot write {out}: {err.strerror}") from None
-    print(f"wrote {out} ({len(data)} bytes)")
+        raise CommandError(f"cannot write {args.output}: {err.strerror}") from None
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
     return 0
 
 
@@ -347,8 +339,21 @@ def cmd_predict(client: Client, args) -> int:
     return 0
 
 
+def cmd_events(client: Client, args) -> int:
+    for event in Job(client, args.id).events(since=args.since, follow=args.follow):
+        print(json.dumps(event), flush=True)
+    return 0
+
+
+def cmd_diff(client: Client, args) -> int:
+    diff = client.diff(args.job_a, args.job_b)
+    print("\n".join(diff.lines()))
+    return 0 if diff.identical else 1
+
+
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "metrics": cmd_metrics,
-            "cancel": cmd_cancel, "resize": cmd_resize, "model": cmd_model, "predict": cmd_predict}
+            "events": cmd_events, "cancel": cmd_cancel, "resize": cmd_resize, "model": cmd_model,
+            "predict": cmd_predict, "diff": cmd_diff}
 
 
 if __name__ == "__main__":

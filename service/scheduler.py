@@ -262,9 +262,10 @@ class Scheduler:
                 except IllegalTransition:
                     return  # cancelled meanwhile
             self._active[job_id] = active
-        active.thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
-                                         name=f"shardprop-job-{job_id}", daemon=True)
-        active.thread.start()
+        thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
+                                  name=f"shardprop-job-{job_id}", daemon=True)
+        thread.start()
+        active.thread = thread  # only once started: a cancel that sees it may join it
 
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
@@ -302,6 +303,8 @@ class Scheduler:
         self.metrics.observe_step(job_id, record)
 
     def _on_event(self, job_id: str, event: Event) -> None:
+        # every event goes on the job's timeline (GET /v1/jobs/{id}/events), with the step it names
+        self.store.record_event(job_id, event.kind, getattr(event, "step", None), event.detail())
         match event:
             case CheckpointWritten(step=step):
                 self.store.set_checkpoint(job_id, step)

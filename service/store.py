@@ -1,5 +1,5 @@
-"""The job store: one SQLite file (WAL) holding jobs, their state transitions
-and their per-step metrics history.
+"""The job store: one SQLite file (WAL) holding jobs, their state transitions,
+their per-step metrics history and their event timeline.
 
 Each method is one transaction: writes on the one writer connection, reads on
 read-only connections of their own (`service/store_db.py`), so a read never
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     body_hash TEXT,
     workers INTEGER NOT NULL,
-    resumes INTEGER NOT NULL DEFAULT 0
+    resumes INTEGER NOT NULL DEFAULT 0,
+    provenance TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -76,7 +77,26 @@ CREATE TABLE IF NOT EXISTS metrics (
 JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error", "created_at",
               "updated_at", "workers", "resumes")
 # columns added since the first schema, with their definitions, for stores made before them
-ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0"}, "metrics": {"record": "TEXT"}}
+ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0", "provenance": "TEXT"},
+                 "metrics": {"record": "TEXT"}}
+# A job's timeline: its state transitions and the coordinator's typed events,
+# numbered 1, 2, ... per job. A number is given inside the transaction that
+# writes the event (one writer, in order), so it never repeats or goes back,
+# also across a killed service: what a reader saw was committed.
+EVENTS_TABLE = """
+CREATE TABLE events (
+    job TEXT NOT NULL REFERENCES jobs(id),
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER,
+    time REAL NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (job, seq)
+)"""
+INSERT_EVENT = ("INSERT INTO events (job, seq, kind, step, time, detail) VALUES "
+                "(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job = ?1), ?2, ?3, ?4, ?5)")
+# step records' fields kept beyond the columns, when a record has them (contract: docs/service.md)
+RECORD_EXTRAS = ("params_sha256",)
 METRIC_COLUMNS = ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr", "phases", "at")
 UPSERT_METRIC = (
     f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
@@ -132,6 +152,9 @@ class Store:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
                     if (table, name) == ("metrics", "record"):
                         _fill_records(db)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is None:
+            db.execute(EVENTS_TABLE)
+            _fill_events(db)
 
     def close(self) -> None:
         self.flush()
@@ -159,14 +182,16 @@ class Store:
         job = {k: row[k] for k in JOB_FIELDS}
         if spec:
             job["spec"] = json.loads(row["spec"])
+            job["provenance"] = json.loads(row["provenance"]) if row["provenance"] else None
         return job
 
     # ------------------------------------------------------------ jobs
 
     def create_job(self, spec: dict, *, idempotency_key: str | None = None,
-                   body_hash: str | None = None) -> tuple[dict, bool]:
+                   body_hash: str | None = None, provenance: dict | None = None) -> tuple[dict, bool]:
         """Store a new queued job; returns (job, created). With a key already
-        used: the same body gives the existing job, another raises."""
+        used: the same body gives the existing job, another raises.
+        `provenance`: what the job was made from (service/provenance.py)."""
         job_id = uuid.uuid4().hex[:12]
         at = now()
         training = spec.get("training", {})
@@ -181,11 +206,14 @@ class Store:
                     return self._job(row, spec=True), False
             db.execute(
                 "INSERT INTO jobs (id, name, spec, state, step, steps, error, created_at, updated_at, "
-                "idempotency_key, body_hash, workers) VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?)",
+                "idempotency_key, body_hash, workers, provenance) "
+                "VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?, ?)",
                 (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(training.get("steps", 0)),
-                 at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1))))
+                 at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1)),
+                 json.dumps(provenance, sort_keys=True) if provenance is not None else None))
             db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, NULL, "
                        "'queued', ?, 'submitted')", (job_id, at))
+            db.execute(INSERT_EVENT, _state_event(job_id, None, "queued", "submitted", 0))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._job(row, spec=True), True
 
@@ -242,6 +270,8 @@ class Store:
                        (to, at, error, job_id))
             db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)",
                        (job_id, before, to, at, reason))
+            step = db.execute("SELECT step FROM jobs WHERE id = ?", (job_id,)).fetchone()["step"]
+            db.execute(INSERT_EVENT, _state_event(job_id, before, to, reason, step))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def set_workers(self, job_id: str, workers: int) -> None:
@@ -297,11 +327,29 @@ class Store:
                               (job_id, since, -1 if limit is None else limit))
             return [r[0] for r in rows]
 
+    # ------------------------------------------------------------ events
+
+    def record_event(self, job_id: str, kind: str, step: int | None, detail: dict) -> None:
+        """Append a coordinator's event to the job's timeline (a training
+        thread's write: never refused for a lock, see `_write_soon`)."""
+        self._write_soon((INSERT_EVENT, (job_id, kind, _integer(step), time.time(),
+                                         _RECORD.encode(_json_safe(detail)))))
+
+    def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[dict]:
+        """The job's events numbered after `since`, in order; at most `limit`."""
+        with self._read() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise NotFound(f"no job with id {job_id!r}")
+            rows = db.execute("SELECT seq, kind, step, time, detail FROM events WHERE job = ? AND seq > ? "
+                              "ORDER BY seq LIMIT ?", (job_id, since, -1 if limit is None else limit))
+            return [{"seq": r["seq"], "kind": r["kind"], "step": r["step"], "time": r["time"],
+                     "detail": json.loads(r["detail"])} for r in rows]
+
     def snapshot(self) -> tuple:
         """Everything stored, for tests that check nothing changed."""
         with self._read() as db:
             return tuple(tuple(tuple(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY 1, 2"))
-                         for t in ("jobs", "transitions", "metrics"))
+                         for t in ("jobs", "transitions", "metrics", "events"))
 
 
 def _metric_row(job_id: str, record: dict) -> tuple:
@@ -312,8 +360,39 @@ def _metric_row(job_id: str, record: dict) -> tuple:
               _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
               _integer(record.get("workers")), _finite(record.get("lr")),
               {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
+    shown = dict(zip(METRIC_COLUMNS, values))
+    shown.update((k, record[k]) for k in RECORD_EXTRAS if record.get(k) is not None)
     return (job_id, *values[:7], _RECORD.encode(values[7]) if values[7] is not None else None, values[8],
-            _RECORD.encode(dict(zip(METRIC_COLUMNS, values))))
+            _RECORD.encode(shown))
+
+
+def _json_safe(value):
+    """Non-finite floats as null, tuples as lists: what JSON can hold."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _state_event(job_id: str, before: str | None, to: str, reason: str, step: int | None) -> tuple:
+    detail = {"state": to, "from": before, "reason": reason}
+    return (job_id, "state", step, time.time(), _RECORD.encode(detail))
+
+
+def _fill_events(db: sqlite3.Connection) -> None:
+    """The timeline of every job of a store made before events were kept:
+    its state transitions (the coordinator's events of then are gone)."""
+    rows = db.execute("SELECT job, from_state, to_state, at, reason FROM transitions ORDER BY id").fetchall()
+    for r in rows:
+        try:
+            at = datetime.fromisoformat(r["at"]).timestamp()
+        except (TypeError, ValueError):
+            at = 0.0
+        job, kind, step, _, detail = _state_event(r["job"], r["from_state"], r["to_state"], r["reason"] or "", None)
+        db.execute(INSERT_EVENT, (job, kind, step, at, detail))
 
 
 def _fill_records(db: sqlite3.Connection) -> None:

@@ -148,3 +148,54 @@ def test_a_store_made_before_records_were_kept_as_json_gets_them(tmp_path):
     store.record_metric("j1", {"step": 3, "loss": 0.125, "phases": {"compute": float("inf")}})
     assert store.metrics("j1", since=2)[0]["phases"] == {"compute": None}
     store.close()
+
+
+def test_events_are_numbered_per_job_in_order_with_state_changes_among_them(tmp_path):
+    """The timeline written here by hand: a job's state changes and
+    coordinator events interleaved, two jobs numbered apart; reopened, the
+    numbers go on from where they were."""
+    store = Store(tmp_path / "s.db")
+    a, b = store.create_job(SPEC)[0]["id"], store.create_job(SPEC)[0]["id"]
+    store.transition(a, "running", "started")
+    store.record_metric(a, {"step": 4, "loss": 0.5})
+    store.record_event(a, "recovery", 4, {"step": 4, "steps_replayed": 2, "seconds": float("nan")})
+    store.record_event(b, "resize", 1, {"from": 2, "to": (3,)})
+    store.close()
+    store = Store(tmp_path / "s.db")
+    store.transition(a, "succeeded", "finished")
+    got = store.events(a)
+    assert [(e["seq"], e["kind"], e["step"]) for e in got] == [
+        (1, "state", 0), (2, "state", 0), (3, "recovery", 4), (4, "state", 4)]
+    assert [e["detail"] for e in got] == [
+        {"state": "queued", "from": None, "reason": "submitted"},
+        {"state": "running", "from": "queued", "reason": "started"},
+        {"step": 4, "steps_replayed": 2, "seconds": None},
+        {"state": "succeeded", "from": "running", "reason": "finished"}]
+    assert got == sorted(got, key=lambda e: e["time"])
+    assert [e["seq"] for e in store.events(a, since=2, limit=1)] == [3]
+    assert [(e["seq"], e["detail"]) for e in store.events(b)][1:] == [(2, {"from": 2, "to": [3]})]
+    with pytest.raises(NotFound):
+        store.events("nope")
+    store.close()
+
+
+def test_a_store_made_before_events_were_kept_gets_the_table_and_its_transitions_as_events(tmp_path):
+    import sqlite3
+
+    _older_store(tmp_path / "old.db", ",\n    provenance TEXT",
+                 "INSERT INTO transitions (job, from_state, to_state, at, reason) "
+                 "VALUES ('j1', NULL, 'queued', '2026-01-02T03:04:05.000000+00:00', 'submitted')",
+                 "INSERT INTO transitions (job, from_state, to_state, at, reason) "
+                 "VALUES ('j1', 'queued', 'running', '2026-01-02T03:04:06.500000+00:00', 'started')")
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is None
+    store = Store(tmp_path / "old.db")
+    assert store.get_job("j1", details=True)["provenance"] is None
+    events = store.events("j1")
+    assert [(e["seq"], e["detail"]["state"]) for e in events] == [(1, "queued"), (2, "running")]
+    assert events[1]["time"] - events[0]["time"] == 1.5
+    store.record_event("j1", "checkpoint", 5, {"step": 5, "path": "p"})
+    store.close()
+    store = Store(tmp_path / "old.db")  # opened again: not filled twice
+    assert [e["seq"] for e in store.events("j1")] == [1, 2, 3]
+    store.close()

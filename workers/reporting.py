@@ -19,6 +19,7 @@ import numpy as np
 
 from core.data import Dataset
 from core.mlp import MLP
+from core.provenance import params_sha256, records_params
 from core.spec import JobSpec
 from core.trainer import NonFiniteGuard, evaluate, should_evaluate, step_record
 from workers.checkpoint import Checkpoint, JobCheckpoints
@@ -93,6 +94,9 @@ class Reporter:
                                                                   self.validation.y_val)
         if o.state is not None:
             self.checkpoint(o.step + 1, o.state, o.counters)
+        after = o.params if o.params is not None else o.state.params if o.state is not None else None
+        if after is not None and records_params(self.spec, o.step):
+            record["params_sha256"] = params_sha256(after)  # comparable with the reference trainer's
         self.reported = o.step + 1
         self.on_step(record)
 

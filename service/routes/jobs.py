@@ -1,8 +1,7 @@
-"""/v1/jobs: submit, list, read, follow (per-step metrics), cancel and resize jobs."""
+"""/v1/jobs: submit, list, read, follow (per-step metrics, events), cancel and resize jobs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Annotated
@@ -11,10 +10,12 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from core.spec import JobSpec, SpecError, parse_spec
+from core.data import DataError
+from core.spec import SpecError, parse_spec
 from service.admission import Refused, admit
 from service.bodies import OptionalJSON, RawJSON, Resize, documented, validated
 from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
+from service.provenance import job_provenance, spec_sha256
 from service.scheduler import NotRunning
 from service.settings import Settings
 from service.states import STATES
@@ -22,6 +23,7 @@ from service.store import IdempotencyConflict, IllegalTransition, NotFound, Stor
 
 MAX_IDEMPOTENCY_KEY = 200
 METRICS_PAGE, MAX_METRICS_PAGE = 1000, 10_000  # records per GET .../metrics, by default and at most
+EVENTS_PAGE, MAX_EVENTS_PAGE = 1000, 10_000  # events per GET .../events, by default and at most
 CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
@@ -63,16 +65,14 @@ def _create(settings: Settings, store: Store, raw, idempotency_key: str | None) 
     except Refused as err:
         raise HTTPException(422, str(err))
     try:
+        provenance = job_provenance(spec, settings.data_roots)  # the data's bytes read once, in chunks
+    except (DataError, OSError) as err:  # gone or unreadable since admission read it
+        raise HTTPException(422, f"data.source {spec.data.source!r}: {getattr(err, 'strerror', None) or err}")
+    try:
         return store.create_job(spec.model_dump(mode="json"), idempotency_key=idempotency_key,
-                                body_hash=_canonical_hash(spec) if idempotency_key else None)
+                                body_hash=spec_sha256(spec) if idempotency_key else None, provenance=provenance)
     except IdempotencyConflict as err:
         raise HTTPException(409, str(err))
-
-
-def _canonical_hash(spec: JobSpec) -> str:
-    """The same for the same job, however its JSON was written: key order,
-    spacing, `1` or `1.0`, defaults left out or spelled out."""
-    return hashlib.sha256(spec.to_json().encode()).hexdigest()
 
 
 @router.get("", summary="List jobs, newest first")
@@ -106,6 +106,24 @@ def metrics(job_id: str, store: StoreDep,
     body = (f'{{"job_id":{json.dumps(job_id)},"metrics":[{",".join(page)}],"next_since":{next_since},'
             f'"more":{json.dumps(len(records) > limit)}}}')
     return Response(body, media_type="application/json")
+
+
+@router.get("/{job_id}/events", summary="The job's timeline (state changes, failures, recoveries), a page at a time")
+def events(job_id: str, store: StoreDep,
+           since: Annotated[int, Query(ge=0, description="only events numbered after this one")] = 0,
+           limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE, description="at most this many events")]
+           = EVENTS_PAGE):
+    """Events are numbered 1, 2, ... per job, and a number is never given
+    twice (also across a restart of the service): a reader that asks again
+    from the last `seq` it holds misses nothing and sees nothing twice.
+    `next_since` is the `since` to ask for next; `more`: more are stored."""
+    try:
+        found = store.events(job_id, since, limit + 1)
+    except NotFound as err:
+        raise HTTPException(404, str(err))
+    page = found[:limit]
+    return {"job_id": job_id, "events": page, "next_since": page[-1]["seq"] if page else since,
+            "more": len(found) > limit}
 
 
 @router.post("/{job_id}/cancel",

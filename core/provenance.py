@@ -1,0 +1,71 @@
+"""Fingerprints of what a run is made of: its data and its parameters.
+
+`params_sha256` is the SHA-256 of the flat parameter vector's bytes (its
+dtype and length are fixed by the spec), so two runs whose hashes agree at a
+step hold the same bits there. Both trainers record it at every evaluation
+and checkpoint step (`records_params`), which makes their histories
+comparable step by step (`shardprop diff`).
+
+`data_sha256` is the SHA-256 of the data a spec names: a file's bytes, read
+in bounded chunks; for a built-in set, of its arrays as loaded (float64 X,
+int64 y); for a synthetic set, of the data spec itself, since the data is a
+pure function of it. A prepared data set (a folder) is fingerprinted by its
+manifest, which holds the SHA-256 of every file; a new kind of data gets a
+case here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from core.data import _builtin, resolve_data_path
+from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec
+
+CHUNK = 1 << 20
+MANIFEST = "manifest.json"  # of a prepared data set (the prepared-format contract)
+
+
+def params_sha256(params: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()
+
+
+def records_params(spec: JobSpec, step: int) -> bool:
+    """Whether the record of update `step` (0-based) carries params_sha256:
+    evaluation steps (every eval_every, and the last) and checkpoint steps
+    (every checkpoint_every, before the last)."""
+    t, done = spec.training, step + 1
+    evaluated = done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
+    return evaluated or (t.checkpoint_every > 0 and done % t.checkpoint_every == 0 and done < t.steps)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_sha256(spec: DataSpec, data_roots: list[str | Path] | None = None) -> str:
+    """The fingerprint of the data `spec` names (see the module's text)."""
+    if spec.source == "synthetic":
+        return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    if spec.source in BUILTIN_SOURCES:
+        return _builtin_sha256(spec.source)
+    path = resolve_data_path(spec.source, data_roots)
+    if path.is_dir():
+        return file_sha256(path / MANIFEST)
+    return file_sha256(path)
+
+
+@lru_cache(maxsize=None)
+def _builtin_sha256(name: str) -> str:
+    X, y = _builtin(name)
+    digest = hashlib.sha256(np.ascontiguousarray(X).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    return digest.hexdigest()
