@@ -77,6 +77,7 @@ JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error"
               "updated_at", "workers", "resumes")
 # columns added since the first schema, with their definitions, for stores made before them
 ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0"}, "metrics": {"record": "TEXT"}}
+LAST_METRICS = ("loss", "val_loss", "val_accuracy")  # what the job list shows of each job's history
 METRIC_COLUMNS = ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr", "phases", "at")
 UPSERT_METRIC = (
     f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
@@ -204,15 +205,24 @@ class Store:
                 job["latest_metrics"] = json.loads(m[0]) if m is not None else None
             return job
 
-    def list_jobs(self, state: str | None = None, limit: int = 1000) -> list[dict]:
-        """Newest first."""
+    def list_jobs(self, state: str | None = None, limit: int = 1000, name: str | None = None) -> list[dict]:
+        """Newest first; `name`: only jobs whose name contains it (any case).
+        Each job carries `last_metrics`: its last recorded loss, val_loss and
+        val_accuracy (each from the last step that has it; null if none)."""
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if name:
+            where.append("instr(lower(name), lower(?)) > 0")  # names are ASCII (core.spec.NAME)
+            params.append(name)
+        last = ", ".join(f"(SELECT {c} FROM metrics WHERE job = jobs.id AND {c} IS NOT NULL "
+                         f"ORDER BY step DESC LIMIT 1) AS last_{c}" for c in LAST_METRICS)
+        sql = (f"SELECT *, {last} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+               "ORDER BY seq DESC LIMIT ?")
         with self._read() as db:
-            if state is None:
-                rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
-            else:
-                rows = db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
-                                        (state, limit))
-            return [self._job(r) for r in rows]
+            return [{**self._job(r), "last_metrics": {c: r[f"last_{c}"] for c in LAST_METRICS}}
+                    for r in db.execute(sql, (*params, limit))]
 
     def jobs_in_state(self, state: str, limit: int = -1) -> list[dict]:
         """Oldest first (FIFO), with specs; the first `limit` (-1: all)."""

@@ -148,3 +148,28 @@ def test_a_store_made_before_records_were_kept_as_json_gets_them(tmp_path):
     store.record_metric("j1", {"step": 3, "loss": 0.125, "phases": {"compute": float("inf")}})
     assert store.metrics("j1", since=2)[0]["phases"] == {"compute": None}
     store.close()
+
+
+def test_the_list_filters_by_name_and_carries_each_jobs_last_metrics(store):
+    """`last_metrics` is, per column, the value of the last step that has one
+    (validation is every few steps): here written by hand, step by step."""
+    a = store.create_job({**SPEC, "name": "lr-Small"})[0]["id"]
+    b = store.create_job({**SPEC, "name": "lr-big"})[0]["id"]
+    c = store.create_job({**SPEC, "name": "other"})[0]["id"]
+    for step in range(1, 8):
+        evaluated = step % 3 == 0
+        store.record_metric(a, {"step": step, "loss": 1.0 / step, "val_loss": 2.0 / step if evaluated else None,
+                                "val_accuracy": step / 10 if evaluated else None})
+    store.record_metric(b, {"step": 1, "loss": float("nan")})  # stored as null
+    store.transition(a, "running")
+    store.transition(a, "succeeded")
+    jobs = {j["id"]: j for j in store.list_jobs()}
+    assert jobs[a]["last_metrics"] == {"loss": 1.0 / 7, "val_loss": 2.0 / 6, "val_accuracy": 0.6}
+    assert jobs[b]["last_metrics"] == jobs[c]["last_metrics"] == {"loss": None, "val_loss": None,
+                                                                  "val_accuracy": None}
+    assert [j["id"] for j in store.list_jobs(name="LR-")] == [b, a]
+    assert [j["id"] for j in store.list_jobs(name="small")] == [a]
+    assert [j["id"] for j in store.list_jobs(name="%")] == []  # a literal, not a pattern
+    assert [j["id"] for j in store.list_jobs("succeeded", name="lr")] == [a]
+    assert [j["id"] for j in store.list_jobs("queued", name="lr")] == [b]
+    assert [j["id"] for j in store.list_jobs(limit=2)] == [c, b]
