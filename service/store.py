@@ -83,6 +83,9 @@ UPSERT_METRIC = (
     f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
     "ON CONFLICT(job, step) DO UPDATE SET "
     + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
+# what a step record holds besides the columns, kept in its JSON (docs/service.md, the step record)
+EXTRA_FIELDS = ("gradient_norm", "update_ratio", "worker_compute_s", "worker_wait_s", "finished_at",
+                "params_sha256")
 _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
 _RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
 
@@ -322,8 +325,21 @@ def _metric_row(job_id: str, record: dict) -> tuple:
               _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
               _integer(record.get("workers")), _finite(record.get("lr")),
               {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
+    shown = dict(zip(METRIC_COLUMNS, values))
+    shown.update({k: _json_safe(record[k]) for k in EXTRA_FIELDS if k in record})
     return (job_id, *values[:7], _RECORD.encode(values[7]) if values[7] is not None else None, values[8],
-            _RECORD.encode(dict(zip(METRIC_COLUMNS, values))))
+            _RECORD.encode(shown))
+
+
+def _json_safe(value):
+    """Non-finite floats as null, in nested lists and dicts too."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fill_records(db: sqlite3.Connection) -> None:

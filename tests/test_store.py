@@ -173,3 +173,14 @@ def test_the_list_filters_by_name_and_carries_each_jobs_last_metrics(store):
     assert [j["id"] for j in store.list_jobs("succeeded", name="lr")] == [a]
     assert [j["id"] for j in store.list_jobs("queued", name="lr")] == [b]
     assert [j["id"] for j in store.list_jobs(limit=2)] == [c, b]
+
+
+def test_a_step_record_keeps_the_training_health_fields_with_non_finite_numbers_as_null(store):
+    job = store.create_job(SPEC)[0]["id"]
+    store.record_metric(job, {"step": 1, "loss": 0.5, "gradient_norm": float("inf"), "update_ratio": [1e-3, None],
+                              "worker_compute_s": {0: 0.25, "1": float("nan")}, "worker_wait_s": {"0": 0.0},
+                              "finished_at": 1.5e9, "params_sha256": "ab" * 32, "not_a_field": 1})
+    (row,) = store.metrics(job)
+    assert row["gradient_norm"] is None and row["update_ratio"] == [1e-3, None]
+    assert row["worker_compute_s"] == {"0": 0.25, "1": None} and row["worker_wait_s"] == {"0": 0.0}
+    assert row["finished_at"] == 1.5e9 and row["params_sha256"] == "ab" * 32 and "not_a_field" not in row
