@@ -84,7 +84,8 @@ def list_jobs(store: StoreDep, scheduler: SchedulerDep,
               limit: Annotated[int, Query(ge=1, le=100_000)] = 1000):
     if state is not None and state not in STATES:
         raise HTTPException(422, f"state must be one of {', '.join(STATES)}, got {state!r}")
-    return {"jobs": [with_waiting(job, scheduler) for job in store.list_jobs(state, limit, name=name)]}
+    # The dashboard polls this with hundreds of jobs: plain data, encoded once (not by jsonable_encoder)
+    return JSONResponse({"jobs": [with_waiting(job, scheduler) for job in store.list_jobs(state, limit, name=name)]})
 
 
 @router.get("/{job_id}", summary="A job: spec, state, step, latest metrics, transitions")

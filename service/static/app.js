@@ -11,6 +11,7 @@ import { eventClass, eventStep, JobHistory, MARKED, phaseBreakdown, replaySpan, 
 import { specDiff } from "./specdiff.js";
 
 const POLL_MS = 1000, LIST_LIMIT = 1000, SHOWN_EVENTS = 200;
+const ROWS_STEP = 100;  // table rows drawn at first, and added at a time: 500 rows cost a slow layout
 const PALETTE = ["#2563eb", "#ea580c", "#059669", "#7c3aed", "#db2777", "#0891b2", "#ca8a04", "#4b5563"];
 const EVENT_COLORS = { failure: "#dc2626", recovery: "#16a34a", resize: "#7c3aed", resume: "#0891b2",
                        replay: "#f59e0b", end: "#6b7280", state: "#6b7280", info: "#9ca3af" };
@@ -24,6 +25,7 @@ const ui = {
   name: params.get("name") || "",
   scale: params.get("scale") === "linear" ? "linear" : "log",
   diff: [null, null],
+  rows: ROWS_STEP,  // how many of the listed jobs the table draws
   chose: params.has("jobs") || params.has("job"),  // false: the newest job is selected at first
 };
 const histories = new Map();  // id -> JobHistory, for the selected jobs
@@ -99,7 +101,7 @@ function renderTable() {
     return;
   }
   const old = new Map([...body.querySelectorAll("tr.job")].map(tr => [tr.dataset.id, tr]));
-  const rows = jobs.map(job => {
+  const rows = jobs.slice(0, ui.rows).map(job => {
     let tr = old.get(job.id);
     if (!tr) {
       tr = document.createElement("tr");
@@ -109,7 +111,7 @@ function renderTable() {
       cell(tr, "select").append(pick);
       cell(tr, "name").append(document.createElement("b"), document.createElement("small"));
       cell(tr, "state").append(document.createElement("span"));
-      cell(tr, "progress").append(document.createElement("progress"));
+      cell(tr, "progress").append(Object.assign(document.createElement("span"), { className: "bar" }));
       for (const c of ["loss", "val_loss", "val_accuracy"]) cell(tr, c);
       tr.addEventListener("click", () => toggle(job.id));
     }
@@ -122,8 +124,9 @@ function renderTable() {
     tr.querySelector(".name small").textContent = job.id;
     const state = tr.querySelector(".state span");
     state.textContent = job.state; state.className = "badge " + job.state;
-    const bar = tr.querySelector("progress");
-    bar.max = job.steps || 1; bar.value = job.step || 0; bar.title = `step ${job.step} of ${job.steps}`;
+    const bar = tr.querySelector(".bar");
+    bar.style.setProperty("--done", String(Math.min(1, (job.step || 0) / (job.steps || 1))));
+    bar.title = `step ${job.step} of ${job.steps}`;
     const last = job.last_metrics || {};
     for (const c of ["loss", "val_loss", "val_accuracy"]) {
       const td = tr.querySelector("td." + c), v = last[c];
@@ -132,8 +135,23 @@ function renderTable() {
     }
     return tr;
   });
-  body.replaceChildren(...rows);
+  const hidden = jobs.length - ui.rows;
+  if (hidden > 0) {
+    more.querySelector("button").textContent = `show ${Math.min(hidden, ROWS_STEP)} more (${hidden} not shown)`;
+    rows.push(more);
+  }
+  // rows are moved only when the order changed: a poll does not disturb a click or a hover
+  const now = [...body.children];
+  if (now.length !== rows.length || rows.some((tr, i) => tr !== now[i])) body.replaceChildren(...rows);
 }
+
+// The rest of a long list comes a page at a time, when its end is scrolled to (or clicked).
+function showMore() { ui.rows += ROWS_STEP; renderTable(); }
+const more = document.createElement("tr");
+more.className = "more";
+more.innerHTML = '<td colspan="7"><button id="more-jobs" type="button"></button></td>';
+more.querySelector("button").addEventListener("click", showMore);
+new IntersectionObserver(entries => { if (entries.some(e => e.isIntersecting)) showMore(); }).observe(more);
 
 // ---------------------------------------------------------------- the curves
 
@@ -295,11 +313,18 @@ async function refresh() {
     const q = new URLSearchParams({ limit: String(LIST_LIMIT) });
     if (ui.state) q.set("state", ui.state);
     if (ui.name) q.set("name", ui.name);
+    // the list and the selected jobs' news at once; at first, without a
+    // choice in the URL, the newest job once the list has come
+    const polls = ui.selected.map(id => historyOf(id).poll());
     jobs = (await getJSON("/v1/jobs?" + q)).jobs;
-    if (!ui.chose && !ui.selected.length && jobs.length) { ui.selected = [jobs[0].id]; ui.chose = true; }
+    if (!ui.chose && !ui.selected.length && jobs.length) {
+      ui.selected = [jobs[0].id];
+      polls.push(historyOf(jobs[0].id).poll());
+    }
+    if (jobs.length) ui.chose = true;
     if (!ui.focus || !ui.selected.includes(ui.focus)) ui.focus = ui.selected[ui.selected.length - 1] || null;
     ui.selected.forEach(colorOf);  // in the order chosen
-    await Promise.all(ui.selected.map(id => historyOf(id).poll()));
+    await Promise.all(polls);
     renderTable();
     const key = [ui.scale, ui.focus, ui.diff, window.innerWidth,
                  ...ui.selected.map(id => `${id}:${histories.get(id).version}`)].join("|");
@@ -325,12 +350,12 @@ $("auth").addEventListener("submit", event => {
 });
 $("filters").addEventListener("submit", event => event.preventDefault());
 $("filter-state").value = ui.state;
-$("filter-state").addEventListener("change", e => { ui.state = e.target.value; changed(); });
+$("filter-state").addEventListener("change", e => { ui.state = e.target.value; ui.rows = ROWS_STEP; changed(); });
 $("filter-name").value = ui.name;
 let typing = null;
 $("filter-name").addEventListener("input", e => {
   clearTimeout(typing);
-  typing = setTimeout(() => { ui.name = e.target.value.trim(); changed(); }, 250);
+  typing = setTimeout(() => { ui.name = e.target.value.trim(); ui.rows = ROWS_STEP; changed(); }, 250);
 });
 for (const input of document.querySelectorAll("input[name=scale]")) {
   input.checked = input.value === ui.scale;
