@@ -315,16 +315,15 @@ async function refresh() {
     if (ui.name) q.set("name", ui.name);
     // the list and the selected jobs' news at once; at first, without a
     // choice in the URL, the newest job once the list has come
-    const polls = ui.selected.map(id => historyOf(id).poll());
-    jobs = (await getJSON("/v1/jobs?" + q)).jobs;
+    const [listed] = await Promise.all([getJSON("/v1/jobs?" + q), ...ui.selected.map(id => historyOf(id).poll())]);
+    jobs = listed.jobs;
     if (!ui.chose && !ui.selected.length && jobs.length) {
       ui.selected = [jobs[0].id];
-      polls.push(historyOf(jobs[0].id).poll());
+      await historyOf(jobs[0].id).poll();
     }
     if (jobs.length) ui.chose = true;
     if (!ui.focus || !ui.selected.includes(ui.focus)) ui.focus = ui.selected[ui.selected.length - 1] || null;
     ui.selected.forEach(colorOf);  // in the order chosen
-    await Promise.all(polls);
     renderTable();
     const key = [ui.scale, ui.focus, ui.diff, window.innerWidth,
                  ...ui.selected.map(id => `${id}:${histories.get(id).version}`)].join("|");
