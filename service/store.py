@@ -95,13 +95,15 @@ CREATE TABLE events (
 )"""
 INSERT_EVENT = ("INSERT INTO events (job, seq, kind, step, time, detail) VALUES "
                 "(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job = ?1), ?2, ?3, ?4, ?5)")
-# step records' fields kept beyond the columns, when a record has them (contract: docs/service.md)
-RECORD_EXTRAS = ("params_sha256",)
+LAST_METRICS = ("loss", "val_loss", "val_accuracy")  # what the job list shows of each job's history
 METRIC_COLUMNS = ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr", "phases", "at")
 UPSERT_METRIC = (
     f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
     "ON CONFLICT(job, step) DO UPDATE SET "
     + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
+# what a step record holds besides the columns, kept in its JSON (docs/service.md, the step record)
+EXTRA_FIELDS = ("gradient_norm", "update_ratio", "worker_compute_s", "worker_wait_s", "finished_at",
+                "params_sha256")
 _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
 _RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
 
@@ -232,15 +234,24 @@ class Store:
                 job["latest_metrics"] = json.loads(m[0]) if m is not None else None
             return job
 
-    def list_jobs(self, state: str | None = None, limit: int = 1000) -> list[dict]:
-        """Newest first."""
+    def list_jobs(self, state: str | None = None, limit: int = 1000, name: str | None = None) -> list[dict]:
+        """Newest first; `name`: only jobs whose name contains it (any case).
+        Each job carries `last_metrics`: its last recorded loss, val_loss and
+        val_accuracy (each from the last step that has it; null if none)."""
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if name:
+            where.append("instr(lower(name), lower(?)) > 0")  # names are ASCII (core.spec.NAME)
+            params.append(name)
+        last = ", ".join(f"(SELECT {c} FROM metrics WHERE job = jobs.id AND {c} IS NOT NULL "
+                         f"ORDER BY step DESC LIMIT 1) AS last_{c}" for c in LAST_METRICS)
+        sql = (f"SELECT *, {last} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} "
+               "ORDER BY seq DESC LIMIT ?")
         with self._read() as db:
-            if state is None:
-                rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
-            else:
-                rows = db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
-                                        (state, limit))
-            return [self._job(r) for r in rows]
+            return [{**self._job(r), "last_metrics": {c: r[f"last_{c}"] for c in LAST_METRICS}}
+                    for r in db.execute(sql, (*params, limit))]
 
     def jobs_in_state(self, state: str, limit: int = -1) -> list[dict]:
         """Oldest first (FIFO), with specs; the first `limit` (-1: all)."""
@@ -361,13 +372,13 @@ def _metric_row(job_id: str, record: dict) -> tuple:
               _integer(record.get("workers")), _finite(record.get("lr")),
               {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
     shown = dict(zip(METRIC_COLUMNS, values))
-    shown.update((k, record[k]) for k in RECORD_EXTRAS if record.get(k) is not None)
+    shown.update({k: _json_safe(record[k]) for k in EXTRA_FIELDS if k in record})
     return (job_id, *values[:7], _RECORD.encode(values[7]) if values[7] is not None else None, values[8],
             _RECORD.encode(shown))
 
 
 def _json_safe(value):
-    """Non-finite floats as null, tuples as lists: what JSON can hold."""
+    """Non-finite floats as null, tuples as lists, in nested lists and dicts too: what JSON can hold."""
     if isinstance(value, float):
         return _finite(value)
     if isinstance(value, dict):

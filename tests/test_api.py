@@ -128,6 +128,10 @@ def test_submit_list_get_filter(paused):
     assert httpx.get(f"{url}/v1/jobs", params={"state": "running"}).json()["jobs"] == []
     r = httpx.get(f"{url}/v1/jobs", params={"state": "bogus"})
     assert r.status_code == 422 and "bogus" in r.json()["detail"]
+    named = httpx.get(f"{url}/v1/jobs", params={"name": "SEC", "state": "queued"}).json()["jobs"]
+    assert [j["id"] for j in named] == [b.json()["id"]] and named[0]["last_metrics"]["loss"] is None
+    r = httpx.get(f"{url}/v1/jobs", params={"name": "x" * 201})
+    assert r.status_code == 422 and "name" in r.json()["detail"] and "200" in r.json()["detail"]
     got = httpx.get(f"{url}/v1/jobs/{job['id']}").json()
     assert got["spec"]["training"]["steps"] == 30 and got["latest_metrics"] is None
     assert got["transitions"][0]["to"] == "queued" and got["transitions"][0]["at"]

@@ -190,8 +190,9 @@ def test_the_token_guards_every_read_of_job_contents(tmp_path):
         assert r.json()["outputs"] == net.predict(np.array(rows["rows"])).tolist()
         # open: health (counts, no contents) and the dashboard page (static HTML, no data)
         assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
-        page = httpx.get(f"{url}/")
-        assert page.status_code == 200 and "sessionStorage" in page.text and job_id not in page.text
+        page, script = httpx.get(f"{url}/"), httpx.get(f"{url}/static/api.js")
+        assert page.status_code == script.status_code == 200 and job_id not in page.text + script.text
+        assert "/static/app.js" in page.text and "sessionStorage" in script.text
 
 
 HUGE = [

@@ -4,24 +4,23 @@ Chromium (Debian's package) through Playwright."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from browser_helpers import chromium, page_of, screenshot
 from service.api import create_app
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 JOB = {"name": "dash", "seed": 0, "data": {"source": "digits", "shards": 2},
        "model": {"hidden": [32]},
        "training": {"batch_size": 64, "steps": 400, "eval_every": 20, "checkpoint_every": 100,
@@ -98,69 +97,72 @@ def test_metrics_while_a_job_runs_then_gone_after_retention(service):
     assert not any(s.labels.get("job_id") == jid for f in fams.values() for s in f.samples)
 
 
-def launch_chromium(playwright):
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by .ci/run"
-    return playwright.chromium.launch(executable_path=chromium, headless=True, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"])
+def test_two_live_runs_overlaid_grow_from_since_pages_only(service):
+    """Two real runs whose learning rates differ, overlaid while they run: the
+    curves grow with no reload, every metrics request after a job's first
+    asks only for the steps after those held, and each curve ends with each
+    step exactly once. The screenshot is the README's (docs/dashboard.png)."""
+    slow = {**JOB, "name": "lr-0.05", "training": {**JOB["training"], "steps": 200}}
+    fast = {**slow, "name": "lr-0.5", "training": {**slow["training"],
+                                                   "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9}}}
+    a = httpx.post(f"{service}/v1/jobs", json=slow, timeout=10).json()["id"]
+    b = httpx.post(f"{service}/v1/jobs", json=fast, timeout=10).json()["id"]
+    asked: dict[str, list[int]] = {a: [], b: []}
 
+    def note(request):
+        url = urlparse(request.url)
+        if url.path.endswith("/metrics") and url.path.startswith("/v1/jobs/"):
+            asked[url.path.split("/")[3]].append(int(parse_qs(url.query)["since"][0]))
 
-def test_dashboard_chart_grows_live_and_the_table_shows_success(service):
-    from playwright.sync_api import sync_playwright
-
-    job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = launch_chromium(p)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(f"{service}/?job={job['id']}")
-            points = lambda: int(page.locator("#loss").get_attribute("data-points") or 0)  # noqa: E731
-            first = wait_for(lambda: points() or None, timeout=60)
-            grown = wait_for(lambda: points() > first and points(), timeout=60)
-            assert grown > first  # more points, no reload
-            row = page.locator(f"tr.job[data-id='{job['id']}']")
-            wait_for(lambda: row.get_attribute("data-state") == "succeeded", timeout=120)
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.goto(f"{service}/?job={job['id']}")
+    with chromium() as browser, page_of(browser, 1400, 1000) as page:
+        page.on("request", note)
+        page.goto(f"{service}/?jobs={a},{b}")
+        held = lambda job: int(page.locator(f"#loss path[data-series='{job}:loss']").get_attribute("data-points")  # noqa: E731
+                               if page.locator(f"#loss path[data-series='{job}:loss']").count() else 0)
+        first = wait_for(lambda: held(a) or None, timeout=60)
+        wait_for(lambda: held(a) > first, timeout=60)  # more points, no reload
+        for job in (a, b):
+            row = page.locator(f"tr.job[data-id='{job}']")
+            wait_for(lambda: row.get_attribute("data-state") == "succeeded", timeout=180)
+        wait_for(lambda: held(a) == held(b) == 200, timeout=30)
+        assert len(page.locator("#accuracy path.series").all()) == 2 and page.locator("#accuracy-legend li").count() == 2
+        assert page.locator(f"tr.job[data-id='{b}'] td.val_accuracy").get_attribute("data-value") is not None
+        history = httpx.get(f"{service}/v1/jobs/{b}/metrics", params={"limit": 1000}).json()["metrics"]
+        assert float(page.locator(f"tr.job[data-id='{b}'] td.loss").get_attribute("data-value")) == history[-1]["loss"]
+        page.wait_for_timeout(1500)  # a redraw after the last poll
+        screenshot(page, "dashboard.png")
+        with page_of(browser, 390, 844) as phone:
+            phone.goto(f"{service}/?jobs={a},{b}")
             wait_for(lambda: int(phone.locator("#loss").get_attribute("data-points") or 0) > 0, timeout=30)
-            phone.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
-        finally:
-            browser.close()
+            screenshot(phone, "dashboard-phone.png")
+    for job, since in asked.items():
+        # from 0 only while nothing is held; then never back: never the whole history again
+        assert since == sorted(since) and since[-1] > 0, (job, since)
 
 
 def test_with_a_token_the_page_asks_for_it_then_shows_the_jobs(tmp_path):
     """A service with a token (paused: the job only queues) answers the page
     401 until the token is typed in; then the page shows the jobs, and keeps
     the token for the tab (sessionStorage) across a reload."""
-    from playwright.sync_api import sync_playwright
-
     from tests.service_helpers import service as paused_service, tiny_spec
 
     token = "dashboard-token-0123456789"
     with paused_service(tmp_path, token=token) as (url, _):
         job = httpx.post(f"{url}/v1/jobs", json=tiny_spec(), headers={"Authorization": f"Bearer {token}"}).json()
-        with sync_playwright() as p:
-            browser = launch_chromium(p)
-            try:
-                page = browser.new_page()
-                page.goto(f"{url}/")
-                error = page.locator("#error")
-                wait_for(lambda: "needs its token" in (error.text_content() or ""), timeout=30)
-                assert page.locator("#auth").is_visible() and page.locator("tr.job").count() == 0
-                page.fill("#token", "not-the-token-at-all")
-                page.click("#use-token")
-                wait_for(lambda: error.text_content() == "wrong token", timeout=30)
-                assert page.locator("tr.job").count() == 0
-                page.fill("#token", token)
-                page.click("#use-token")
-                row = page.locator(f"tr.job[data-id='{job['id']}']")
-                wait_for(lambda: row.count() == 1 and row.get_attribute("data-state") == "queued", timeout=30)
-                assert not page.locator("#auth").is_visible() and error.text_content() == ""
-                page.reload()
-                wait_for(lambda: row.count() == 1, timeout=30)
-                assert page.evaluate("sessionStorage.getItem('shardprop-token')") == token
-            finally:
-                browser.close()
+        with chromium() as browser, page_of(browser) as page:
+            page.goto(f"{url}/")
+            error = page.locator("#error")
+            wait_for(lambda: "needs its token" in (error.text_content() or ""), timeout=30)
+            assert page.locator("#auth").is_visible() and page.locator("tr.job").count() == 0
+            page.fill("#token", "not-the-token-at-all")
+            page.click("#use-token")
+            wait_for(lambda: error.text_content() == "wrong token", timeout=30)
+            assert page.locator("tr.job").count() == 0
+            page.fill("#token", token)
+            page.click("#use-token")
+            row = page.locator(f"tr.job[data-id='{job['id']}']")
+            wait_for(lambda: row.count() == 1 and row.get_attribute("data-state") == "queued", timeout=30)
+            assert not page.locator("#auth").is_visible() and error.text_content() == ""
+            page.reload()
+            wait_for(lambda: row.count() == 1, timeout=30)
+            assert page.evaluate("sessionStorage.getItem('shardprop-token')") == token

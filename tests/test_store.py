@@ -199,3 +199,39 @@ def test_a_store_made_before_events_were_kept_gets_the_table_and_its_transitions
     store = Store(tmp_path / "old.db")  # opened again: not filled twice
     assert [e["seq"] for e in store.events("j1")] == [1, 2, 3]
     store.close()
+
+
+def test_the_list_filters_by_name_and_carries_each_jobs_last_metrics(store):
+    """`last_metrics` is, per column, the value of the last step that has one
+    (validation is every few steps): here written by hand, step by step."""
+    a = store.create_job({**SPEC, "name": "lr-Small"})[0]["id"]
+    b = store.create_job({**SPEC, "name": "lr-big"})[0]["id"]
+    c = store.create_job({**SPEC, "name": "other"})[0]["id"]
+    for step in range(1, 8):
+        evaluated = step % 3 == 0
+        store.record_metric(a, {"step": step, "loss": 1.0 / step, "val_loss": 2.0 / step if evaluated else None,
+                                "val_accuracy": step / 10 if evaluated else None})
+    store.record_metric(b, {"step": 1, "loss": float("nan")})  # stored as null
+    store.transition(a, "running")
+    store.transition(a, "succeeded")
+    jobs = {j["id"]: j for j in store.list_jobs()}
+    assert jobs[a]["last_metrics"] == {"loss": 1.0 / 7, "val_loss": 2.0 / 6, "val_accuracy": 0.6}
+    assert jobs[b]["last_metrics"] == jobs[c]["last_metrics"] == {"loss": None, "val_loss": None,
+                                                                  "val_accuracy": None}
+    assert [j["id"] for j in store.list_jobs(name="LR-")] == [b, a]
+    assert [j["id"] for j in store.list_jobs(name="small")] == [a]
+    assert [j["id"] for j in store.list_jobs(name="%")] == []  # a literal, not a pattern
+    assert [j["id"] for j in store.list_jobs("succeeded", name="lr")] == [a]
+    assert [j["id"] for j in store.list_jobs("queued", name="lr")] == [b]
+    assert [j["id"] for j in store.list_jobs(limit=2)] == [c, b]
+
+
+def test_a_step_record_keeps_the_training_health_fields_with_non_finite_numbers_as_null(store):
+    job = store.create_job(SPEC)[0]["id"]
+    store.record_metric(job, {"step": 1, "loss": 0.5, "gradient_norm": float("inf"), "update_ratio": [1e-3, None],
+                              "worker_compute_s": {0: 0.25, "1": float("nan")}, "worker_wait_s": {"0": 0.0},
+                              "finished_at": 1.5e9, "params_sha256": "ab" * 32, "not_a_field": 1})
+    (row,) = store.metrics(job)
+    assert row["gradient_norm"] is None and row["update_ratio"] == [1e-3, None]
+    assert row["worker_compute_s"] == {"0": 0.25, "1": None} and row["worker_wait_s"] == {"0": 0.0}
+    assert row["finished_at"] == 1.5e9 and row["params_sha256"] == "ab" * 32 and "not_a_field" not in row
