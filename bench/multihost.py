@@ -122,6 +122,11 @@ class Setup:
                                                   "--block"],
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         self.procs.append(proc)
+        end = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):  # before anyone attaches
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"{self.name}: ray start did not start:\n{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
 
     def wait_cpus(self, cpus: int, timeout: float = 60.0) -> None:
         """Until the cluster has `cpus` CPUs (asked from the driver's side)."""
@@ -151,8 +156,12 @@ def attached(work: Path) -> Setup:
     port = free_port()
     setup = Setup("attached", f"127.0.0.1:{port}")
     setup.start_ray(["--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                     f"--temp-dir={work / 'ray-attached'}"], work / "attached-head.log")
-    setup.wait_cpus(2)
+                     f"--temp-dir={work / 'ra'}"], work / "attached-head.log")
+    try:
+        setup.wait_cpus(2)
+    except BaseException:
+        setup.close()
+        raise
     return setup
 
 
@@ -213,8 +222,7 @@ def two_hosts(work: Path, nets: Namespaces) -> Setup:
 
 def _start_hosts(setup: Setup, nets: Namespaces, work: Path, head_ip: str, port: int) -> None:
     setup.start_ray(["--head", f"--port={port}", "--num-cpus=1", f"--node-ip-address={head_ip}",
-                     f"--temp-dir={work / 'ray-hosts'}"], work / "host0.log", nets.prefix(0))
-    time.sleep(3)
+                     f"--temp-dir={work / 'rh'}"], work / "host0.log", nets.prefix(0))
     setup.start_ray([f"--address={head_ip}:{port}", "--num-cpus=1", f"--node-ip-address={SUBNET}.2"],
                     work / "host1.log", nets.prefix(1))
     try:
@@ -232,7 +240,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     only = set(args.only.split(","))
-    work = Path(tempfile.mkdtemp(prefix="shardprop-multihost-"))
+    work = Path(tempfile.mkdtemp(prefix="spmh-"))
     setups: list[Setup] = []
     skipped: dict[str, str] = {}
     nets = None
