@@ -13,7 +13,9 @@ finite). Two executors of it, behind one interface (`execute`, `result`,
   over its compute fell from ~9 ms to ~1.8 ms).
 - `InterpretedStep`: ordinary actor calls chained by object refs; Ray hands
   each call its inputs once they exist, so a step still needs no driver
-  round trip.
+  round trip. When every actor and the driver share one node (an attached
+  one-machine cluster) the arrays go through the same shared files and only
+  handles through the object store (workers.sync_loop decides).
 
 `build_step_graph` compiles only when every actor of the job is on one node
 of the private Ray instance this process started (a local run, the embedded
@@ -21,7 +23,8 @@ service). Ray 2.60's compiled graphs are experimental, and only in instances
 of our own have they held: across nodes their channels crashed a raylet on
 teardown here, and a service attached to a one-node `ray start` cluster
 failed two CI runs out of three, the last with its compiled step waiting for
-good (cause not found).
+good (cause not found). A channel to a reader on another node is a second
+buffer on that node, each write copied into it by a raylet RPC.
 """
 
 from __future__ import annotations

@@ -83,8 +83,11 @@ class SyncLoop:
         nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
         self.graph = build_step_graph(job.servers.actors, job.pool.actors, nodes, job.pipeline_depth + 1)
-        compiled = self.graph.transport == "shared memory"
-        self.shared_dir = job.files.directory() if compiled else None
+        # Parameters and gradients go through the job's files on /dev/shm
+        # whenever every actor and the driver share one node, whichever
+        # executor runs the step: only handles then go through Ray (its
+        # channels, or its object store when attached to a cluster).
+        self.shared_dir = job.files.directory() if len(nodes) == 1 else None
         job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
                                 self.shared_dir is not None))
         return self.graph
