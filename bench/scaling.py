@@ -42,6 +42,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import nnls
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -232,7 +233,7 @@ def _terms(r: dict, cal: Calibration, shard_rows: int) -> tuple[float, list[floa
 
 def calibrate(rows: list[dict], shard_rows: int) -> Calibration:
     """F from the 1-worker points' compute phase, rho from every point's
-    reduce+apply phase, then c0, c_n, alpha and eta by least squares on the
+    reduce+apply phase, then c0, c_n, alpha and eta by non-negative least squares on the
     `fit` points, each point's compute taken as measured (the shared
     machine's load moves compute far more than the network terms)."""
     ones = [r for r in rows if r["workers"] == 1]
@@ -246,9 +247,12 @@ def calibrate(rows: list[dict], shard_rows: int) -> Calibration:
         known, coef = _terms(r, cal, shard_rows)
         a.append(coef)
         b.append(r["step_s"] - known)
-    (c0, cn, alpha, inv_eta), *_ = np.linalg.lstsq(np.array(a), np.array(b), rcond=None)
+    # Non-negative least squares: every constant is a cost, and with few
+    # noisy points plain least squares made some negative (an efficiency
+    # below zero) to chase the noise.
+    (c0, cn, alpha, inv_eta), _ = nnls(np.array(a), np.array(b))
     return replace(cal, step_overhead_s=float(c0), per_node_s=float(cn), per_transfer_s=float(alpha),
-                   link_efficiency=float(1.0 / inv_eta))
+                   link_efficiency=float(1.0 / inv_eta) if inv_eta > 0 else float("inf"))
 
 
 def predict(r: dict, cal: Calibration, shard_rows: int) -> tuple[float, float]:
@@ -266,6 +270,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=6, help="steps left out of the step time")
     ap.add_argument("--shard-rows", type=int, default=256)
+    ap.add_argument("--hosts", type=int, default=HOSTS, help="namespace hosts (points of more workers are left out)")
     ap.add_argument("--json", help="write the points and the fit here")
     ap.add_argument("--rows", help="fit again the points of an earlier --json, without measuring")
     args = ap.parse_args()
@@ -288,11 +293,11 @@ def main() -> int:
 
 def measure(args, work: Path) -> list[dict]:
     """Every point's median step and phases, the points interleaved."""
-    cluster = Cluster(HOSTS, work)
+    cluster = Cluster(args.hosts, work)
     runs: dict[int, list[dict]] = {i: [] for i in range(len(POINTS))}
     try:
         for rnd in range(args.rounds):
-            order = list(range(len(POINTS)))
+            order = [i for i, p in enumerate(POINTS) if p[0] <= args.hosts]
             for i in (order if rnd % 2 == 0 else order[::-1]):
                 workers, rate, model, _ = POINTS[i]
                 got = cluster.run(workers, rate, model, args.steps, args.shard_rows, args.warmup)

@@ -46,15 +46,22 @@ def efficiency(parameters: int, nodes: int, net: Network, cal: Calibration, rows
     return one / ps, one / ring
 
 
+def native(cal: Calibration) -> Calibration:
+    """A collective library's transfers: no per-transfer software cost, one latency a hop."""
+    return replace(cal, per_transfer_s=0.0, latency_hops=1.0)
+
+
 def table(net: Network, cal: Calibration, rows: int) -> list[str]:
     out = ["| parameters | nodes | compute | parameter server: step | samples/s | efficiency | "
-           "ring all-reduce: step | samples/s | efficiency |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "ring all-reduce: step | samples/s | efficiency | ring, native transfers: efficiency |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in PARAMETERS:
         for n in NODES:
             ps, ring, compute = steps(p, n, net, cal, rows)
             e_ps, e_ring = efficiency(p, n, net, cal, rows)
+            e_native = efficiency(p, n, net, native(cal), rows)[1]
             out.append(f"| {p:,} | {n:,} | {compute * 1e3:.2f} ms | {_t(ps)} | {n * rows / ps:,.0f} | {e_ps:.3f} | "
-                       f"{_t(ring)} | {n * rows / ring:,.0f} | {e_ring:.3f} |")
+                       f"{_t(ring)} | {n * rows / ring:,.0f} | {e_ring:.3f} | {e_native:.3f} |")
     return out
 
 

@@ -51,9 +51,15 @@ class Calibration:
     reduce_s_per_value: float  # rho: the servers' reduce and apply, per parameter per pass
 
 
-# Fitted by bench/scaling.py on this project's 2-core machine (docs/scaling.md).
-FITTED = Calibration(flop_rate=95e9, step_overhead_s=4.0e-3, per_node_s=1.0e-3, per_transfer_s=2.0e-3,
-                     latency_hops=4.0, link_efficiency=0.9, reduce_s_per_value=1.0e-9)
+# docs/scaling.md says where each comes from: c0 and alpha fitted by
+# bench/scaling.py on namespace hosts of this shared 2-core machine under a
+# load average of ~37 (so generous); c_n not identifiable from 1-2 hosts
+# (0); eta fitted at 1.17 and capped at 1 (tbf's bursts); F from
+# bench/engine.py on a quiet machine (310.1 MFLOP in 3.39 ms, one thread);
+# rho from bench/distributed.py's quiet 2-worker run (0.8 ms for 5 passes
+# over 269,322 values); h read from Ray's transfer protocol.
+FITTED = Calibration(flop_rate=91.5e9, step_overhead_s=36.1e-3, per_node_s=0.0, per_transfer_s=9.6e-3,
+                     latency_hops=4.0, link_efficiency=1.0, reduce_s_per_value=0.6e-9)
 
 
 @dataclass(frozen=True)
