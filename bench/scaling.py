@@ -1,28 +1,30 @@
 """Fit and check the step-time model (core/scaling.py) on 1-4 namespace hosts.
 
-Each host is a network namespace of bench/multihost.py's (`spbench-h<i>` on
-the bridge `spbenchbr`, 10.251.77.0/24) running one `ray start` with 1 CPU;
-the driver runs in host 0's namespace. Every host's link is shaped in both
-directions with `tc ... tbf` (on the bridge side of its veth for traffic to
-it, on its own side for traffic from it), GSO off so that tbf sees
-MTU-sized packets. This kernel has no `netem` (CONFIG_NET_SCH_NETEM is not
-set), so latency is not shaped: the links keep the veths' own (measured with
-ping and printed).
+One cluster of `--hosts` network namespaces of bench/multihost.py's
+(`spbench-h<i>` on the bridge `spbenchbr`, 10.251.77.0/24), each running one
+`ray start` with 1 CPU; the driver runs in host 0's namespace. Every host's
+link is shaped in both directions with `tc ... tbf` (on the bridge side of
+its veth for traffic to it, on its own side for traffic from it), GSO off so
+that tbf sees MTU-sized packets. This kernel has no `netem`
+(CONFIG_NET_SCH_NETEM is not set), so latency is not shaped: the links keep
+the veths' own round trip (probed by TCP connects; the hosts have no ping).
 
-A point is (hosts N, link rate, hidden widths). Its job: N workers, N shards
-of `--shard-rows` rows, float32, sgd with momentum, no evaluation or
-checkpoints; its step time is the mean gap between the steady steps' results
-at the driver (steps after `--warmup`). Points of one cluster run in one
-driver process, each repeated `--rounds` times, the points interleaved
-(their order reversed every other round); the median is reported. Then the
-model's constants are fitted (least squares) on the points marked `fit` and
-the others are predicted.
+A point is (workers N, link rate, hidden widths). Its job: N workers (Ray's
+SPREAD puts them on N hosts), N shards of `--shard-rows` rows, float32, sgd
+with momentum, no evaluation or checkpoints; its step time is the mean gap
+between the steady steps' results at the driver (steps after `--warmup`).
+Every point runs in one driver process, repeated `--rounds` times, the
+points interleaved (their order reversed every other round); the median is
+reported, with where the servers were (Ray picks their node). Then the
+model's constants are fitted (non-negative least squares) on the points
+marked `fit` and the others are predicted.
 
 The machine has 2 cores and is shared: with 3 or 4 hosts of 1 CPU each the
 workers share 2 cores, so the model's compute term is stretched by
 max(1, N / 2) here (`contention`); projections assume cores of their own.
 
-    .venv/bin/python bench/scaling.py [--rounds 3] [--steps 40] [--json scaling.json] [--rows scaling.json]
+    .venv/bin/python bench/scaling.py [--hosts 4] [--rounds 3] [--steps 25] [--json scaling.json]
+    .venv/bin/python bench/scaling.py --rows scaling.json     # fit again, no measuring
 
 Do not run it beside bench/multihost.py: they use the same namespace names.
 """
