@@ -96,3 +96,94 @@ def test_slices_joined_give_the_whole_vectors_numbers():
                                                     for a, b in layers], rtol=1e-14)
     zero = StepHealth.measure(grad, np.zeros(23), np.zeros(23), layers)
     assert zero.update_ratio == [None, None, None]  # no weights to compare the update with
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def job_spec(**fields):
+    return spec(**{"steps": 6, "eval_every": 3, "checkpoint_every": 2, **fields})
+
+
+def run_job(tmp_path, name, **fields):
+    """A distributed job's records, its counters and the seconds its run took."""
+    from workers.coordinator import Coordinator
+
+    records = []
+    coordinator = Coordinator(job_spec(**fields), tmp_path / name, on_step=records.append)
+    began = time.perf_counter()
+    coordinator.run()
+    return records, coordinator.counters, time.perf_counter() - began
+
+
+@pytest.mark.ray
+def test_distributed_health_is_the_references_and_times_are_per_worker(ray_cluster, tmp_path):
+    _, history = train(job_spec())
+    for workers, servers in ((1, 1), (2, 1), (2, 2)):
+        records, counters, took = run_job(tmp_path, f"w{workers}ps{servers}", workers=workers,
+                                          parameter_servers=servers)
+        assert [r["step"] for r in records] == [r["step"] for r in history]
+        if servers == 1:  # the same sums in the same order: the same bits
+            assert [r["gradient_norm"] for r in records] == [r["gradient_norm"] for r in history]
+            assert [r["update_ratio"] for r in records] == [r["update_ratio"] for r in history]
+        else:  # a layer cut by a slice boundary is summed in two parts, then added
+            np.testing.assert_allclose([r["gradient_norm"] for r in records], [r["gradient_norm"] for r in history],
+                                       rtol=1e-12)
+            np.testing.assert_allclose([r["update_ratio"] for r in records], [r["update_ratio"] for r in history],
+                                       rtol=1e-12)
+        for r in records:
+            assert len(r["worker_compute_s"]) == len(r["worker_wait_s"]) == workers
+            assert all(s > 0 for s in r["worker_compute_s"]) and all(s >= 0 for s in r["worker_wait_s"])
+        # after the first step each worker waits for the servers (and the other worker) every step
+        assert all(s > 0 for r in records[1:] for s in r["worker_wait_s"])
+        assert records[0]["worker_wait_s"] == [0.0] * workers
+        assert all(a["finished_at"] <= b["finished_at"] for a, b in zip(records, records[1:]))
+        check_goodput(counters.goodput, took)
+        assert counters.goodput["lost_s"]["evaluation"] > 0 and counters.goodput["lost_s"]["checkpoint"] > 0
+        assert counters.goodput["lost_s"]["recovery"] == counters.goodput["lost_s"]["replay"] == 0
+
+
+def check_goodput(goodput: dict, took: float) -> None:
+    """Goodput is a fraction; steps and causes add up to the wall time (up to
+    float rounding), and that is the run's, less the actors' shutdown after
+    the last checkpoint (under a second here)."""
+    assert 0 < goodput["ratio"] <= 1
+    assert goodput["step_s"] + sum(goodput["lost_s"].values()) == pytest.approx(goodput["wall_s"], rel=1e-9)
+    assert goodput["ratio"] == pytest.approx(goodput["step_s"] / goodput["wall_s"], rel=1e-12)
+    assert 0 <= took - goodput["wall_s"] < 1.0, (took, goodput)
+    assert goodput["lost_s"]["startup"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.chaos
+def test_a_killed_server_shows_as_recovery_and_replay_and_the_health_is_unchanged(ray_cluster, tmp_path):
+    """The server killed after step 5 is reported: restored from step 4's
+    checkpoint, step 5 (and 6, if it was in flight) made again. Their time is
+    replay, the restart's recovery; every step is reported once, with the
+    reference's numbers."""
+    import os
+    import signal
+
+    from workers.coordinator import Coordinator
+
+    chaos = {"steps": 8, "checkpoint_every": 4}
+    _, history = train(job_spec(**chaos))
+    records = []
+
+    def on_step(record):
+        records.append(record)
+        if record["step"] == 5:
+            os.kill(coordinator.server_locations[0]["pid"], signal.SIGKILL)
+
+    coordinator = Coordinator(job_spec(workers=2, **chaos), tmp_path / "run", on_step=on_step)
+    began = time.perf_counter()
+    coordinator.run()
+    took = time.perf_counter() - began
+    assert coordinator.counters.server_failures == 1 and coordinator.counters.steps_replayed >= 1
+    assert [r["step"] for r in records] == [r["step"] for r in history]
+    assert [r["gradient_norm"] for r in records] == [r["gradient_norm"] for r in history]
+    assert [r["update_ratio"] for r in records] == [r["update_ratio"] for r in history]
+    goodput = coordinator.counters.goodput
+    check_goodput(goodput, took)
+    assert goodput["lost_s"]["recovery"] > 0 and goodput["lost_s"]["replay"] > 0
+    assert goodput["lost_s"]["recovery"] >= coordinator.counters.recovery_seconds
