@@ -187,3 +187,29 @@ def test_a_killed_server_shows_as_recovery_and_replay_and_the_health_is_unchange
     check_goodput(goodput, took)
     assert goodput["lost_s"]["recovery"] > 0 and goodput["lost_s"]["replay"] > 0
     assert goodput["lost_s"]["recovery"] >= coordinator.counters.recovery_seconds
+
+
+@pytest.mark.ray
+def test_async_updates_health_is_each_shard_batchs_computed_by_hand(ray_cluster, tmp_path):
+    """Async with one worker applies shard v mod S's batch v div S at update
+    v: its gradient's norm and the update's ratios, computed here with numpy
+    from the same sums (plain SGD: W' = W - lr * g)."""
+    from core.trainer import one_blas_thread, shard_gradient
+
+    s = job_spec(mode="async", steps=6, max_staleness=2)
+    records, counters, took = run_job(tmp_path, "async", mode="async", steps=6, max_staleness=2)
+    data = ShardedData.from_spec(s)
+    net = build_network(s, data.dataset)
+    params = net.params.copy()
+    with one_blas_thread():
+        for version, record in enumerate(records):
+            g = shard_gradient(net.bind(params), data, version % 3, version // 3)
+            mean = g.grad_sum / g.count
+            after = params - LR * mean
+            expected = [layer_norm(net.bind(after - params), l) / layer_norm(net.bind(params), l) for l in range(3)]
+            assert record["gradient_norm"] == pytest.approx(np.linalg.norm(mean), rel=1e-12)
+            np.testing.assert_allclose(record["update_ratio"], expected, rtol=1e-10)
+            assert len(record["worker_compute_s"]) == 1 and record["worker_compute_s"][0] > 0
+            assert record["worker_wait_s"][0] >= 0
+            params = after
+    check_goodput(counters.goodput, took)
