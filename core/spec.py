@@ -89,7 +89,8 @@ class DataSpec(_Strict):
         if longest > MAX_NAME_BYTES:
             raise ValueError(f"source's file and folder names must be at most {MAX_NAME_BYTES} bytes each, "
                              f"got one of {longest}")
-        if v not in BUILTIN_SOURCES and Path(v).suffix.lower() not in (".npz", ".csv"):
+        prepared = v.startswith("s3://") or (Path(v) / "manifest.json").is_file()  # docs/data.md
+        if v not in BUILTIN_SOURCES and Path(v).suffix.lower() not in (".npz", ".csv") and not prepared:
             raise ValueError(
                 f"source must be one of {', '.join(BUILTIN_SOURCES)} or a .npz/.csv path, got {v!r}"
             )
