@@ -207,13 +207,28 @@ def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndar
 
 def load_dataset(spec: DataSpec, seed: int, dtype: str = "float32",
                  data_roots: list[str | Path] | None = None, limits: DataLimits = DataLimits()) -> Dataset:
-    """Load, check, split and standardize the data a spec names, within `limits`."""
+    """Load, check, split and standardize the data a spec names, within `limits`.
+    A prepared set (named, or made from a large raw source: core/data_source.py)
+    is read whole, in the same split order."""
+    from core.data_source import load_prepared, resolve
+
+    if spec.split_seed is None:  # a DataSpec on its own: the seed given splits it
+        spec = spec.model_copy(update={"split_seed": seed})
+    prepared = resolve(spec, dtype=dtype, data_roots=data_roots, limits=limits)
+    if prepared is not None:
+        dataset = load_prepared(prepared, spec, dtype, limits)
+    else:
+        dataset = _load_raw(spec, seed, dtype, data_roots, limits)
+    if len(dataset.X_train) < spec.shards:
+        raise DataError(
+            f"data.shards ({spec.shards}) exceeds the training rows ({len(dataset.X_train)}) of {spec.source!r}"
+        )
+    return dataset
+
+
+def _load_raw(spec: DataSpec, seed: int, dtype: str, data_roots, limits: DataLimits) -> Dataset:
     X, y, classes = load_arrays(spec, seed, data_roots, limits)
     train, val = split_rows(len(X), spec.validation_split, data_seed(spec, seed))
-    if len(train) < spec.shards:
-        raise DataError(
-            f"data.shards ({spec.shards}) exceeds the training rows ({len(train)}) of {spec.source!r}"
-        )
     mean = scale = None
     if spec.standardize:
         mean = X[train].mean(axis=0)

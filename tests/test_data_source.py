@@ -158,3 +158,45 @@ def test_a_parquet_source_is_always_prepared(tmp_path, cache):
     write_parquet(tmp_path / "d.parquet", X, y)
     got = resolve(job(str(tmp_path / "d.parquet")).data)
     assert got.n_train + got.n_val == 120
+
+
+# ---------------------------------------------- a prepared set held in memory
+
+
+def test_a_prepared_set_loads_as_the_raw_source_in_split_order(tmp_path, data_csv, cache):
+    """Stored float64 rows keep every value: the loaded training and validation
+    rows are the raw CSV's split_rows rows, standardized by the manifest."""
+    from core.data import standardize
+
+    prepare(data_csv, tmp_path / "set", seed=4, dtype="float64", block_rows=50)
+    raw = np.loadtxt(data_csv, delimiter=",", skiprows=1)
+    X, y = raw[:, :-1], raw[:, -1].astype(np.int64)
+    train, val = split_rows(len(X), 0.2, 4)
+    for spec in (job(str(tmp_path / "set"), seed=4), job(str(data_csv), seed=4)):
+        got = load_dataset(spec.data, 4, "float64", limits=DataLimits(prepare_above_bytes=1000))
+        m = PreparedSet.open(tmp_path / "set").manifest["standardization"]
+        np.testing.assert_array_equal(got.X_train, standardize(X[train], np.array(m["mean"]), np.array(m["scale"]),
+                                                                "float64"))
+        np.testing.assert_array_equal(got.y_train, y[train])
+        np.testing.assert_array_equal(got.X_val, standardize(X[val], np.array(m["mean"]), np.array(m["scale"]),
+                                                              "float64"))
+        np.testing.assert_array_equal(got.y_val, y[val])
+        np.testing.assert_allclose(got.mean, X[train].mean(axis=0), rtol=1e-13)
+
+
+def test_training_on_s3_gives_the_bits_of_the_local_copy(tmp_path, data_csv, s3_server):
+    """The reference trainer on s3://... and on the local prepared directory."""
+    from core.trainer import train
+
+    prepare(data_csv, tmp_path / "set", seed=1, block_rows=64)
+    upload(s3_filesystem(allow_bucket_creation=True), tmp_path / "set", "bucket/sets/d")
+
+    def trained(source):
+        spec = parse_spec({"seed": 1, "data": {"source": source, "shards": 3},
+                           "model": {"hidden": [8]}, "training": {"steps": 6, "batch_size": 24},
+                           "resources": {"workers": 1}})
+        return train(spec)[0].params
+
+    local = trained(str(tmp_path / "set"))
+    np.testing.assert_array_equal(trained("s3://bucket/sets/d"), local)
+    assert not np.array_equal(trained(str(data_csv)), local)  # float32 rows: rounded, so not the raw bits
