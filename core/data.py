@@ -194,7 +194,7 @@ def load_arrays(spec: DataSpec, seed: int, data_roots: list[str | Path] | None =
     is read when `limits` say it is too large."""
     if spec.source == "synthetic":
         check_synthetic(spec, limits)
-        X, y = synthetic(spec.samples, spec.features, spec.classes, seed)
+        X, y = synthetic(spec.samples, spec.features, spec.classes, data_seed(spec, seed))
         return X, y, spec.classes
     if spec.source in BUILTIN_SOURCES:
         X, y = _builtin(spec.source)
@@ -223,6 +223,12 @@ def check_synthetic(spec: DataSpec, limits: DataLimits) -> int:
     return size
 
 
+def data_seed(spec: DataSpec, seed: int) -> int:
+    """The seed of the data itself (the split, a synthetic set): `split_seed`,
+    which a JobSpec always fills in (the job's seed unless given), else `seed`."""
+    return seed if spec.split_seed is None else spec.split_seed
+
+
 def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, validation) row indices."""
     order = np.random.default_rng([seed, 0x5917]).permutation(n_rows)
@@ -232,14 +238,29 @@ def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndar
 
 def load_dataset(spec: DataSpec, seed: int, dtype: str = "float32",
                  data_roots: list[str | Path] | None = None, limits: DataLimits = DataLimits()) -> Dataset:
-    """Load, check, split and standardize the data a spec names, within `limits`."""
-    X, y, classes = load_arrays(spec, seed, data_roots, limits)
-    train, val = split_rows(len(X), spec.validation_split, seed)
-    train = train[shard_order(len(train), seed)]
-    if len(train) < spec.shards:
+    """Load, check, split and standardize the data a spec names, within `limits`.
+    A prepared set (named, or made from a large raw source: core/data_source.py)
+    is read whole, in its stored order."""
+    from core.data_source import load_prepared, resolve
+
+    if spec.split_seed is None:  # a DataSpec on its own: the seed given splits it
+        spec = spec.model_copy(update={"split_seed": seed})
+    prepared = resolve(spec, dtype=dtype, data_roots=data_roots, limits=limits)
+    if prepared is not None:
+        dataset = load_prepared(prepared, spec, dtype, limits)
+    else:
+        dataset = _load_raw(spec, seed, dtype, data_roots, limits)
+    if len(dataset.X_train) < spec.shards:
         raise DataError(
-            f"data.shards ({spec.shards}) exceeds the training rows ({len(train)}) of {spec.source!r}"
+            f"data.shards ({spec.shards}) exceeds the training rows ({len(dataset.X_train)}) of {spec.source!r}"
         )
+    return dataset
+
+
+def _load_raw(spec: DataSpec, seed: int, dtype: str, data_roots, limits: DataLimits) -> Dataset:
+    X, y, classes = load_arrays(spec, seed, data_roots, limits)
+    train, val = split_rows(len(X), spec.validation_split, data_seed(spec, seed))
+    train = train[shard_order(len(train), data_seed(spec, seed))]
     mean = scale = None
     if spec.standardize:
         mean = X[train].mean(axis=0)

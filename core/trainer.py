@@ -20,15 +20,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core.data import load_dataset, resolve_data_path
+from core.data import load_dataset
 from core.datafiles import DataError, DataLimits
 from core.mlp import MLP
 from core.optim import Optimizer, learning_rate, make_optimizer
-from core.prepared import PreparedSet, is_prepared
 from core.provenance import params_sha256, records_params
 from core.rows import PreparedRows, RowSource
 from core.shards import Shard, make_shards, shard_range
-from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec, load_spec
+from core.spec import JobSpec, load_spec
 
 
 class TrainingError(RuntimeError):
@@ -71,7 +70,9 @@ class ShardedData:
     @classmethod
     def from_spec(cls, spec: JobSpec, data_roots: Sequence[str | Path] | None = None,
                   limits: DataLimits = DataLimits()) -> "ShardedData":
-        prepared = open_prepared(spec.data, data_roots)
+        from core.data_source import resolve  # it builds on core.data, as this module does
+
+        prepared = resolve(spec.data, dtype=spec.training.dtype, data_roots=data_roots, limits=limits)
         if prepared is not None:
             if prepared.n_train < spec.data.shards:
                 raise DataError(f"data.shards ({spec.data.shards}) exceeds the training rows "
@@ -92,16 +93,6 @@ class ShardedData:
     def batch(self, shard: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and targets of shard `shard`'s mini-batch for step `step`."""
         return self.dataset.take(self.shards[shard].batch(step))
-
-
-def open_prepared(data: DataSpec, data_roots: Sequence[str | Path] | None = None) -> PreparedSet | None:
-    """The prepared set a spec's `data.source` names, or None for an in-memory source."""
-    if data.source.startswith("s3://"):
-        return PreparedSet.open(data.source)
-    if data.source in BUILTIN_SOURCES or data.source.lower().endswith((".csv", ".npz")):
-        return None
-    path = resolve_data_path(data.source, data_roots)
-    return PreparedSet.open(path) if is_prepared(path) else None
 
 
 def output_units(spec: JobSpec, dataset: RowSource) -> int:
