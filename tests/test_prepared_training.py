@@ -73,6 +73,13 @@ def test_the_reference_on_a_prepared_set_is_the_reference_on_its_raw_csv(data):
     assert np.array_equal(from_csv.params, data["reference"].params)
     assert val_figures(csv_history) == val_figures(data["history"])
     assert len(val_figures(csv_history)) == 2
+    # another job seed (initialization, batch order) over the same split: still the same bits both ways
+    reseeded = {**job(data["prepared"]), "seed": 11}
+    reseeded["data"] = {**reseeded["data"], "split_seed": SEED}
+    prepared_params = train(reseeded)[0].params
+    assert not np.array_equal(prepared_params, data["reference"].params)
+    assert np.array_equal(train({**reseeded, "data": {**reseeded["data"], "source": str(data["csv"])}})[0].params,
+                          prepared_params)
 
 
 @pytest.mark.ray
