@@ -37,13 +37,17 @@ class DataLimits:
     """What a data set may be, checked before its bytes are read.
 
     `max_data_bytes` bounds the set as loaded (float64 X and y); an `.npz`
-    member may inflate to at most `max_inflation` times its compressed size."""
+    member may inflate to at most `max_inflation` times its compressed size.
+    A `.csv` or `.npz` file larger than `prepare_above_bytes` is not loaded
+    whole but prepared once into a cache and read shard by shard
+    (core/data_source.py)."""
 
     max_data_bytes: int = 512 * MiB
     max_inflation: float = 100.0
     max_rows: int = 10_000_000
     max_features: int = 100_000
     max_classes: int = 100_000
+    prepare_above_bytes: int = 256 * MiB
 
     def check_size(self, where: str, rows: int, features: int, targets: int = 1) -> int:
         """The loaded size of rows x (features + targets) float64 values; a
