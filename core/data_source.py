@@ -47,11 +47,17 @@ class SplitMismatch(DataError):
     """A spec's split settings that contradict its prepared set's manifest."""
 
 
+class NotPrepared(DataError):
+    """A large raw source whose prepared copy is not in the cache yet."""
+
+
 def resolve(data: DataSpec, *, dtype: str = "float32", data_roots: list[str | Path] | None = None,
-            limits: DataLimits = DataLimits(), on_status: Status | None = None) -> PreparedSet | None:
+            limits: DataLimits = DataLimits(), on_status: Status | None = None,
+            prepare: bool = True) -> PreparedSet | None:
     """None for a small in-memory source; else the PreparedSet the job reads
     (preparing a large raw source into the cache first, with `on_status`
-    told the progress). DataError when it cannot be read, SplitMismatch when
+    told the progress; with `prepare` False, NotPrepared instead when it is
+    not cached yet). DataError when it cannot be read, SplitMismatch when
     its split contradicts the spec."""
     prepared = open_named(data, data_roots)
     if prepared is not None:
@@ -62,6 +68,11 @@ def resolve(data: DataSpec, *, dtype: str = "float32", data_roots: list[str | Pa
     path = resolve_data_path(data.source, data_roots)
     if not needs_preparing(path, limits):
         return None
+    if not prepare:
+        found = cached(path, data, dtype)
+        if found is None:
+            raise NotPrepared(f"data.source {data.source!r}: prepared into the cache when the job starts")
+        return found
     return prepare_cached(path, data, dtype, limits, on_status)
 
 
@@ -126,6 +137,12 @@ def cache_key(source_sha256: str, data: DataSpec, dtype: str) -> str:
 
 def cache_dir() -> Path:
     return cache_root() / FROM_SOURCE
+
+
+def cached(path: Path, data: DataSpec, dtype: str) -> PreparedSet | None:
+    """The cached prepared copy of the raw source at `path`, if made already."""
+    out = cache_dir() / cache_key(source_sha256(path), data, dtype)
+    return PreparedSet.open(out) if (out / MANIFEST).is_file() else None
 
 
 def prepare_cached(path: Path, data: DataSpec, dtype: str, limits: DataLimits,

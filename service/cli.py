@@ -227,6 +227,7 @@ def follow(job: Job, total: int, interval: float = 0.25) -> int:
             seen["waiting"] = status.get("waiting_for")
             if seen["waiting"]:
                 bar.write(f"queued: {seen['waiting']}", file=sys.stderr)
+        bar.set_description(f"{job.id} {status['phase']}" if status.get("phase") else job.id, refresh=False)
         for m in job.metrics(since=seen["step"]):
             seen["step"] = max(seen["step"], m["step"])
             if m.get("val_accuracy") is not None:
