@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from core.data import load_dataset
 from core.datafiles import DataError, DataLimits
+from core.health import StepHealth
 from core.mlp import MLP
 from core.optim import Optimizer, learning_rate, make_optimizer
 from core.provenance import params_sha256, records_params
@@ -258,14 +259,18 @@ def train(
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     history: list[dict] = []
     S = len(data.shards)
+    layers = net.layer_bounds()
     with one_blas_thread(), ThreadPoolExecutor(max_workers=min(S, threads or os.cpu_count() or 1)) as pool:
         for step in range(t.steps):
             began = time.perf_counter()
             grads = list(pool.map(lambda s: shard_gradient(net, data, s, step), range(S)))
             grad, loss, count = reduce_gradients(grads)
+            before = net.params.copy()
             applied = apply_gradient(net.params, optimizer, grad, step)
             guard.record(step, applied, loss)
-            record = step_record(spec, step, loss, count, time.perf_counter() - began, applied)
+            health = StepHealth.measure(grad, before, net.params, layers)
+            record = step_record(spec, step, loss, count, time.perf_counter() - began, applied, **health.fields(),
+                                 finished_at=time.time())
             if should_evaluate(spec, step):
                 record["val_loss"], record["val_accuracy"] = evaluate_source(net, data.dataset)
             if records_params(spec, step):
