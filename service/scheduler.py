@@ -148,6 +148,12 @@ class Scheduler:
             active.resized.wait(wait_s)
         return self.store.get_job(job_id)
 
+    def phase(self, job_id: str) -> str | None:
+        """What a running job does before its first step ("preparing data: ..."), or None."""
+        with self._lock:
+            active = self._active.get(job_id)
+        return active.phase if active is not None else None
+
     def running_ids(self) -> list[str]:
         with self._lock:
             return list(self._active)
@@ -271,7 +277,9 @@ class Scheduler:
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
         try:
-            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop)
+            outcome = job_runner.run_to_end(
+                active, resume, self.settings.model_path(job_id), self._stop,
+                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
             with self._lock:  # its actors are gone: its CPUs are free for the next job

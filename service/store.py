@@ -294,6 +294,11 @@ class Store:
             db.execute("UPDATE jobs SET resumes = resumes + 1, updated_at = ? WHERE id = ?", (now(), job_id))
             return db.execute("SELECT resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()["resumes"]
 
+    def set_data_sha256(self, job_id: str, sha256: str) -> None:
+        """The job's data fingerprint once its data is prepared: its manifest's (core/provenance.py)."""
+        self._write_soon(("UPDATE jobs SET provenance = json_set(provenance, '$.data_sha256', ?), updated_at = ? "
+                          "WHERE id = ? AND provenance IS NOT NULL", (sha256, now(), job_id)))
+
     def set_checkpoint(self, job_id: str, step: int) -> None:
         self._write_soon(("UPDATE jobs SET checkpoint_step = ?, updated_at = ? WHERE id = ?", (step, now(), job_id)))
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
-from core.trainer import TrainingError
 from workers.checkpoint import Checkpoint
 from workers.job import JobParts
 from workers.protocol import UpdateStats
-from workers.recovery import Loss, Work
+from workers.recovery import Loss, Work, job_error
 from workers.reporting import Outcome
 
 WAIT_S = 0.5  # how long one wait for a result lasts, so that a cancel or a resize is seen
@@ -123,7 +122,7 @@ class AsyncLoop:
                 if c.index in job.pool.indices:  # else: dropped already
                     self._recover(run, Loss(c.work, (c.index,), servers=False))
             elif not isinstance(cause, ObjectLostError):  # else: its result was lost, not it: made again
-                raise TrainingError(str(cause).strip()) from None
+                raise job_error(cause) from None
         except (RayActorError, ObjectLostError):  # the server died: in push, evaluation or checkpoint
             making = run.version + 1
             self._recover(run, Loss(Work(("update", making), f"update {making}", making), (), servers=True))

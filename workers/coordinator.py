@@ -27,6 +27,7 @@ from core.trainer import ShardedData, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
 from workers.checkpoint import JobCheckpoints
+from workers.evaluation import Evaluation
 from workers.goodput import GoodputClock
 from workers.job import JobParts
 from workers.pool import JobCancelled, StartWorker, WorkerPool, start_gradient_worker
@@ -130,11 +131,13 @@ class Coordinator:
         """Train to the end; returns the trained network."""
         spec, clock = self.spec, GoodputClock()
         connect_ray(None, spec.resources.workers)
-        # Loading the data here checks it before any actor starts, and gives
-        # the initial network and the validation split; workers load their own.
+        # Opening the data here checks it before any actor starts (an in-memory
+        # source is loaded; a prepared set's manifest read) and gives the
+        # initial network; workers read their own rows.
         data = ShardedData.from_spec(spec, self.data_roots, self.data_limits)
         net = build_network(spec, data.dataset)
         job = self._job = self._parts(net, data, clock)
+        del data  # the driver keeps no rows: the workers read and evaluate them
         start, resumed = 0, job.reporter.latest_checkpoint() if resume else None
         if resumed is not None:
             net.params[:] = resumed.params
@@ -172,7 +175,7 @@ class Coordinator:
         servers = ServerGroup(spec, net.layer_bounds())
         checkpoints = JobCheckpoints(self.checkpoint_dir, self._spec_key(), _stored_spec_key,
                                      self._written, self._damaged)
-        reporter = Reporter(spec, net, data.dataset, checkpoints, counters, self.on_step, clock)
+        reporter = Reporter(spec, net, Evaluation(pool, data.dataset), checkpoints, counters, self.on_step, clock)
         policy = FailurePolicy(spec.resources.worker_timeout_s, counters)
         recovery = Recovery(pool, servers, reporter.latest_checkpoint, policy, counters, self.on_event)
         watchdog = Watchdog(policy.limit, policy, pool.kill, self.on_event)

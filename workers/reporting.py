@@ -3,11 +3,12 @@
 It feeds the non-finite guard (which fails the job after K skipped steps in
 a row), skips what was already reported (steps made again after a
 recovery), makes the step's history record (with its health, each worker's
-compute and wait seconds, and the job's goodput so far), evaluates on the
-validation split when the step brought parameters, writes a checkpoint when
-it brought the servers' state, and hands the record on. It also owns the
-job's checkpoints, whose counters are the guard's, and its goodput clock
-(workers.goodput), which it tells where each interval of time went.
+compute and wait seconds, and the job's goodput so far), has the validation
+split evaluated (by the workers: workers.evaluation) when the step brought
+parameters, writes a checkpoint when it brought the servers' state, and hands
+the record on. It also owns the job's checkpoints, whose counters are the
+guard's, and its goodput clock (workers.goodput), which it tells where each
+interval of time went.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from core.data import Dataset
+from core.health import StepHealth
 from core.mlp import MLP
 from core.provenance import params_sha256, records_params
 from core.spec import JobSpec
-from core.health import StepHealth
-from core.trainer import NonFiniteGuard, evaluate, should_evaluate, step_record
+from core.trainer import NonFiniteGuard, should_evaluate, step_record
 from workers.checkpoint import Checkpoint, JobCheckpoints
 from workers.goodput import GoodputClock
 from workers.protocol import Counters, ServerState
@@ -51,9 +51,9 @@ class Outcome:
 
 
 class Reporter:
-    def __init__(self, spec: JobSpec, net: MLP, validation: Dataset, checkpoints: JobCheckpoints,
+    def __init__(self, spec: JobSpec, net: MLP, evaluate: Callable[[np.ndarray], tuple], checkpoints: JobCheckpoints,
                  counters: Counters, on_step: Callable[[dict], None], goodput: GoodputClock):
-        self.spec, self.net, self.validation = spec, net, validation
+        self.spec, self.net, self.evaluate = spec, net, evaluate
         self.checkpoints, self.counters, self.on_step = checkpoints, counters, on_step
         self.goodput = goodput
         self.guard = NonFiniteGuard(spec.training.max_nonfinite_steps)
@@ -108,10 +108,8 @@ class Reporter:
                              worker_compute_s=list(o.worker_compute_s), worker_wait_s=list(o.worker_wait_s),
                              finished_at=finished_at)
         if o.params is not None:
-            # The coordinator holds the validation split; workers hold only training shards' work.
             with self.goodput.timing("evaluation"):
-                record["val_loss"], record["val_accuracy"] = evaluate(self.net.bind(o.params),
-                                                                      self.validation.X_val, self.validation.y_val)
+                record["val_loss"], record["val_accuracy"] = self.evaluate(o.params)
         if o.state is not None:
             self.checkpoint(o.step + 1, o.state, o.counters)
         after = o.params if o.params is not None else o.state.params if o.state is not None else None

@@ -19,7 +19,7 @@ from core.trainer import TrainingError
 from workers.job import JobParts
 from workers.pool import JobCancelled
 from workers.protocol import GraphBuilt, ServerState, StepPlan, StepStats
-from workers.recovery import ActorLost, Loss, Work
+from workers.recovery import ActorLost, Loss, Work, job_error
 from workers.reporting import Outcome
 from workers.step_graph import StepGraph, build_step_graph
 
@@ -49,9 +49,9 @@ class SyncLoop:
                 self.close()
                 job.resize(change)
                 continue
-            graph = self.graph or self._build(step)
             pending: deque = deque()
             try:
+                graph = self.graph or self._build(step)
                 while step < steps or pending:
                     while step < steps and len(pending) < job.pipeline_depth:
                         plan = self._plan(step)
@@ -81,6 +81,10 @@ class SyncLoop:
 
     def _build(self, step: int) -> StepGraph:
         job, self.first_step = self.job, step
+        # Each worker checks and reads its shards before the graph's first step.
+        dead = job.pool.distribute()
+        if dead:
+            raise ActorLost(Loss(Work(("step", step + 1), f"step {step + 1}", step + 1), dead, servers=False))
         nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
         self.graph = build_step_graph(job.servers.actors, job.pool.actors, nodes, job.pipeline_depth + 1)
@@ -141,7 +145,7 @@ class SyncLoop:
         except RayTaskError as err:
             cause = err.cause if err.cause is not None else err
             if not isinstance(cause, (RayActorError, RayChannelError)):
-                raise TrainingError(str(cause).strip()) from None
+                raise job_error(cause) from None
             raise self._lost(work, err) from None
         except (RayActorError, RayChannelError, ValueError) as err:
             raise self._lost(work, err) from None
