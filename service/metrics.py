@@ -62,6 +62,11 @@ class ServiceMetrics:
                                          "gradient", job, registry=r)
         self.staleness = Histogram("shardprop_staleness", "Versions between computing and applying a gradient "
                                    "(async mode)", job, buckets=STALENESS_BUCKETS, registry=r)
+        self.last_step_timestamp = Gauge("shardprop_last_step_timestamp_seconds", "Unix time of the job's last "
+                                         "completed step (of its start or resume, before its first step)",
+                                         job, registry=r)
+        self.job_running = Gauge("shardprop_job_running", "1 while the job is running in this service, else 0",
+                                 job, registry=r)
         self.jobs = Gauge("shardprop_jobs", "Jobs by state", ["state"], registry=r)
         for state in STATES:
             self.jobs.labels(state=state).set(0)
@@ -82,6 +87,7 @@ class ServiceMetrics:
             self.validation_accuracy.labels(job_id).set(record["val_accuracy"])
         self.learning_rate.labels(job_id).set(record.get("lr") or 0.0)
         self.steps.labels(job_id).inc()
+        self.last_step_timestamp.labels(job_id).set(time.time())
         self.samples.labels(job_id).inc(record.get("samples") or 0)
         if record.get("workers") is not None:
             self.workers.labels(job_id).set(record["workers"])
@@ -111,6 +117,16 @@ class ServiceMetrics:
         for state in STATES:
             self.jobs.labels(state=state).set(counts.get(state, 0))
 
+    def job_started(self, job_id: str) -> None:
+        """A job starts (or resumes) running here. Its last-step time starts
+        at now, so that a job stuck before its first step is seen as stuck."""
+        self.job_running.labels(job_id).set(1)
+        self.last_step_timestamp.labels(job_id).set(time.time())
+
+    def job_stopped(self, job_id: str) -> None:
+        """The job no longer runs here: it ended, or the service is stopping."""
+        self.job_running.labels(job_id).set(0)
+
     def job_finished(self, job_id: str) -> None:
         """Start the retention clock of a finished job's series."""
         with self._lock:
@@ -130,7 +146,8 @@ class ServiceMetrics:
         """Remove every series of a job."""
         failures = tuple(getattr(self, attr) for attr in FAILURE_COUNTERS.values())
         for metric in (self.train_loss, self.validation_loss, self.validation_accuracy, self.learning_rate,
-                       self.steps, self.samples, self.workers, self.parameter_version, self.staleness, *failures):
+                       self.steps, self.samples, self.workers, self.parameter_version, self.staleness,
+                       self.last_step_timestamp, self.job_running, *failures):
             try:
                 metric.remove(job_id)
             except KeyError:
