@@ -19,8 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from promql_names import HEALTH_CONTRACT, defined_names, metric_names, pending_contract_names
+from promql_names import HEALTH_SERIES, defined_names, metric_names
 from service.cli import build_parser
+from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,9 +99,8 @@ def test_the_dashboard_charts_the_health_series_and_only_series_the_service_defi
     panels = board()["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     names = dashboard_metric_names()
-    assert HEALTH_CONTRACT | {"shardprop_last_step_timestamp_seconds", "shardprop_job_running"} <= names
-    # the contract's series not defined yet are the only ones allowed beyond service/metrics.py
-    assert names <= defined_names() | pending_contract_names(), names - defined_names()
+    assert HEALTH_SERIES <= names, HEALTH_SERIES - names
+    assert names <= defined_names(), names - defined_names()
 
 
 @pytest.mark.ray
@@ -110,7 +110,7 @@ def test_every_dashboard_query_names_a_metric_the_service_exports(service):  # n
     job = httpx.post(f"{service}/v1/jobs", json=async_job, timeout=10).json()
     wait_for(lambda: httpx.get(f"{service}/v1/jobs/{job['id']}", timeout=10).json()["step"] >= 20)
     exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", httpx.get(f"{service}/metrics").text, re.M))
-    names = dashboard_metric_names() - pending_contract_names()
+    names = dashboard_metric_names()
     assert names and names <= exported, names - exported
 
 
@@ -201,8 +201,6 @@ print(json.dumps(graphs))
 def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
     """The bare-machine commands of docs/deploy.md, on loopback; the head is
     ended by its pid (never `ray stop`, which would end every Ray here)."""
-    import signal
-
     from tests.service_helpers import ServiceProcess, wait_state
 
     gcs = free_port()
@@ -233,9 +231,4 @@ def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
     finally:
         if server is not None:
             server.stop()
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        stop_process_group(head)
