@@ -82,6 +82,11 @@ class ServiceMetrics:
                                     "by cause", ["job_id", "cause"], registry=r)
         self.steps_lost = Counter("shardprop_steps_lost", "Steps missing from the job's history (stays 0)",
                                   job, registry=r)
+        self.last_step_timestamp = Gauge("shardprop_last_step_timestamp_seconds", "Unix time of the job's last "
+                                         "completed step (or of its start or resume, before its first step)",
+                                         job, registry=r)
+        self.job_running = Gauge("shardprop_job_running", "1 while the job is running in this service, else 0",
+                                 job, registry=r)
         self.jobs = Gauge("shardprop_jobs", "Jobs by state", ["state"], registry=r)
         for state in STATES:
             self.jobs.labels(state=state).set(0)
@@ -103,6 +108,7 @@ class ServiceMetrics:
             self.validation_accuracy.labels(job_id).set(record["val_accuracy"])
         self.learning_rate.labels(job_id).set(record.get("lr") or 0.0)
         self.steps.labels(job_id).inc()
+        self.last_step_timestamp.labels(job_id).set(record.get("finished_at") or time.time())
         self.samples.labels(job_id).inc(record.get("samples") or 0)
         if record.get("workers") is not None:
             self.workers.labels(job_id).set(record["workers"])
@@ -170,6 +176,16 @@ class ServiceMetrics:
         for state in STATES:
             self.jobs.labels(state=state).set(counts.get(state, 0))
 
+    def job_started(self, job_id: str) -> None:
+        """A job starts (or resumes) running here. Its last-step time starts
+        at now, so that a job stuck before its first step is seen as stuck."""
+        self.job_running.labels(job_id).set(1)
+        self.last_step_timestamp.labels(job_id).set(time.time())
+
+    def job_stopped(self, job_id: str) -> None:
+        """The job no longer runs here: it ended, or the service is stopping."""
+        self.job_running.labels(job_id).set(0)
+
     def job_finished(self, job_id: str) -> None:
         """Start the retention clock of a finished job's series."""
         with self._lock:
@@ -193,7 +209,8 @@ class ServiceMetrics:
         series = [(metric, (job_id,)) for metric in (
             self.train_loss, self.validation_loss, self.validation_accuracy, self.learning_rate, self.steps,
             self.samples, self.workers, self.parameter_version, self.staleness, *failures, self.gradient_norm,
-            self.goodput, self.steps_lost)]
+            self.goodput, self.steps_lost,
+            self.last_step_timestamp, self.job_running)]
         series += [(self.step_seconds, (job_id, phase)) for phase in PHASES]
         series += [(metric, (job_id, label)) for metric, label in labelled]
         for metric, labels in series:

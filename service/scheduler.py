@@ -39,10 +39,13 @@ class NotRunning(Exception):
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics, *, start_worker=None):
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        # How each job's workers are started: None is the production way. Tests
+        # pass a fault plan (workers.faults) here, in code; HTTP cannot reach it.
+        self.start_worker = start_worker
         self._lock = threading.Lock()
         self._active: dict[str, Active] = {}
         self._resume: list[str] = []  # jobs found running at start, oldest first
@@ -250,12 +253,14 @@ class Scheduler:
 
     def _start(self, waiting: Waiting, spec: JobSpec) -> None:
         from workers.coordinator import Coordinator
+        from workers.pool import start_gradient_worker
 
         job_id = waiting.job_id
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, data_limits=self.settings.data_limits(), on_step=lambda record: self._on_step(job_id, record),
-            on_event=lambda event: self._on_event(job_id, event))
+            on_event=lambda event: self._on_event(job_id, event),
+            start_worker=self.start_worker or start_gradient_worker)
         active = Active(job_id, coordinator, cpus=waiting.cpus)
         with self._lock:  # with cancel's look at _active: a job is cancelled, or started, never both
             if waiting.resume:
@@ -269,6 +274,7 @@ class Scheduler:
                 except IllegalTransition:
                     return  # cancelled meanwhile
             self._active[job_id] = active
+        self.metrics.job_started(job_id)
         thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
                                   name=f"shardprop-job-{job_id}", daemon=True)
         thread.start()
@@ -282,6 +288,7 @@ class Scheduler:
                 before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
+            self.metrics.job_stopped(job_id)
             with self._lock:  # its actors are gone: its CPUs are free for the next job
                 self._active.pop(job_id, None)
             self.wake()
