@@ -16,10 +16,12 @@ MB/s, peak memory under 1 GB whatever the size.
 
 Part `workers` writes a folder of Parquet files (`--workers-mb` of float32
 features on disk, 64 features, 10 classes, in chunks), prepares it, and
-runs `shardprop train` on it with 2 workers (a private local Ray) in a child
-process, polling the Ray worker processes it starts (its descendants titled
+runs `shardprop train --address` on it with 2 workers in a child process,
+attached to a local Ray this benchmark starts (a private one per child
+often failed to start within Ray's fixed 30 s on a loaded machine),
+polling the Ray worker processes (its descendants titled
 `ray::GradientWorker`) for their VmHWM, which counts touched mapped pages;
-the child reports its own VmHWM at exit. Targets (issue 14): each worker ≤
+the child (the `shardprop train` driver) reports its own VmHWM at exit. Targets (issue 14): each worker ≤
 its shards' rows as float32 × 1.25 + 350 MB, the driver < 600 MB. Then, at
 `--throughput-rows` rows (a size that fits in memory), it alternates
 `--rounds` runs of the same job on the rows in memory (an `.npz`) and
@@ -219,22 +221,40 @@ def _title(pid: int) -> str:
         return ""
 
 
-def train_child(job_path: str, out: str) -> None:
+def train_child(job_path: str, out: str, address: str) -> None:
     """`shardprop train` in this process (the driver), then its VmHWM as JSON."""
     from service.cli import main as cli
 
-    code = cli(["train", job_path, "--out", out, "--checkpoint-dir", out + ".run"])
+    code = cli(["train", job_path, "--out", out, "--checkpoint-dir", out + ".run", "--address", address])
     print(json.dumps({"code": code, "peak_rss": peak_rss_bytes()}))
 
 
-def measure_training_memory(job_path: Path, out: Path) -> tuple[dict, dict[int, int]]:
+def start_ray(attempts: int = 3) -> str:
+    """A local Ray for the children to attach to (retried: its start can time
+    out on a loaded machine); its address."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                                               "PYTHONPATH": str(ROOT)}})
+            return ray.get_runtime_context().gcs_address
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def measure_training_memory(job_path: Path, out: Path, address: str) -> tuple[dict, dict[int, int]]:
     """Run `shardprop train` in a child; (its report, each worker's last VmHWM by pid)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, __file__, "--child-train", str(job_path), str(out)],
+    proc = subprocess.Popen([sys.executable, __file__, "--child-train", str(job_path), str(out), address],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     workers: dict[int, int] = {}
     while proc.poll() is None:
-        for pid in _descendants(proc.pid):
+        for pid in _descendants(os.getpid()):  # the workers are children of this process's raylet
             if _title(pid).startswith(WORKER_TITLE):
                 hwm = _proc_status(pid).get("VmHWM")
                 if hwm:
@@ -244,10 +264,12 @@ def measure_training_memory(job_path: Path, out: Path) -> tuple[dict, dict[int, 
     return report, workers
 
 
-def throughput_child(source: str) -> None:
-    """One job on a private local Ray; samples/s over the steps after the first 10."""
+def throughput_child(source: str, address: str) -> None:
+    """One job on the Ray at `address`; samples/s over the steps after the first 10."""
     from workers.coordinator import Coordinator
+    from workers.runtime import connect_ray
 
+    connect_ray(address)
     stamps = []
     spec = worker_job(Path(source), steps=70, eval_every=0, batch_size=2048)
     with tempfile.TemporaryDirectory() as run:
@@ -260,8 +282,11 @@ def bench_workers(args) -> str:
     from core.prepared import prepare
     from core.shards import shard_range
 
+    import ray
+
     work = Path(tempfile.mkdtemp(prefix="shardprop-bench-workers-", dir=args.dir))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    address = start_ray()
     try:
         rows = generate_parquet(work / "parquet", args.workers_mb)
         prepared = prepare(work / "parquet", work / "set", seed=0)
@@ -269,7 +294,7 @@ def bench_workers(args) -> str:
         shutil.rmtree(work / "parquet")
         job_path = work / "job.json"
         job_path.write_text(json.dumps(worker_job(work / "set", steps=40, eval_every=20, batch_size=512)))
-        report, workers = measure_training_memory(job_path, work / "model.npz")
+        report, workers = measure_training_memory(job_path, work / "model.npz", address)
         assert report["code"] == 0, report
         ranges = [shard_range(prepared.n_train, WORKER_SHARDS, s) for s in range(WORKER_SHARDS)]
         per_worker = [sum(b - a for a, b in ranges[w::2]) * WORKER_FEATURES * 4 for w in range(2)]  # shard s to s mod 2
@@ -278,11 +303,12 @@ def bench_workers(args) -> str:
         results = {"memory": [], "prepared": []}
         for r in range(args.rounds):
             for kind in ("memory", "prepared"):
-                done = subprocess.run([sys.executable, __file__, "--child-throughput", str(small[kind])],
+                done = subprocess.run([sys.executable, __file__, "--child-throughput", str(small[kind]), address],
                                       capture_output=True, text=True, env=env, check=True)
                 results[kind].append(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
                 print(f"round {r + 1} {kind}: {results[kind][-1]:.0f} samples/s", file=sys.stderr)
     finally:
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     peaks = sorted(workers.values(), reverse=True)[:2]
     budget = [w * BUDGET_FACTOR + BUDGET_FIXED for w in per_worker]
@@ -326,10 +352,10 @@ def main() -> int:
         child(*sys.argv[2:5])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--child-train":
-        train_child(*sys.argv[2:4])
+        train_child(*sys.argv[2:5])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--child-throughput":
-        throughput_child(sys.argv[2])
+        throughput_child(*sys.argv[2:4])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")

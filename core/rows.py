@@ -108,7 +108,7 @@ class PreparedRows:
         """Standardized inputs and targets of stored training rows `rows`."""
         if len(rows):
             low, high = int(rows.min()), int(rows.max())
-            for (start, stop), (X, y) in self._owned.items():
+            for (start, stop), (X, y) in list(self._owned.items()):  # `own` may change it on another thread
                 if start <= low and high < stop:
                     return X[rows - start], y[rows - start]
         with self._lock:
