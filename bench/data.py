@@ -229,7 +229,7 @@ def train_child(job_path: str, out: str, address: str) -> None:
     print(json.dumps({"code": code, "peak_rss": peak_rss_bytes()}))
 
 
-def start_ray(attempts: int = 3) -> str:
+def start_ray(attempts: int = 8) -> str:
     """A local Ray for the children to attach to (retried: its start can time
     out on a loaded machine); its address."""
     import ray
