@@ -200,3 +200,20 @@ def test_training_on_s3_gives_the_bits_of_the_local_copy(tmp_path, data_csv, s3_
     local = trained(str(tmp_path / "set"))
     np.testing.assert_array_equal(trained("s3://bucket/sets/d"), local)
     assert not np.array_equal(trained(str(data_csv)), local)  # float32 rows: rounded, so not the raw bits
+
+
+def test_shardprop_train_reference_on_s3_writes_the_model_of_the_local_copy(tmp_path, data_csv, s3_server):
+    import yaml
+
+    from core.mlp import MLP
+    from service.cli import main
+
+    prepare(data_csv, tmp_path / "set", seed=0, block_rows=64)
+    upload(s3_filesystem(allow_bucket_creation=True), tmp_path / "set", "bucket/sets/d")
+    for name, source in (("local", str(tmp_path / "set")), ("remote", "s3://bucket/sets/d")):
+        spec = {"name": name, "data": {"source": source, "shards": 2}, "model": {"hidden": [8]},
+                "training": {"steps": 4, "batch_size": 16}, "resources": {"workers": 1}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        out = tmp_path / f"{name}.npz"
+        assert main(["train", str(tmp_path / f"{name}.yaml"), "--reference", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(MLP.load(tmp_path / "remote.npz").params, MLP.load(tmp_path / "local.npz").params)
