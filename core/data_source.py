@@ -11,8 +11,8 @@ the split settings, and reused by every later job on the same bytes.
 A prepared set fixes its split; a spec that says otherwise (another split
 seed, validation split or label column, or float64 training on float32
 rows) is refused naming the field, the spec's value and the manifest's.
-The row partition of a prepared set is `core.shards.shard_rows` keyed by the
-split seed (`data.split_seed`), which is what lets a job vary its own `seed`
+The row partition of a prepared set (and of an in-memory one, core.data)
+is `core.shards.shard_rows` keyed by the split seed (`data.split_seed`), which is what lets a job vary its own `seed`
 (initialization, each shard's batch order) over one prepared set.
 """
 
@@ -31,7 +31,6 @@ import numpy as np
 from core.data import resolve_data_path
 from core.datafiles import DataError, DataLimits
 from core.prepared import MANIFEST, PreparedSet, cache_root
-from core.shards import shard_rows
 from core.spec import BUILTIN_SOURCES, DataSpec
 
 if TYPE_CHECKING:
@@ -211,23 +210,18 @@ def source_sha256(path: Path) -> str:
 
 
 def load_prepared(prepared: PreparedSet, data: DataSpec, dtype: str, limits: DataLimits) -> "Dataset":
-    """A prepared set as a whole in-memory `Dataset`, its training rows put
-    back in split order (stored row i is training row `order[i]`, `order`
-    being shard_rows' permutation under the split seed), standardized with
-    the manifest's statistics; within `limits`, like any in-memory source.
-    The same rows and bits a worker reading its shards' blocks computes."""
+    """A prepared set as a whole in-memory `Dataset`, its training rows in
+    stored (shard) order as an in-memory source keeps them too, standardized
+    with the manifest's statistics; within `limits`, like any in-memory
+    source. The same rows and bits a worker reading its shards' blocks
+    computes (core.rows.PreparedRows)."""
     from core.data import Dataset, standardize
 
     n, F = prepared.n_train + prepared.n_val, prepared.n_features
     limits.check_size(str(data.source), n, F, 1 if prepared.n_classes is not None else prepared.n_targets)
-    (order,) = shard_rows(prepared.n_train, 1, prepared.split_seed)
-    X_stored, y_stored = prepared.read_train(0, prepared.n_train)
-    X_train = np.empty((prepared.n_train, F), np.float64)
-    X_train[order] = X_stored
-    y_train = np.empty_like(y_stored)
-    y_train[order] = y_stored
+    X_train, y_train = prepared.read_train(0, prepared.n_train)
     X_val, y_val = prepared.read_val(0, prepared.n_val)
     mean, scale = (prepared.mean, prepared.scale) if data.standardize else (None, None)
-    return Dataset(X_train=standardize(X_train, mean, scale, dtype), y_train=y_train,
+    return Dataset(X_train=standardize(X_train, mean, scale, dtype), y_train=np.array(y_train),
                    X_val=standardize(X_val, mean, scale, dtype), y_val=np.array(y_val),
                    n_features=F, n_classes=prepared.n_classes, mean=mean, scale=scale)

@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from service import data_command, train_command
 from service.client import DEFAULT_SERVER, Client, Job, JobEnded, ShardpropError
 from service.client.specs import load_spec_file
-from service.states import STATES, TERMINAL
+from service.states import STATES
 
 
 class CommandError(Exception):

@@ -163,15 +163,18 @@ def test_a_parquet_source_is_always_prepared(tmp_path, cache):
 # ---------------------------------------------- a prepared set held in memory
 
 
-def test_a_prepared_set_loads_as_the_raw_source_in_split_order(tmp_path, data_csv, cache):
+def test_a_prepared_set_loads_as_the_raw_source_in_shard_order(tmp_path, data_csv, cache):
     """Stored float64 rows keep every value: the loaded training and validation
-    rows are the raw CSV's split_rows rows, standardized by the manifest."""
+    rows are the raw CSV's split_rows rows in shard order, standardized by the
+    manifest, whose statistics are the raw source's to the bit."""
     from core.data import standardize
+    from core.shards import shard_order
 
     prepare(data_csv, tmp_path / "set", seed=4, dtype="float64", block_rows=50)
     raw = np.loadtxt(data_csv, delimiter=",", skiprows=1)
     X, y = raw[:, :-1], raw[:, -1].astype(np.int64)
     train, val = split_rows(len(X), 0.2, 4)
+    train = train[shard_order(len(train), 4)]
     for spec in (job(str(tmp_path / "set"), seed=4), job(str(data_csv), seed=4)):
         got = load_dataset(spec.data, 4, "float64", limits=DataLimits(prepare_above_bytes=1000))
         m = PreparedSet.open(tmp_path / "set").manifest["standardization"]
@@ -181,7 +184,8 @@ def test_a_prepared_set_loads_as_the_raw_source_in_split_order(tmp_path, data_cs
         np.testing.assert_array_equal(got.X_val, standardize(X[val], np.array(m["mean"]), np.array(m["scale"]),
                                                               "float64"))
         np.testing.assert_array_equal(got.y_val, y[val])
-        np.testing.assert_allclose(got.mean, X[train].mean(axis=0), rtol=1e-13)
+        np.testing.assert_array_equal(got.mean, X[train].mean(axis=0))
+        np.testing.assert_array_equal(got.scale, np.where(X[train].std(axis=0) == 0, 1.0, X[train].std(axis=0)))
 
 
 def test_training_on_s3_gives_the_bits_of_the_local_copy(tmp_path, data_csv, s3_server):
