@@ -221,3 +221,21 @@ def test_shardprop_train_reference_on_s3_writes_the_model_of_the_local_copy(tmp_
         out = tmp_path / f"{name}.npz"
         assert main(["train", str(tmp_path / f"{name}.yaml"), "--reference", "--out", str(out)]) == 0
     np.testing.assert_array_equal(MLP.load(tmp_path / "remote.npz").params, MLP.load(tmp_path / "local.npz").params)
+
+
+def test_a_prepared_set_costs_each_worker_its_shards_and_the_coordinator_no_rows(tmp_path, data_csv, cache):
+    """By hand: 300 rows, 60 validation, 240 training in 4 shards of 60; 3
+    workers hold at most 2 shards: 120 rows of 5 float32 features and an int64 label."""
+    from service.admission import admit
+    from service.settings import Settings
+
+    prepare(data_csv, tmp_path / "set")
+    spec = parse_spec({"data": {"source": "set", "shards": 4}, "model": {"hidden": [6]},
+                       "training": {"steps": 10, "batch_size": 8}, "resources": {"workers": 3}})
+    cost = admit(spec, Settings(data_roots=[tmp_path]))
+    sizes, vector = [5, 6, 4], (5 * 6 + 6 + 6 * 4 + 4) * 4  # 4 classes (labels 0..3)
+    assert cost.sizes == sizes and cost.train_rows == 240
+    data = 120 * (5 * 4 + 8)
+    evaluation = 60 * sum(sizes) * 4
+    assert cost.worker_bytes == data + evaluation + vector + (vector + 2 * 2 * sum(sizes) * 4)
+    assert cost.service_bytes == vector * 2  # the network and a checkpoint's parameters
