@@ -121,9 +121,13 @@ def test_a_large_raw_source_is_prepared_once_and_reused(tmp_path, data_csv, cach
     second = resolve(job(str(data_csv), seed=2).data, limits=limits)
     assert len(calls) == 1 and second.manifest_sha256 == first.manifest_sha256
     assert os.stat(stored / "manifest.json").st_ino == inode
-    # another split seed is another prepared copy
+    # another job seed over the same split seed is the same copy; another split seed is another
+    again = resolve(job(str(data_csv), seed=7, split_seed=2).data, limits=limits)
+    assert len(calls) == 1 and again.manifest_sha256 == first.manifest_sha256 and again.split_seed == 2
     third = resolve(job(str(data_csv), seed=2, split_seed=5).data, limits=limits)
     assert len(calls) == 2 and third.split_seed == 5
+    assert third.manifest["split"] == {"seed": 5, "validation_split": 0.2}
+    assert not np.array_equal(third.read_val(0, third.n_val)[0], first.read_val(0, first.n_val)[0])
     # changed bytes are another source
     with open(data_csv, "a") as fh:
         fh.write("1,2,3,4,5,1\n")
