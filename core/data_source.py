@@ -120,9 +120,9 @@ def check_split(data: DataSpec, dtype: str, prepared: PreparedSet) -> None:
     if dtype == "float64" and prepared.dtype.name == "float32":
         problems.append(("training.dtype", dtype, "float32 rows (prepare with --dtype float64)"))
     if problems:
-        where = data.source if data.source.startswith("s3://") else str(data.source)
-        raise SplitMismatch(f"data.source {where!r} is a prepared set whose split the spec contradicts: " + "; ".join(
-            f"{field} is {mine!r} in the spec, {theirs!r} in its manifest" for field, mine, theirs in problems))
+        said = "; ".join(f"{field} is {mine!r} in the spec, {theirs!r} in its manifest"
+                         for field, mine, theirs in problems)
+        raise SplitMismatch(f"data.source {data.source!r} is a prepared set whose split the spec contradicts: {said}")
 
 
 # ---------------------------------------------------------------- the cache

@@ -77,7 +77,8 @@ class DataSpec(_Strict):
     samples: positive(MAX_SYNTHETIC_SAMPLES) = Field(2000, description="synthetic only: number of rows")
     features: positive(MAX_SYNTHETIC_FEATURES) = Field(20, description="synthetic only: number of input columns")
     classes: int = Field(3, description="synthetic only: number of classes")
-    label_column: str | int | None = Field(None, description="csv only: label column name or index (default: the last)")
+    label_column: str | int | None = Field(
+        None, description="csv and parquet only: label column name or index (default: the last)")
     standardize: bool = Field(True, description="scale inputs by the training split's mean and standard deviation")
 
     @field_validator("source")
