@@ -157,7 +157,8 @@ def _trial(sweep: SweepSpec, trial: int) -> JobSpec:
         return sweep.trial_spec(trial, len(sweep.rungs) - 1)
     except SpecError as err:
         values = ", ".join(f"{p}={v!r}" for p, v in sweep.values(trial).items())
-        raise SweepError(f"space: trial {trial} ({values}) is not a valid job spec: {err}") from None
+        reason = str(err).removeprefix("spec: ")  # a whole-spec rule names its fields itself
+        raise SweepError(f"space: trial {trial} ({values}) is not a valid job spec: {reason}") from None
 
 
 def _name(value: Any) -> str:
