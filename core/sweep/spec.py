@@ -22,7 +22,7 @@ from core.sweep.space import (Dimension, SweepError, _short, apply_values, grid_
 METHODS = ("grid", "random", "halving")
 # Metrics every synchronous job's history records at its stop (core.trainer.step_record).
 METRICS = {"val_accuracy": "max", "val_loss": "min", "loss": "min"}
-MAX_TRIALS = 10_000
+MAX_TRIALS = 1000  # every trial's job spec is validated when the sweep is: this bounds that work
 MAX_CONCURRENT = 1024
 DEFAULT_CONCURRENT = 2
 DEFAULT_REDUCTION = 3
