@@ -237,6 +237,9 @@ def train_from(
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     first = 0
     if start is not None:
+        if start.step > stop_step(spec):
+            raise TrainingError(f"cannot continue from step {start.step}: past this job's stop at step "
+                                f"{stop_step(spec)}")
         net.params[:] = start.params
         optimizer.load_state_dict(start.optimizer)
         guard.streak, guard.skipped, first = start.nonfinite_streak, start.nonfinite_skipped, start.step
@@ -257,6 +260,6 @@ def train_from(
             history.append(record)
             if on_step is not None:
                 on_step(record)
-    end = TrainState(max(first, stop_step(spec)), net.params.copy(), optimizer.state_dict(),
+    end = TrainState(stop_step(spec), net.params.copy(), optimizer.state_dict(),
                      guard.streak, guard.skipped)
     return net, history, end

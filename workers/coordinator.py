@@ -23,7 +23,7 @@ import numpy as np
 from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.spec import JobSpec, checkpoint_key, load_spec, stop_step
-from core.trainer import ShardedData, build_network
+from core.trainer import ShardedData, TrainingError, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
 from workers.checkpoint import JobCheckpoints
@@ -136,6 +136,9 @@ class Coordinator:
         job = self._job = self._parts(net, data)
         start, resumed = 0, job.reporter.latest_checkpoint() if resume else None
         if resumed is not None:
+            if resumed.step > stop_step(spec):
+                raise TrainingError(f"the checkpoint of step {resumed.step} in {self.checkpoint_dir} is past "
+                                    f"this job's stop at step {stop_step(spec)}")
             net.params[:] = resumed.params
             start = job.reporter.reported = resumed.step
             self.on_event(Resumed(start))
