@@ -1,6 +1,9 @@
 """Logical shards: the unit of work and of determinism.
 
-Shard s of S owns a fixed subset of the training rows. `(seed, epoch, s)`
+The training rows are kept in *shard order* (`shard_order`: a seeded
+permutation of the split's training rows, which is also how a prepared data
+set stores them, docs/data.md), so shard s of any shard count S owns one
+contiguous range of them (`shard_range`). `(seed, epoch, s)`
 fixes the order in which it visits them; step t takes the shard's next slice
 of that order, running on into the next epoch's order when one is used up.
 Because a shard takes the same number of rows every step, where it is in its
@@ -14,13 +17,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+SHARD_ORDER_KEY = 0x54A2D
+
+
+def shard_order(n_train: int, seed: int) -> np.ndarray:
+    """The permutation putting the split's training rows in shard order:
+    stored row i is training row `shard_order(...)[i]`."""
+    return np.random.default_rng([seed, SHARD_ORDER_KEY]).permutation(n_train)
+
+
 def shard_rows(n_train: int, shards: int, seed: int) -> list[np.ndarray]:
-    """The training-row indices each shard owns: a seeded permutation cut into
+    """The training-row indices each shard owns: the shard order cut into
     `shards` nearly equal parts (sizes differ by at most one, larger first)."""
+    _check_count(n_train, shards)
+    return np.array_split(shard_order(n_train, seed), shards)
+
+
+def shard_range(n_train: int, shards: int, shard: int) -> tuple[int, int]:
+    """The stored rows [start, stop) shard `shard` of `shards` owns: the same
+    cut as `shard_rows` (`np.array_split`), made on rows in shard order."""
+    _check_count(n_train, shards)
+    size, extra = divmod(n_train, shards)
+    start = shard * size + min(shard, extra)
+    return start, start + size + (1 if shard < extra else 0)
+
+
+def _check_count(n_train: int, shards: int) -> None:
     if not 1 <= shards <= n_train:
         raise ValueError(f"shards must be in [1, {n_train}] (the training rows), got {shards}")
-    order = np.random.default_rng([seed, 0x54A2D]).permutation(n_train)
-    return np.array_split(order, shards)
 
 
 def shard_batch_size(batch_size: int, shards: int, shard: int) -> int:
@@ -34,7 +58,7 @@ class Shard:
     """One logical shard: its rows and how it walks through them step by step."""
 
     index: int
-    rows: np.ndarray  # indices into the training split
+    rows: np.ndarray  # indices of stored (shard-ordered) training rows
     batch_size: int  # rows per step
     seed: int
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
@@ -63,8 +87,9 @@ class Shard:
 
 
 def make_shards(n_train: int, shards: int, batch_size: int, seed: int) -> list[Shard]:
-    """All S logical shards of a job."""
+    """All S logical shards of a job over `n_train` rows in shard order;
+    `seed` fixes each shard's walk through its rows."""
     return [
-        Shard(s, rows, shard_batch_size(batch_size, shards, s), seed)
-        for s, rows in enumerate(shard_rows(n_train, shards, seed))
+        Shard(s, np.arange(*shard_range(n_train, shards, s)), shard_batch_size(batch_size, shards, s), seed)
+        for s in range(shards)
     ]

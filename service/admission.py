@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from core.data import DataError
+from core.data_source import NotPrepared
 from core.metadata import DataMetadata, describe
 from core.spec import JobSpec, validation_rows
 from core.trainer import output_units
@@ -84,35 +85,52 @@ def job_cost(spec: JobSpec, meta: DataMetadata) -> JobCost:
     )
 
 
-def admit(spec: JobSpec, settings: Settings) -> JobCost:
-    """The job's cost, or Refused naming the first figure past its limit."""
+def admit(spec: JobSpec, settings: Settings) -> JobCost | None:
+    """The job's cost, or Refused naming the first figure past its limit.
+    A large raw source not prepared yet has no metadata to judge: only the
+    limits that do not depend on the data are checked (None), and the job
+    is admitted again once its data is prepared (service/job_runner.py)."""
     try:
-        meta = describe(spec.data, [str(r) for r in settings.data_roots], settings.data_limits())
+        meta = describe(spec.data, [str(r) for r in settings.data_roots], settings.data_limits(),
+                        spec.training.dtype)
+    except NotPrepared:
+        _refuse_first(_spec_problems(spec, settings))
+        return None
     except DataError as err:
         raise Refused(str(err)) from None
     cost = job_cost(spec, meta)
-    problem = next(_problems(spec, cost, settings), None)
+    _refuse_first(_problems(spec, cost, settings))
+    return cost
+
+
+def _refuse_first(problems) -> None:
+    problem = next(problems, None)
     if problem is not None:
         raise Refused(problem)
-    return cost
+
+
+def _spec_problems(spec: JobSpec, s: Settings):
+    """Each limit the spec alone passes, as a message."""
+    t = spec.training
+    if t.steps > s.max_steps:
+        yield f"training.steps ({t.steps}) is more than the limit of {s.max_steps} (max_steps)"
+    for field, every, limit, name in (("eval_every", t.eval_every, s.max_evaluations, "evaluations"),
+                                      ("checkpoint_every", t.checkpoint_every, s.max_checkpoints, "checkpoints")):
+        count = _occasions(t.steps, every)
+        if count > limit:
+            yield (f"training.{field} ({every}) with {t.steps} steps makes {count} {name}, more than the limit "
+                   f"of {limit} per job (max_{name}); use {field} >= {math.ceil(t.steps / (limit - 1))}")
 
 
 def _problems(spec: JobSpec, cost: JobCost, s: Settings):
     """Each limit the job passes, as a message, in the order they are checked."""
     t, source = spec.training, spec.data.source
-    if t.steps > s.max_steps:
-        yield f"training.steps ({t.steps}) is more than the limit of {s.max_steps} (max_steps)"
+    yield from _spec_problems(spec, s)
     if spec.data.shards > cost.train_rows:
         yield (f"data.shards ({spec.data.shards}) exceeds the training rows ({cost.train_rows}) of {source!r}")
     if t.batch_size > cost.train_rows:
         yield (f"training.batch_size ({t.batch_size}) exceeds the training rows ({cost.train_rows}) of "
                f"{source!r}: a step would use rows more than once")
-    for field, count, limit, name in (("eval_every", cost.evaluations, s.max_evaluations, "evaluations"),
-                                      ("checkpoint_every", cost.checkpoints, s.max_checkpoints, "checkpoints")):
-        if count > limit:
-            every = getattr(t, field)
-            yield (f"training.{field} ({every}) with {t.steps} steps makes {count} {name}, more than the limit "
-                   f"of {limit} per job (max_{name}); use {field} >= {math.ceil(t.steps / (limit - 1))}")
     if spec.model.output == "softmax" and cost.sizes[-1] < 2:
         yield (f"model.output 'softmax' needs at least 2 output units, and {source!r} has one regression target "
                "(its labels are not all integers): use output 'identity' with loss 'squared_error'")

@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from service import data_command, train_command
 from service.client import DEFAULT_SERVER, Client, Job, JobEnded, ShardpropError
 from service.client.specs import load_spec_file
-from service.states import STATES, TERMINAL
+from service.states import STATES
 
 
 class CommandError(Exception):
@@ -227,6 +226,7 @@ def follow(job: Job, total: int, interval: float = 0.25) -> int:
             seen["waiting"] = status.get("waiting_for")
             if seen["waiting"]:
                 bar.write(f"queued: {seen['waiting']}", file=sys.stderr)
+        bar.set_description(f"{job.id} {status['phase']}" if status.get("phase") else job.id, refresh=False)
         for m in job.metrics(since=seen["step"]):
             seen["step"] = max(seen["step"], m["step"])
             if m.get("val_accuracy") is not None:

@@ -14,6 +14,7 @@ run (service.ray_connection), with a bounded wait.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 
 from core.spec import JobSpec, SpecError, parse_stored_spec
@@ -24,7 +25,7 @@ from service.queue_policy import Waiting, choose
 from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
-from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
+from service.store import IllegalTransition, NotFound, Store, StoreError, StoreUnavailable
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
@@ -146,6 +147,12 @@ class Scheduler:
         if workers != job["workers"]:
             active.resized.wait(wait_s)
         return self.store.get_job(job_id)
+
+    def phase(self, job_id: str) -> str | None:
+        """What a running job does before its first step ("preparing data: ..."), or None."""
+        with self._lock:
+            active = self._active.get(job_id)
+        return active.phase if active is not None else None
 
     def running_ids(self) -> list[str]:
         with self._lock:
@@ -270,12 +277,15 @@ class Scheduler:
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
         try:
-            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop)
+            outcome = job_runner.run_to_end(
+                active, resume, self.settings.model_path(job_id), self._stop,
+                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
             with self._lock:  # its actors are gone: its CPUs are free for the next job
                 self._active.pop(job_id, None)
             self.wake()
+        self._observe_history(job_id)
         if outcome is not None:
             job_runner.record(self.store, job_id, outcome, self._stop)
             self._finished(job_id)
@@ -297,6 +307,14 @@ class Scheduler:
     def _finished(self, job_id: str) -> None:
         self._overtakes.pop(job_id, None)
         self.metrics.job_finished(job_id)
+
+    def _observe_history(self, job_id: str) -> None:
+        """Export the steps missing from the job's stored history (after a
+        recovery, and at its end: where steps could be lost)."""
+        try:
+            self.metrics.observe_steps_lost(job_id, self.store.missing_steps(job_id))
+        except (StoreError, sqlite3.Error) as err:  # the job's end must still be recorded
+            log.warning("job %s: steps lost not counted: %s", job_id, err)
 
     def _on_step(self, job_id: str, record: dict) -> None:
         self.store.record_metric(job_id, record)
@@ -323,3 +341,4 @@ class Scheduler:
                 active = self._active.get(job_id)
             if active is not None:
                 self.metrics.observe_counters(job_id, active.coordinator.counters)
+            self._observe_history(job_id)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from service.cli import build_parser
+from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,8 +176,6 @@ print(json.dumps(graphs))
 def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
     """The bare-machine commands of docs/deploy.md, on loopback; the head is
     ended by its pid (never `ray stop`, which would end every Ray here)."""
-    import signal
-
     from tests.service_helpers import ServiceProcess, wait_state
 
     gcs = free_port()
@@ -207,9 +206,4 @@ def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
     finally:
         if server is not None:
             server.stop()
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        stop_process_group(head)
