@@ -22,7 +22,7 @@ import numpy as np
 
 from core.datafiles import DataLimits
 from core.mlp import MLP
-from core.spec import JobSpec, checkpoint_key, load_spec
+from core.spec import JobSpec, checkpoint_key, load_spec, stop_step
 from core.trainer import ShardedData, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
@@ -126,7 +126,7 @@ class Coordinator:
     # ------------------------------------------------------------ running
 
     def run(self, resume: bool = False) -> MLP:
-        """Train to the end; returns the trained network."""
+        """Train to the job's stop (training.stop_at, else the end); returns the trained network."""
         spec = self.spec
         connect_ray(None, spec.resources.workers)
         # Loading the data here checks it before any actor starts, and gives
@@ -154,7 +154,7 @@ class Coordinator:
                     self._loop = AsyncLoop(job, self.applied_batches)
                     final = self._loop.run(start, resumed)
             net.params[:] = job.servers.fetch(final)
-            job.reporter.checkpoint(spec.training.steps, job.servers.state())
+            job.reporter.checkpoint(stop_step(spec), job.servers.state())
             return net
         finally:
             job.pool.shutdown()

@@ -20,7 +20,7 @@ import numpy as np
 from core.data import Dataset
 from core.mlp import MLP
 from core.provenance import params_sha256, records_params
-from core.spec import JobSpec
+from core.spec import JobSpec, stop_step
 from core.trainer import NonFiniteGuard, evaluate, should_evaluate, step_record
 from workers.checkpoint import Checkpoint, JobCheckpoints
 from workers.protocol import Counters, ServerState
@@ -57,7 +57,7 @@ class Reporter:
         return should_evaluate(self.spec, step)
 
     def should_checkpoint(self, step: int) -> bool:
-        every, steps = self.spec.training.checkpoint_every, self.spec.training.steps
+        every, steps = self.spec.training.checkpoint_every, stop_step(self.spec)
         return every > 0 and (step + 1) % every == 0 and step + 1 < steps
 
     def restart_clock(self) -> None:
