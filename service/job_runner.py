@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
 
@@ -41,13 +41,18 @@ class Outcome(NamedTuple):
     error: str | None = None
 
 
-def run_to_end(active: Active, resume: bool, model_path: Path, stopping: threading.Event) -> Outcome | None:
+def run_to_end(active: Active, resume: bool, model_path: Path, stopping: threading.Event,
+               prepare: Callable[[], bool] | None = None) -> Outcome | None:
     """Run the job's coordinator; the state it ends in, or None when the
-    service is stopping (the job stays `running` and resumes at the next start)."""
+    service is stopping (the job stays `running` and resumes at the next start).
+    `prepare()` readies the job's checkpoints first (a sweep's promotion
+    gets its rung before's); True: resume from them."""
     from core.trainer import TrainingError
     from workers.coordinator import JobCancelled
 
     try:
+        if prepare is not None and prepare():
+            resume = True
         net = active.coordinator.run(resume=resume)
         model_path.parent.mkdir(parents=True, exist_ok=True)
         net.save(model_path)

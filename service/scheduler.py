@@ -7,7 +7,8 @@ service.queue_policy's decision. Each running job is one Coordinator driven
 from a thread of this process (service.job_runner). Jobs found `running` when
 the scheduler starts (the service was killed) resume from their latest
 checkpoint, each at most `max_resumes` times, so that a job that kills the
-service cannot crash-loop it. Ray is connected when the first job is about to
+service cannot crash-loop it. Sweeps add their trial jobs to the queue
+before each decision (service.sweep_runner). Ray is connected when the first job is about to
 run (service.ray_connection), with a bounded wait.
 """
 
@@ -25,6 +26,7 @@ from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
 from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
+from service.sweep_runner import SweepRunner
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
@@ -54,6 +56,7 @@ class Scheduler:
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
         self._store_error: str | None = None  # the last store failure the loop logged
+        self.sweeps = SweepRunner(settings, store, self.cancel, metrics.sweeps)  # submits sweeps' trial jobs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,6 +163,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.metrics.set_job_states(self.store.counts())
+                self.sweeps.advance()  # never raises
                 started = self._schedule_one()
                 self._store_error = None
             except StoreUnavailable as err:  # a full disk: say it once, try again at the next poll
@@ -270,7 +274,8 @@ class Scheduler:
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
         try:
-            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop)
+            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop,
+                                            prepare=lambda: self.sweeps.seed_continuation(job_id))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
             with self._lock:  # its actors are gone: its CPUs are free for the next job

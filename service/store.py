@@ -204,11 +204,12 @@ class Store(SweepTables):
         job_id = uuid.uuid4().hex[:12]
         at = now()
         training = spec.get("training", {})
+        steps = training.get("stop_at") or training.get("steps", 0)  # a job stopped early runs to stop_at
         db.execute(
             "INSERT INTO jobs (id, name, spec, state, step, steps, error, created_at, updated_at, "
             "idempotency_key, body_hash, workers, provenance, sweep) "
             "VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(training.get("steps", 0)),
+            (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(steps),
              at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1)),
              json.dumps(provenance, sort_keys=True) if provenance is not None else None, sweep))
         db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, NULL, "

@@ -127,16 +127,38 @@ class SweepTables:
                    provenance: dict | None = None) -> tuple[dict, bool]:
         """The job of one trial's rung: stored queued, with its link to the
         sweep, in one transaction; (job, created). Asked again for the same
-        (sweep, trial, rung), the job made the first time."""
+        (sweep, trial, rung), the job made the first time. A sweep that has
+        ended (a cancel came first) gets no new job: IllegalTransition."""
         with self._tx() as db:
             row = db.execute("SELECT job FROM sweep_runs WHERE sweep = ? AND trial = ? AND rung = ?",
                              (sweep_id, trial, rung)).fetchone()
             if row is not None:
                 return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)).fetchone()), False
+            state = db.execute("SELECT state FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+            if state is None:
+                raise NotFound(f"no sweep with id {sweep_id!r}")
+            if state[0] not in ("queued", "running"):
+                raise IllegalTransition(f"sweep {sweep_id} is {state[0]}; it starts no more trial jobs")
             job_id = self._insert_job(db, spec, provenance=provenance, sweep=sweep_id)
             db.execute("INSERT INTO sweep_runs (sweep, trial, rung, job) VALUES (?, ?, ?, ?)",
                        (sweep_id, trial, rung, job_id))
             return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def run_parent(self, job_id: str) -> tuple[str, int] | None:
+        """For a trial job above the first rung: the job of the same trial's
+        rung before it, and that rung's index; None for any other job."""
+        with self._read() as db:
+            row = db.execute("SELECT p.job, p.rung FROM sweep_runs r JOIN sweep_runs p ON p.sweep = r.sweep AND "
+                             "p.trial = r.trial AND p.rung = r.rung - 1 WHERE r.job = ?", (job_id,)).fetchone()
+            return None if row is None else (row[0], row[1])
+
+    def unfinished_jobs_of_ended_sweeps(self) -> list[str]:
+        """Queued or running jobs of sweeps that ended (cancelled while the
+        service stopped before it could cancel them all), oldest first."""
+        with self._read() as db:
+            return [r[0] for r in db.execute(
+                "SELECT j.id FROM jobs j JOIN sweeps s ON s.id = j.sweep WHERE j.sweep IS NOT NULL AND "
+                "j.state IN ('queued', 'running') AND s.state NOT IN ('queued', 'running') ORDER BY j.seq")]
 
     def sweep_runs(self, sweep_id: str, objective: str | None = None) -> list[dict]:
         """Every run of the sweep in (trial, rung) order: its job's id, state,
