@@ -11,8 +11,10 @@ import json
 
 import httpx
 import pytest
+import yaml
 
 from core.sweep import parse_sweep
+from service import sweep_command
 from service_helpers import service, tiny_spec, wait_for
 
 LRS = [0.05, 0.1, 0.2, 0.4]
@@ -133,3 +135,27 @@ def test_a_sweep_queues_its_trials_as_jobs_fifo_and_cancels_them(paused):
     assert httpx.get(f"{url}/v1/sweeps/nope").status_code == 404
     assert httpx.post(f"{url}/v1/sweeps/nope/cancel").status_code == 404
     assert json.loads(httpx.get(f"{url}/v1/sweeps", params={"state": "cancelled"}).text)["sweeps"][0]["id"] == sweep["id"]
+
+
+def test_the_sweep_commands(paused, tmp_path, capsys):
+    from service.cli import main
+
+    url, _ = paused
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep_doc()))
+    assert main(["--server", url, "sweep", "submit", str(tmp_path / "sweep.yaml")]) == 0
+    sweep_id = capsys.readouterr().out.strip()
+    assert main(["--server", url, "sweep", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[1].split()[:4] == [sweep_id, "sw", "queued", "4"]
+    assert main(["--server", url, "sweep", "status", sweep_id]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["id"] == sweep_id and status["trials"] == 4
+    table = sweep_command.leaderboard_lines(status)
+    assert table[0].startswith(f"sweep {sweep_id} (sw, halving): queued; trials: 4 queued")
+    assert [line.split()[1] for line in table[2:]] == ["0", "1", "2", "3"]
+    assert main(["--server", url, "sweep", "best", sweep_id, "-o", str(tmp_path / "m.npz")]) == 1
+    assert "no trial with a model yet" in capsys.readouterr().err and not (tmp_path / "m.npz").exists()
+    assert main(["--server", url, "sweep", "cancel", sweep_id]) == 0
+    assert capsys.readouterr().out.strip() == f"sweep {sweep_id} cancelled"
+    assert main(["--server", url, "sweep", "status", "nope"]) == 1
+    assert "404" in capsys.readouterr().err
