@@ -9,6 +9,7 @@ ran first — so the same sweep document always gives the same trials.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ def _dimension(path: Any, raw: Any, base: dict) -> Dimension:
             raise SweepError(f"{field}: must be a non-empty list of values, got {_short(args)}")
         if len(args) > MAX_VALUES:
             raise SweepError(f"{field}: has {len(args)} values, at most {MAX_VALUES} are allowed")
+        try:
+            json.dumps(args)
+        except (TypeError, ValueError):
+            raise SweepError(f"{field}: values must be JSON data (numbers, strings, lists, mappings), "
+                             f"got {_short(args)}") from None
         return Dimension(path, kind, tuple(args))
     return Dimension(path, kind, _bounds(field, kind, args))
 
@@ -160,11 +166,8 @@ def apply_values(base: dict, values: dict[str, Any]) -> dict:
 
 
 def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    """A deep copy of JSON data (a sweep's documents are JSON data throughout)."""
+    return json.loads(json.dumps(value))
 
 
 def _short(value: Any) -> str:

@@ -22,7 +22,7 @@ from core.sweep.space import (Dimension, SweepError, _short, apply_values, grid_
 METHODS = ("grid", "random", "halving")
 # Metrics every synchronous job's history records at its stop (core.trainer.step_record).
 METRICS = {"val_accuracy": "max", "val_loss": "min", "loss": "min"}
-MAX_TRIALS = 10_000
+MAX_TRIALS = 1000  # every trial's job spec is validated when the sweep is: this bounds that work
 MAX_CONCURRENT = 1024
 DEFAULT_CONCURRENT = 2
 DEFAULT_REDUCTION = 3
@@ -157,7 +157,8 @@ def _trial(sweep: SweepSpec, trial: int) -> JobSpec:
         return sweep.trial_spec(trial, len(sweep.rungs) - 1)
     except SpecError as err:
         values = ", ".join(f"{p}={v!r}" for p, v in sweep.values(trial).items())
-        raise SweepError(f"space: trial {trial} ({values}) is not a valid job spec: {err}") from None
+        reason = str(err).removeprefix("spec: ")  # a whole-spec rule names its fields itself
+        raise SweepError(f"space: trial {trial} ({values}) is not a valid job spec: {reason}") from None
 
 
 def _name(value: Any) -> str:
