@@ -90,6 +90,7 @@ class ServiceMetrics:
         self.jobs = Gauge("shardprop_jobs", "Jobs by state", ["state"], registry=r)
         for state in STATES:
             self.jobs.labels(state=state).set(0)
+        self.sweeps = SweepMetrics(r, retention_s)
         self._lock = threading.Lock()
         self._seen: dict[str, dict] = {}  # job -> last cumulative counters (failures, lost seconds, steps lost)
         self._labelled: dict[str, set] = {}  # job -> (metric, label) of its series with a second label
@@ -220,6 +221,54 @@ class ServiceMetrics:
                 pass
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text format and its content type, after dropping expired jobs."""
+        """The text format and its content type, after dropping expired jobs and sweeps."""
         self._forget_expired()
+        self.sweeps.forget_expired()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+class SweepMetrics:
+    """Per sweep, labelled `sweep_id`: its trials by state (a trial is in its
+    latest run's job state) and the best objective so far. An ended sweep's
+    series are removed after the retention period, as a job's are."""
+
+    def __init__(self, registry: CollectorRegistry, retention_s: float):
+        self.retention_s = retention_s
+        self.trials = Gauge("shardprop_sweep_trials", "Trials of a sweep by state", ["sweep_id", "state"],
+                            registry=registry)
+        self.best = Gauge("shardprop_sweep_best_objective", "Best objective value of a sweep's trials so far "
+                          "(its objective's metric, in that metric's unit)", ["sweep_id"], registry=registry)
+        self._lock = threading.Lock()
+        self._ended: dict[str, float] = {}  # sweep -> when it ended
+
+    def observe(self, sweep_id: str, trial_states: dict[str, int], best: float | None) -> None:
+        """A sweep now: how many of its trials are in each state, its best objective (None: none yet)."""
+        for state in STATES:
+            self.trials.labels(sweep_id, state).set(trial_states.get(state, 0))
+        if best is not None:
+            self.best.labels(sweep_id).set(best)
+
+    def ended(self, sweep_id: str) -> None:
+        with self._lock:
+            self._ended.setdefault(sweep_id, time.monotonic())
+
+    def forget_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, at in self._ended.items() if now - at >= self.retention_s]
+            for sweep_id in expired:
+                del self._ended[sweep_id]
+        for sweep_id in expired:
+            for state in STATES:
+                _remove(self.trials, sweep_id, state)
+            _remove(self.best, sweep_id)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass

@@ -7,7 +7,8 @@ service.queue_policy's decision. Each running job is one Coordinator driven
 from a thread of this process (service.job_runner). Jobs found `running` when
 the scheduler starts (the service was killed) resume from their latest
 checkpoint, each at most `max_resumes` times, so that a job that kills the
-service cannot crash-loop it. Ray is connected when the first job is about to
+service cannot crash-loop it. Sweeps add their trial jobs to the queue
+before each decision (service.sweep_runner). Ray is connected when the first job is about to
 run (service.ray_connection), with a bounded wait.
 """
 
@@ -26,6 +27,7 @@ from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
 from service.store import IllegalTransition, NotFound, Store, StoreError, StoreUnavailable
+from service.sweep_runner import SweepRunner
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
@@ -58,6 +60,7 @@ class Scheduler:
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
         self._store_error: str | None = None  # the last store failure the loop logged
+        self.sweeps = SweepRunner(settings, store, self.cancel, metrics.sweeps)  # submits sweeps' trial jobs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -170,6 +173,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.metrics.set_job_states(self.store.counts())
+                self.sweeps.advance()  # never raises
                 started = self._schedule_one()
                 self._store_error = None
             except StoreUnavailable as err:  # a full disk: say it once, try again at the next poll
@@ -285,7 +289,8 @@ class Scheduler:
         try:
             outcome = job_runner.run_to_end(
                 active, resume, self.settings.model_path(job_id), self._stop,
-                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop))
+                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop),
+                prepare=lambda: self.sweeps.seed_continuation(job_id))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
             self.metrics.job_stopped(job_id)
