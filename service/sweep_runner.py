@@ -77,7 +77,7 @@ class SweepRunner:
             spec = sweep.trial_spec(launch.trial, launch.rung)
             try:
                 _, made = self.store.create_run(sweep_id, launch.trial, launch.rung, spec.model_dump(mode="json"),
-                                                provenance=job_provenance(spec, self.settings.data_roots))
+                                                provenance=job_provenance(spec, self.settings))
             except IllegalTransition:  # cancelled meanwhile
                 return created
             created += made
