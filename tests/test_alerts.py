@@ -112,3 +112,4 @@ def test_a_real_prometheus_fires_the_stuck_job_alert_for_a_job_whose_worker_hang
             assert wait_state(server.url, job_id, timeout=60)["state"] == "cancelled"
             # no longer running: the alert ends
             wait_for(lambda: not firing(port), timeout=60, interval=0.5, what="the alert resolved")
+    # ray_local's teardown insists the cluster is clean: no actor left, every CPU free
