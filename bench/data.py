@@ -250,8 +250,9 @@ def start_ray(attempts: int = 8) -> str:
 def measure_training_memory(job_path: Path, out: Path, address: str) -> tuple[dict, dict[int, int]]:
     """Run `shardprop train` in a child; (its report, each worker's last VmHWM by pid)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    errors = open(out.with_suffix(".err"), "w+")
     proc = subprocess.Popen([sys.executable, __file__, "--child-train", str(job_path), str(out), address],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     workers: dict[int, int] = {}
     while proc.poll() is None:
         for pid in _descendants(os.getpid()):  # the workers are children of this process's raylet
@@ -260,8 +261,12 @@ def measure_training_memory(job_path: Path, out: Path, address: str) -> tuple[di
                 if hwm:
                     workers[pid] = max(workers.get(pid, 0), hwm)
         time.sleep(0.2)
-    report = json.loads(proc.stdout.read().strip().splitlines()[-1])
-    return report, workers
+    lines = proc.stdout.read().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        errors.seek(0)
+        raise RuntimeError(f"shardprop train failed:\n{errors.read()[-3000:]}")
+    errors.close()
+    return json.loads(lines[-1]), workers
 
 
 def throughput_child(source: str, address: str) -> None:
@@ -296,6 +301,7 @@ def bench_workers(args) -> str:
         job_path.write_text(json.dumps(worker_job(work / "set", steps=40, eval_every=20, batch_size=512)))
         report, workers = measure_training_memory(job_path, work / "model.npz", address)
         assert report["code"] == 0, report
+        print(f"driver {report['peak_rss'] / 1e6:.0f} MB, workers {sorted(workers.values())}", file=sys.stderr)
         ranges = [shard_range(prepared.n_train, WORKER_SHARDS, s) for s in range(WORKER_SHARDS)]
         per_worker = [sum(b - a for a, b in ranges[w::2]) * WORKER_FEATURES * 4 for w in range(2)]  # shard s to s mod 2
         shutil.rmtree(work / "set")
@@ -303,8 +309,14 @@ def bench_workers(args) -> str:
         results = {"memory": [], "prepared": []}
         for r in range(args.rounds):
             for kind in ("memory", "prepared"):
-                done = subprocess.run([sys.executable, __file__, "--child-throughput", str(small[kind]), address],
-                                      capture_output=True, text=True, env=env, check=True)
+                for attempt in range(3):  # attaching can time out on a loaded machine
+                    done = subprocess.run([sys.executable, __file__, "--child-throughput", str(small[kind]), address],
+                                          capture_output=True, text=True, env=env)
+                    if done.returncode == 0:
+                        break
+                    print(f"the {kind} throughput run failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                else:
+                    raise RuntimeError(f"the {kind} throughput run failed 3 times")
                 results[kind].append(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
                 print(f"round {r + 1} {kind}: {results[kind][-1]:.0f} samples/s", file=sys.stderr)
     finally:
