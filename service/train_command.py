@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.data import DataError
-from core.spec import SpecError, load_spec
+from core.spec import SpecError, load_spec, stop_step
 from core.trainer import TrainingError, train
 
 RUNS = Path.home() / ".shardprop" / "runs"
@@ -72,7 +72,7 @@ def run(args) -> int:
         return _fail(str(err), 2)
     out = Path(args.out or f"{spec.name}.npz")
     history: list[dict] = []
-    progress = Progress(spec.training.steps)
+    progress = Progress(stop_step(spec))
 
     def on_step(record: dict) -> None:
         history.append(record)

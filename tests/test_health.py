@@ -105,15 +105,38 @@ def job_spec(**fields):
     return spec(**{"steps": 6, "eval_every": 3, "checkpoint_every": 2, **fields})
 
 
-def run_job(tmp_path, name, **fields):
-    """A distributed job's records, its counters and the seconds its run took."""
+class Timed:
+    """A run's wall time as seen from outside the coordinator: from calling
+    `run` to the event of its final checkpoint (the last thing goodput counts)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.began, self.ended = steps, None, None
+
+    def on_event(self, event) -> None:
+        if event.kind == "checkpoint" and event.step == self.steps:
+            self.ended = time.perf_counter()
+
+    def run(self, coordinator) -> float:
+        self.began = time.perf_counter()
+        coordinator.run()
+        return self.ended - self.began
+
+
+def run_job(tmp_path, name, at_step=None, **fields):
+    """A distributed job's records, its counters and its wall time (Timed);
+    `at_step(record, coordinator)` is called at each step."""
     from workers.coordinator import Coordinator
 
-    records = []
-    coordinator = Coordinator(job_spec(**fields), tmp_path / name, on_step=records.append)
-    began = time.perf_counter()
-    coordinator.run()
-    return records, coordinator.counters, time.perf_counter() - began
+    records, s = [], job_spec(**fields)
+    timed = Timed(s.training.steps)
+
+    def on_step(record):
+        records.append(record)
+        if at_step is not None:
+            at_step(record, coordinator)
+
+    coordinator = Coordinator(s, tmp_path / name, on_step=on_step, on_event=timed.on_event)
+    return records, coordinator.counters, timed.run(coordinator)
 
 
 @pytest.mark.ray
@@ -145,12 +168,13 @@ def test_distributed_health_is_the_references_and_times_are_per_worker(ray_clust
 
 def check_goodput(goodput: dict, took: float) -> None:
     """Goodput is a fraction; steps and causes add up to the wall time (up to
-    float rounding), and that is the run's, less the actors' shutdown after
-    the last checkpoint (under a second here)."""
+    float rounding), and that is the one measured outside (Timed), within
+    2% + 0.1 s: the two clocks start and stop a few statements apart in one
+    thread, which a loaded machine may preempt in between."""
     assert 0 < goodput["ratio"] <= 1
     assert goodput["step_s"] + sum(goodput["lost_s"].values()) == pytest.approx(goodput["wall_s"], rel=1e-9)
     assert goodput["ratio"] == pytest.approx(goodput["step_s"] / goodput["wall_s"], rel=1e-12)
-    assert 0 <= took - goodput["wall_s"] < 1.0, (took, goodput)
+    assert goodput["wall_s"] == pytest.approx(took, rel=0.02, abs=0.1), (took, goodput)
     assert goodput["lost_s"]["startup"] > 0
 
 
@@ -164,29 +188,22 @@ def test_a_killed_server_shows_as_recovery_and_replay_and_the_health_is_unchange
     import os
     import signal
 
-    from workers.coordinator import Coordinator
-
     chaos = {"steps": 8, "checkpoint_every": 4}
     _, history = train(job_spec(**chaos))
-    records = []
 
-    def on_step(record):
-        records.append(record)
+    def kill_the_server_at_step_5(record, coordinator):
         if record["step"] == 5:
             os.kill(coordinator.server_locations[0]["pid"], signal.SIGKILL)
 
-    coordinator = Coordinator(job_spec(workers=2, **chaos), tmp_path / "run", on_step=on_step)
-    began = time.perf_counter()
-    coordinator.run()
-    took = time.perf_counter() - began
-    assert coordinator.counters.server_failures == 1 and coordinator.counters.steps_replayed >= 1
+    records, counters, took = run_job(tmp_path, "run", kill_the_server_at_step_5, workers=2, **chaos)
+    assert counters.server_failures == 1 and counters.steps_replayed >= 1
     assert [r["step"] for r in records] == [r["step"] for r in history]
     assert [r["gradient_norm"] for r in records] == [r["gradient_norm"] for r in history]
     assert [r["update_ratio"] for r in records] == [r["update_ratio"] for r in history]
-    goodput = coordinator.counters.goodput
+    goodput = counters.goodput
     check_goodput(goodput, took)
     assert goodput["lost_s"]["recovery"] > 0 and goodput["lost_s"]["replay"] > 0
-    assert goodput["lost_s"]["recovery"] >= coordinator.counters.recovery_seconds
+    assert goodput["lost_s"]["recovery"] >= counters.recovery_seconds
 
 
 @pytest.mark.ray

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 
 from core.spec import SpecError, checkpoint_key, load_spec, parse_spec, parse_stored_spec
+from core.sweep import load_sweep
 
 BASE = {"data": {"source": "digits"}, "training": {"steps": 10}}
 
@@ -96,7 +98,10 @@ def test_examples_are_valid():
     examples = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
     assert examples
     for path in examples:
-        load_spec(path)
+        if "space" in yaml.safe_load(path.read_text()):
+            load_sweep(path)  # a sweep document (core.sweep), its base a job spec
+        else:
+            load_spec(path)
 
 
 def test_resources_default_when_left_out():
