@@ -243,3 +243,18 @@ def test_a_prepared_set_costs_each_worker_its_shards_and_the_coordinator_no_rows
     evaluation = 60 * sum(sizes) * 4
     assert cost.worker_bytes == data + evaluation + vector + (vector + 2 * 2 * sum(sizes) * 4)
     assert cost.service_bytes == vector * 2  # the network and a checkpoint's parameters
+
+
+def test_shardprop_train_refuses_a_contradicting_split_naming_both_values(tmp_path, data_csv, cache, capsys):
+    import yaml
+
+    from service.cli import main
+
+    prepare(data_csv, tmp_path / "set", seed=3)
+    spec = {"seed": 5, "data": {"source": str(tmp_path / "set"), "shards": 2},
+            "training": {"steps": 2, "batch_size": 8}, "resources": {"workers": 1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["train", str(tmp_path / "job.yaml"), "--reference", "--out", str(tmp_path / "m.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "data.split_seed is 5 in the spec, 3 in its manifest" in err and "Traceback" not in err
+    assert not (tmp_path / "m.npz").exists()
