@@ -168,3 +168,20 @@ def test_the_sweep_commands(paused, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"sweep {sweep_id} cancelled"
     assert main(["--server", url, "sweep", "status", "nope"]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_a_stored_sweep_that_no_longer_parses_fails_alone(paused):
+    url, app = paused
+    store = app.state.store
+    broken = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="broken")).json()
+    with store._tx() as db:  # as if written by a version whose rules this one refuses
+        db.execute("UPDATE sweeps SET document = json_set(document, '$.method', 'bayes') WHERE id = ?",
+                   (broken["id"],))
+    fine = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="fine")).json()
+    failed = wait_for(lambda: (s := store.get_sweep(broken["id"]))["state"] == "failed" and s, 30,
+                      what="the broken sweep to fail")
+    assert "no longer valid" in failed["error"] and "bayes" in failed["error"]
+    wait_for(lambda: len(store.sweep_runs(fine["id"])) == 2, 30, what="the other sweep's trial jobs")
+    # trial jobs it queued before it was found broken are cancelled, as a failed sweep's
+    wait_for(lambda: {r["state"] for r in store.sweep_runs(broken["id"])} <= {"cancelled"}, 30,
+             what="the broken sweep's jobs to be cancelled")
