@@ -107,7 +107,7 @@ UPSERT_METRIC = (
     + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
 # what a step record holds besides the columns, kept in its JSON (docs/service.md, the step record)
 EXTRA_FIELDS = ("gradient_norm", "update_ratio", "worker_compute_s", "worker_wait_s", "finished_at",
-                "params_sha256")
+                "params_sha256", "goodput")
 _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
 _RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
 
@@ -292,6 +292,11 @@ class Store(SweepTables):
             db.execute("UPDATE jobs SET resumes = resumes + 1, updated_at = ? WHERE id = ?", (now(), job_id))
             return db.execute("SELECT resumes FROM jobs WHERE id = ?", (job_id,)).fetchone()["resumes"]
 
+    def set_data_sha256(self, job_id: str, sha256: str) -> None:
+        """The job's data fingerprint once its data is prepared: its manifest's (core/provenance.py)."""
+        self._write_soon(("UPDATE jobs SET provenance = json_set(provenance, '$.data_sha256', ?), updated_at = ? "
+                          "WHERE id = ? AND provenance IS NOT NULL", (sha256, now(), job_id)))
+
     def set_checkpoint(self, job_id: str, step: int) -> None:
         self._write_soon(("UPDATE jobs SET checkpoint_step = ?, updated_at = ? WHERE id = ?", (step, now(), job_id)))
 
@@ -321,6 +326,14 @@ class Store(SweepTables):
             self._retry_at = time.monotonic() + METRIC_RETRY_S
         else:
             self._retry_at = 0.0
+
+    def missing_steps(self, job_id: str) -> int:
+        """Steps from 1 to the highest recorded that the job's history lacks:
+        every step is recorded once, so 0 (a step is one row: (job, step) is
+        the key, and a replayed step replaces its row)."""
+        with self._read() as db:
+            return int(db.execute("SELECT COALESCE(MAX(step), 0) - COUNT(*) FROM metrics WHERE job = ?",
+                                  (job_id,)).fetchone()[0])
 
     def metrics(self, job_id: str, since: int = 0, limit: int | None = None) -> list[dict]:
         """The records of steps after `since`, in step order; at most `limit`."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.spec import SpecError, checkpoint_key, parse_spec
-from core.trainer import train, train_from
+from core.trainer import TrainingError, train, train_from
 from workers.checkpoint import CheckpointError, copy_checkpoint, list_checkpoints, read_checkpoint
 from workers.coordinator import Coordinator
 from run_helpers import by_kind
@@ -40,6 +40,8 @@ def test_stopping_at_rungs_and_continuing_gives_the_uninterrupted_bits_in_the_re
     assert first[-1]["val_accuracy"] is not None and second[-1]["val_accuracy"] is not None
     assert second[1]["val_accuracy"] == full_history[4]["val_accuracy"]  # step 5, on the grid: the same value
     assert first[-1]["params_sha256"] is not None
+    with pytest.raises(TrainingError, match="cannot continue from step 12: past this job's stop at step 7"):
+        train_from(spec(stop_at=7), end)
 
 
 def test_stop_at_is_outside_the_checkpoint_key_and_checked():
@@ -77,3 +79,6 @@ def test_two_workers_stop_at_a_rung_and_a_continuation_resumes_to_the_reference_
     assert resumed == [7]
     assert [r["step"] for r in records] == list(range(8, 13))
     assert np.array_equal(net.params, full.params)
+    # a job never goes back: its folder now holds step 12, past a stop at 7
+    with pytest.raises(TrainingError, match="the checkpoint of step 12 in .* is past this job's stop at step 7"):
+        Coordinator(spec(stop_at=7), tmp_path / "rung1").run(resume=True)

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from core.health import Bounds
 from core.spec import JobSpec
 from workers.checkpoint import Checkpoint
 from workers.parameter_server import ParameterServer, slice_bounds
@@ -23,8 +24,9 @@ from workers.runtime import ALIVE_TIMEOUT_S, kill_actor
 
 
 class ServerGroup:
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, layers: Bounds = ()):
         self.spec = spec
+        self.layers = list(layers)  # each server measures the step's health over these (core.health)
         self.actors: list = []
         self.locations: list[ServerLocation] = []
 
@@ -34,7 +36,7 @@ class ServerGroup:
         bounds = slice_bounds(state.params.size, self.spec.resources.parameter_servers)
         parts = [state.slice(a, b) for a, b in bounds]
         self.actors = [ParameterServer.options(name=None).remote(
-            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None)
+            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None, self.layers)
             for j, ((a, b), part) in enumerate(zip(bounds, parts))]
         self.locations = ray.get([s.location.remote() for s in self.actors])
 
