@@ -43,6 +43,7 @@ class SweepRunner:
         self._cancel_job = cancel_job  # Scheduler.cancel
         self._lock = threading.Lock()  # one sweep decision or cancel at a time
         self._error: str | None = None  # the last failure logged
+        self._sweep_errors: dict[str, str] = {}  # sweep -> the last failure logged for it
 
     def advance(self) -> int:
         """Launch what every active sweep's decision says; the number of jobs
@@ -68,14 +69,18 @@ class SweepRunner:
         (a newer version's rules) fails, without holding up the others."""
         try:
             with self._lock:
-                return self._advance(sweep_id)
+                created = self._advance(sweep_id)
+            self._sweep_errors.pop(sweep_id, None)
+            return created
         except SpecError as err:
             self.store.sweep_transition(sweep_id, "failed", error=f"sweep document no longer valid: {err}")
             self.metrics.ended(sweep_id)
         except StoreUnavailable:
             raise
-        except Exception:
-            log.exception("sweep %s", sweep_id)
+        except Exception as err:  # said once per sweep and message, tried again at the next call
+            if self._sweep_errors.get(sweep_id) != repr(err):
+                log.exception("sweep %s", sweep_id)
+            self._sweep_errors[sweep_id] = repr(err)
         return 0
 
     def _sweep(self, sweep_id: str) -> SweepSpec:
@@ -89,7 +94,7 @@ class SweepRunner:
             spec = sweep.trial_spec(launch.trial, launch.rung)
             try:
                 _, made = self.store.create_run(sweep_id, launch.trial, launch.rung, spec.model_dump(mode="json"),
-                                                provenance=job_provenance(spec, self.settings.data_roots))
+                                                provenance=job_provenance(spec, self.settings))
             except IllegalTransition:  # cancelled meanwhile
                 return created
             created += made
