@@ -24,13 +24,14 @@ import logging
 import threading
 from typing import Callable
 
-from core.sweep import SweepSpec, decide, leaderboard, parse_sweep, sweep_state
+from core.spec import SpecError
+from core.sweep import SweepSpec, decide, leaderboard, sweep_state
 from service.metrics import SweepMetrics
 from service.provenance import job_provenance
 from service.settings import Settings
 from service.states import LEGAL, TERMINAL
 from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
-from service.sweeps import rung_results, trial_states
+from service.sweeps import rung_results, stored_sweep, trial_states
 
 log = logging.getLogger("shardprop.sweeps")
 CANCEL_WAIT_S = 2.0  # per running trial job, as for a job's cancel
@@ -41,8 +42,8 @@ class SweepRunner:
         self.settings, self.store, self.metrics = settings, store, metrics
         self._cancel_job = cancel_job  # Scheduler.cancel
         self._lock = threading.Lock()  # one sweep decision or cancel at a time
-        self._parsed: dict[str, SweepSpec] = {}
         self._error: str | None = None  # the last failure logged
+        self._sweep_errors: dict[str, str] = {}  # sweep -> the last failure logged for it
 
     def advance(self) -> int:
         """Launch what every active sweep's decision says; the number of jobs
@@ -53,8 +54,7 @@ class SweepRunner:
             for job_id in self.store.unfinished_jobs_of_ended_sweeps():
                 self._cancel(job_id, 0.0)
             for sweep_id in self.store.active_sweeps():
-                with self._lock:
-                    created += self._advance(sweep_id)
+                created += self._advance_one(sweep_id)
             self._error = None
         except StoreUnavailable as err:  # a full disk: said once, tried again at the next call
             if str(err) != self._error:
@@ -64,10 +64,27 @@ class SweepRunner:
             log.exception("sweeps")
         return created
 
+    def _advance_one(self, sweep_id: str) -> int:
+        """One sweep's step; a sweep whose stored document no longer parses
+        (a newer version's rules) fails, without holding up the others."""
+        try:
+            with self._lock:
+                created = self._advance(sweep_id)
+            self._sweep_errors.pop(sweep_id, None)
+            return created
+        except SpecError as err:
+            self.store.sweep_transition(sweep_id, "failed", error=f"sweep document no longer valid: {err}")
+            self.metrics.ended(sweep_id)
+        except StoreUnavailable:
+            raise
+        except Exception as err:  # said once per sweep and message, tried again at the next call
+            if self._sweep_errors.get(sweep_id) != repr(err):
+                log.exception("sweep %s", sweep_id)
+            self._sweep_errors[sweep_id] = repr(err)
+        return 0
+
     def _sweep(self, sweep_id: str) -> SweepSpec:
-        if sweep_id not in self._parsed:
-            self._parsed[sweep_id] = parse_sweep(self.store.get_sweep(sweep_id, details=True)["document"])
-        return self._parsed[sweep_id]
+        return stored_sweep(self.store.get_sweep(sweep_id, details=True)["document"])
 
     def _advance(self, sweep_id: str) -> int:
         sweep = self._sweep(sweep_id)
@@ -98,7 +115,6 @@ class SweepRunner:
             error = _failure(results) if step == "failed" else None
             self.store.sweep_transition(sweep_id, step, error=error)
         if to in TERMINAL:
-            self._parsed.pop(sweep_id, None)
             self.metrics.ended(sweep_id)
             log.info("sweep %s %s", sweep_id, to)
 
@@ -110,7 +126,6 @@ class SweepRunner:
             sweep = self.store.get_sweep(sweep_id)
             if sweep["state"] != "cancelled":
                 sweep = self.store.sweep_transition(sweep_id, "cancelled")
-                self._parsed.pop(sweep_id, None)
                 self.metrics.ended(sweep_id)
         for run in self.store.sweep_runs(sweep_id):
             if run["state"] not in TERMINAL:

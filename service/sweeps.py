@@ -14,7 +14,9 @@ runs, so they read the same before and after a restart.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
+from functools import lru_cache
 
 from core.sweep import RungResult, SweepSpec, decide, leaderboard, parse_sweep
 from service.admission import Refused, admit
@@ -38,6 +40,17 @@ def create_sweep(settings: Settings, store: Store, raw, idempotency_key: str | N
     return sweep_view(store, stored["id"], sweep), created
 
 
+@lru_cache(maxsize=64)
+def _parse(document_json: str) -> SweepSpec:
+    return parse_sweep(json.loads(document_json))
+
+
+def stored_sweep(document: dict) -> SweepSpec:
+    """A stored document parsed again (validating up to every trial's spec:
+    the last 64 are kept, so a polled sweep is not parsed at every poll)."""
+    return _parse(json.dumps(document, sort_keys=True))
+
+
 def _values_text(values: dict) -> str:
     return ", ".join(f"{path}={value!r}" for path, value in values.items())
 
@@ -53,7 +66,7 @@ def rung_results(sweep: SweepSpec, runs: list[dict]) -> list[RungResult]:
 def sweep_view(store: Store, sweep_id: str, sweep: SweepSpec | None = None) -> dict:
     """The sweep as the API shows it (NotFound if there is none)."""
     stored = store.get_sweep(sweep_id, details=True)
-    sweep = sweep or parse_sweep(stored["document"])
+    sweep = sweep or stored_sweep(stored["document"])
     runs = store.sweep_runs(sweep_id, sweep.objective.metric)
     results = rung_results(sweep, runs)
     jobs: dict[int, dict[int, str]] = {}

@@ -92,3 +92,21 @@ def test_a_store_made_before_sweeps_gains_them(tmp_path):
     sweep, _ = s.create_sweep(DOC, TRIALS)
     assert s.create_run(sweep["id"], 0, 0, SPEC)[0]["sweep"] == sweep["id"]
     s.close()
+
+
+def test_a_promotions_parent_and_the_jobs_an_ended_sweep_left(store):
+    sweep, _ = store.create_sweep(DOC, TRIALS)
+    first, _ = store.create_run(sweep["id"], 0, 0, SPEC)
+    other, _ = store.create_run(sweep["id"], 1, 0, SPEC)
+    promoted, _ = store.create_run(sweep["id"], 0, 1, {**SPEC, "training": {"steps": 20, "stop_at": 15}})
+    assert promoted["steps"] == 15  # where it stops
+    assert store.run_parent(promoted["id"]) == (first["id"], 0)
+    assert store.run_parent(first["id"]) is None and store.run_parent("nope") is None
+    plain, _ = store.create_job(SPEC)
+    store.transition(other["id"], "running")
+    assert store.unfinished_jobs_of_ended_sweeps() == []
+    store.sweep_transition(sweep["id"], "cancelled")
+    assert store.unfinished_jobs_of_ended_sweeps() == [first["id"], other["id"], promoted["id"]]
+    with pytest.raises(IllegalTransition):  # an ended sweep starts no job
+        store.create_run(sweep["id"], 1, 1, SPEC)
+    assert store.get_job(plain["id"])["sweep"] is None

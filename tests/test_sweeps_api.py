@@ -132,9 +132,18 @@ def test_a_sweep_queues_its_trials_as_jobs_fifo_and_cancels_them(paused):
     app.state.scheduler.sweeps.advance()  # a cancelled sweep launches nothing more
     assert len([j for j in httpx.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == sweep["id"]]) == 2
     assert httpx.post(f"{url}/v1/sweeps/{sweep['id']}/cancel").status_code == 200  # again: no change
+
+    # a sweep cancelled in the store only (the service killed before its jobs were): the runner finishes it
+    other = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(seed=5)).json()
+    left = wait_for(lambda: [j["id"] for j in httpx.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == other["id"]]
+                    if app.state.store.sweep_runs(other["id"]) else None, 30, what="the other sweep's jobs")
+    app.state.store.sweep_transition(other["id"], "cancelled")
+    wait_for(lambda: {httpx.get(f"{url}/v1/jobs/{j}").json()["state"] for j in left} == {"cancelled"}, 30,
+             what="the runner to cancel the jobs the sweep left")
     assert httpx.get(f"{url}/v1/sweeps/nope").status_code == 404
     assert httpx.post(f"{url}/v1/sweeps/nope/cancel").status_code == 404
-    assert json.loads(httpx.get(f"{url}/v1/sweeps", params={"state": "cancelled"}).text)["sweeps"][0]["id"] == sweep["id"]
+    cancelled = json.loads(httpx.get(f"{url}/v1/sweeps", params={"state": "cancelled"}).text)["sweeps"]
+    assert [s["id"] for s in cancelled] == [other["id"], sweep["id"]]
 
 
 def test_the_sweep_commands(paused, tmp_path, capsys):
@@ -159,3 +168,20 @@ def test_the_sweep_commands(paused, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"sweep {sweep_id} cancelled"
     assert main(["--server", url, "sweep", "status", "nope"]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_a_stored_sweep_that_no_longer_parses_fails_alone(paused):
+    url, app = paused
+    store = app.state.store
+    broken = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="broken")).json()
+    with store._tx() as db:  # as if written by a version whose rules this one refuses
+        db.execute("UPDATE sweeps SET document = json_set(document, '$.method', 'bayes') WHERE id = ?",
+                   (broken["id"],))
+    fine = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="fine")).json()
+    failed = wait_for(lambda: (s := store.get_sweep(broken["id"]))["state"] == "failed" and s, 30,
+                      what="the broken sweep to fail")
+    assert "no longer valid" in failed["error"] and "bayes" in failed["error"]
+    wait_for(lambda: len(store.sweep_runs(fine["id"])) == 2, 30, what="the other sweep's trial jobs")
+    # trial jobs it queued before it was found broken are cancelled, as a failed sweep's
+    wait_for(lambda: {r["state"] for r in store.sweep_runs(broken["id"])} <= {"cancelled"}, 30,
+             what="the broken sweep's jobs to be cancelled")
