@@ -20,6 +20,7 @@ import yaml
 
 from service.cli import build_parser
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
+from tests.netns_cluster import HEAD_PORTS, RAY_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMQL_FUNCTIONS = {"rate", "increase", "histogram_quantile", "sum", "by", "le", "phase", "job_id", "label_values"}
@@ -57,6 +58,12 @@ def test_compose_services_run_commands_the_cli_has():
     assert "jobstore" in compose["volumes"] and "data" in compose["volumes"]
     assert "ray start --head" in script
     assert services["ray-worker"]["command"][:2] == ["ray", "start"]
+    # every node listens on the fixed ports the namespace-host tests run on (docs/deploy.md)
+    head_start = shlex.split(script.split("&&", 1)[0])
+    for flag in (*RAY_PORTS, *HEAD_PORTS):
+        assert flag in head_start, f"ray-head: {flag}"
+    for flag in RAY_PORTS:
+        assert flag in services["ray-worker"]["command"], f"ray-worker: {flag}"
     # Prometheus scrapes the service by its compose name, with the service's token
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
     target_host, _, target_port = scrape["static_configs"][0]["targets"][0].partition(":")
