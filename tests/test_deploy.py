@@ -23,6 +23,7 @@ from promql_names import HEALTH_SERIES, defined_names, metric_names
 from service.cli import build_parser
 from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
+from tests.netns_cluster import HEAD_PORTS, RAY_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,12 @@ def test_compose_services_run_commands_the_cli_has():
     assert "jobstore" in compose["volumes"] and "data" in compose["volumes"]
     assert "ray start --head" in script
     assert services["ray-worker"]["command"][:2] == ["ray", "start"]
+    # every node listens on the fixed ports the namespace-host tests run on (docs/deploy.md)
+    head_start = shlex.split(script.split("&&", 1)[0])
+    for flag in (*RAY_PORTS, *HEAD_PORTS):
+        assert flag in head_start, f"ray-head: {flag}"
+    for flag in RAY_PORTS:
+        assert flag in services["ray-worker"]["command"], f"ray-worker: {flag}"
     # Prometheus scrapes the service by its compose name, with the service's token
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
     target_host, _, target_port = scrape["static_configs"][0]["targets"][0].partition(":")
