@@ -22,7 +22,7 @@ The machine has 2 cores and is shared: with 3 or 4 hosts of 1 CPU each the
 workers share 2 cores, so the model's compute term is stretched by
 max(1, N / 2) here (`contention`); projections assume cores of their own.
 
-    .venv/bin/python bench/scaling.py [--rounds 3] [--steps 40] [--json scaling.json]
+    .venv/bin/python bench/scaling.py [--rounds 3] [--steps 40] [--json scaling.json] [--rows scaling.json]
 
 Do not run it beside bench/multihost.py: they use the same namespace names.
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,20 +53,22 @@ from core.scaling import FITTED, Calibration, JobShape, Network, bytes_per_step,
 
 CORES = 2  # this machine's
 # A loaded machine (the shared one reached a load average of ~37) needs longer than Ray's default wait.
-multihost.ENV["RAY_raylet_start_wait_time_s"] = "180"
+multihost.ENV["RAY_raylet_start_wait_time_s"] = "600"
+multihost.ENV["RAY_agent_register_timeout_ms"] = "600000"  # its raylet died waiting for the metrics agent at 15 s
 ENV = multihost.ENV
 RATES = {"1Gbit": 1e9 / 8, "200Mbit": 200e6 / 8}
 HIDDEN = {"55k": (64, 64), "269k": (256, 256)}
 FEATURES, CLASSES = 784, 10
 
-# (hosts, rate, model): used to fit, or held out to check
-POINTS = [(1, None, "55k", "fit"), (1, None, "269k", "fit"),
+# (workers N, link rate, model): used to fit, or held out to check
+POINTS = [(1, "1Gbit", "55k", "fit"), (1, "200Mbit", "269k", "fit"),
           (2, "1Gbit", "55k", "fit"), (2, "1Gbit", "269k", "fit"),
           (2, "200Mbit", "55k", "fit"), (2, "200Mbit", "269k", "fit"),
           (3, "1Gbit", "269k", "fit"), (3, "200Mbit", "55k", "fit"),
           (3, "1Gbit", "55k", "check"), (3, "200Mbit", "269k", "check"),
           (4, "1Gbit", "55k", "check"), (4, "1Gbit", "269k", "check"),
           (4, "200Mbit", "55k", "check"), (4, "200Mbit", "269k", "check")]
+HOSTS = 4
 
 DRIVER = """
 import json, statistics, sys, time
@@ -95,18 +98,18 @@ for line in sys.stdin:
 """
 
 
-def spec_for(hosts: int, model: str, steps: int, shard_rows: int) -> dict:
-    return {"name": f"scaling-{hosts}-{model}", "seed": 0,
-            "data": {"source": "synthetic", "samples": max(4096, 2 * hosts * shard_rows), "features": FEATURES,
-                     "classes": CLASSES, "validation_split": 0.0, "shards": hosts},
+def spec_for(workers: int, model: str, steps: int, shard_rows: int) -> dict:
+    return {"name": f"scaling-{workers}-{model}", "seed": 0,
+            "data": {"source": "synthetic", "samples": max(4096, 2 * workers * shard_rows), "features": FEATURES,
+                     "classes": CLASSES, "validation_split": 0.0, "shards": workers},
             "model": {"hidden": list(HIDDEN[model])},
-            "training": {"batch_size": shard_rows * hosts, "steps": steps, "dtype": "float32", "eval_every": 0,
+            "training": {"batch_size": shard_rows * workers, "steps": steps, "dtype": "float32", "eval_every": 0,
                          "checkpoint_every": 0, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
-            "resources": {"workers": hosts, "pin_cores": False}}
+            "resources": {"workers": workers, "pin_cores": False}}
 
 
-def shape_for(hosts: int, model: str, shard_rows: int) -> JobShape:
-    return JobShape((FEATURES, *HIDDEN[model], CLASSES), True, 4, shard_rows * hosts, hosts)
+def shape_for(workers: int, model: str, shard_rows: int) -> JobShape:
+    return JobShape((FEATURES, *HIDDEN[model], CLASSES), True, 4, shard_rows * workers, workers)
 
 
 def shape_links(nets: Namespaces, rate: str | None) -> None:
@@ -127,18 +130,30 @@ def no_gso(nets: Namespaces) -> None:
             sh(*prefix, "ip", "link", "set", "dev", dev, "gso_max_size", "1500")
 
 
-def ping_ms(nets: Namespaces) -> float | None:
-    """Median round trip host 1 -> host 0, in ms."""
+RTT_PROBE = """
+import socket, statistics, sys, time
+def once():
+    began = time.perf_counter()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    return time.perf_counter() - began
+print(statistics.median(once() for _ in range(20)) * 1e3)
+"""
+
+
+def rtt_ms(nets: Namespaces, port: int) -> float | None:
+    """Median TCP connect time host 1 -> host 0 (one round trip), in ms
+    (the hosts have no ping)."""
     if len(nets.names) < 2:
         return None
-    done = subprocess.run(nets.prefix(1) + ["ping", "-c", "20", "-i", "0.05", "-q", f"{SUBNET}.1"],
+    done = subprocess.run(nets.prefix(1) + [sys.executable, "-c", RTT_PROBE, f"{SUBNET}.1", str(port)],
                           capture_output=True, text=True)
-    line = [x for x in done.stdout.splitlines() if "min/avg" in x]
-    return float(line[0].split("=")[1].split("/")[1]) if line else None
+    return float(done.stdout) if done.returncode == 0 else None
 
 
 class Cluster:
-    """N namespace hosts, a `ray start` each (1 CPU), and a driver in host 0."""
+    """HOSTS namespace hosts, a `ray start` each (1 CPU), and a driver in host 0.
+    A job of N workers lands them on N hosts (Ray's SPREAD); its servers go
+    where Ray puts them, and each point records where that was."""
 
     def __init__(self, hosts: int, work: Path):
         self.hosts, self.work = hosts, work
@@ -151,13 +166,13 @@ class Cluster:
         try:
             no_gso(self.nets)
             self.setup.start_ray(["--head", f"--port={port}", "--num-cpus=1", f"--node-ip-address={head}",
-                                  f"--temp-dir={work / f'r{hosts}'}"], work / f"h{hosts}-0.log", self.nets.prefix(0))
+                                  f"--temp-dir={work / 'ray'}"], work / "h0.log", self.nets.prefix(0), timeout=600)
             for i in range(1, hosts):
                 self.setup.start_ray([f"--address={head}:{port}", "--num-cpus=1",
-                                      f"--node-ip-address={SUBNET}.{i + 1}"], work / f"h{hosts}-{i}.log",
-                                     self.nets.prefix(i))
-            self.setup.wait_cpus(hosts)
-            self.rtt_ms = ping_ms(self.nets)
+                                      f"--node-ip-address={SUBNET}.{i + 1}"], work / f"h{i}.log",
+                                     self.nets.prefix(i), timeout=600)
+            self.setup.wait_cpus(hosts, timeout=300)
+            self.rtt_ms = rtt_ms(self.nets, port)
             self.driver = subprocess.Popen(self.nets.prefix(0) + [sys.executable, "-c", DRIVER, self.setup.address],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
                                            cwd=ROOT, start_new_session=True)
@@ -169,16 +184,20 @@ class Cluster:
     def _read(self) -> dict:
         line = self.driver.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.hosts} hosts: the driver ended ({self.driver.wait()})")
+            raise RuntimeError(f"the driver ended ({self.driver.wait()})")
         return json.loads(line)
 
-    def run(self, rate: str | None, model: str, steps: int, shard_rows: int, warmup: int) -> dict:
+    def run(self, workers: int, rate: str, model: str, steps: int, shard_rows: int, warmup: int) -> dict:
         shape_links(self.nets, rate)
         job = self.work / f"job-{time.monotonic_ns()}"
-        self.driver.stdin.write(json.dumps({"spec": spec_for(self.hosts, model, steps, shard_rows),
+        self.driver.stdin.write(json.dumps({"spec": spec_for(workers, model, steps, shard_rows),
                                             "dir": str(job), "warmup": warmup}) + "\n")
         self.driver.stdin.flush()
-        return self._read()
+        got = self._read()
+        place = got["placement"]
+        got["remote"] = sum(node not in place["servers"] for node in place["workers"])
+        got["nodes"] = len(set(place["workers"]) | set(place["servers"]))
+        return got
 
     def close(self) -> None:
         if self.driver is not None:  # by pid, then the raylets by theirs
@@ -192,41 +211,35 @@ class Cluster:
         self.nets.__exit__()
 
 
-def started(hosts: int, work: Path, tries: int = 3) -> Cluster:
-    """A cluster, tried again if `ray start` timed out (it does, on a loaded machine)."""
-    for attempt in range(tries):
-        try:
-            return Cluster(hosts, work / f"try{attempt}")
-        except RuntimeError as err:
-            print(f"{hosts} hosts, attempt {attempt + 1}: {str(err)[:300]}", file=sys.stderr, flush=True)
-    raise RuntimeError(f"{hosts} hosts: no cluster after {tries} attempts")
-
-
 # ---------------------------------------------------------------- the fit
+
+
+def _colocated(r: dict) -> bool:
+    return r["remote"] < r["workers"]
 
 
 def _terms(r: dict, cal: Calibration, shard_rows: int) -> tuple[float, list[float]]:
     """A point's known part (its measured compute, the model's reduce+apply
     and latency) and the coefficients of the fitted constants (c0, c_n,
     alpha, 1/eta)."""
-    hosts = r["hosts"]
-    shape = shape_for(hosts, r["model"], shard_rows)
+    n, remote = r["workers"], r["remote"]
+    shape = shape_for(n, r["model"], shard_rows)
+    moved = bytes_per_step(shape, n, _colocated(r)).total
     known = (r["phases"]["compute"] + cal.reduce_s_per_value * (shape.shards + 1) * shape.parameters
-             + (2 * cal.latency_hops * r["latency_s"] if hosts > 1 else 0.0))
-    remote = hosts > 1
-    return known, [1.0, float(hosts - 1), 2.0 * remote, bytes_per_step(shape, hosts).total / r["rate_bytes_s"]]
+             + (2 * cal.latency_hops * r["latency_s"] if remote else 0.0))
+    return known, [1.0, float(remote), 2.0 * (remote > 0), moved / r["rate_bytes_s"]]
 
 
 def calibrate(rows: list[dict], shard_rows: int) -> Calibration:
-    """F from the 1-host points' compute phase, rho from every point's
+    """F from the 1-worker points' compute phase, rho from every point's
     reduce+apply phase, then c0, c_n, alpha and eta by least squares on the
     `fit` points, each point's compute taken as measured (the shared
     machine's load moves compute far more than the network terms)."""
-    ones = [r for r in rows if r["hosts"] == 1]
+    ones = [r for r in rows if r["workers"] == 1]
     flop_rate = statistics.median(shape_for(1, r["model"], shard_rows).shard_flops() / r["phases"]["compute"]
                                   for r in ones)
-    rho = statistics.median(r["phases"]["reduce_apply"] / ((r["hosts"] + 1) * shape_for(
-        r["hosts"], r["model"], shard_rows).parameters) for r in rows)
+    rho = statistics.median(r["phases"]["reduce_apply"] / ((r["workers"] + 1) * shape_for(
+        r["workers"], r["model"], shard_rows).parameters) for r in rows)
     cal = replace(FITTED, flop_rate=flop_rate, reduce_s_per_value=rho)
     a, b = [], []
     for r in (r for r in rows if r["use"] == "fit"):
@@ -240,61 +253,88 @@ def calibrate(rows: list[dict], shard_rows: int) -> Calibration:
 
 def predict(r: dict, cal: Calibration, shard_rows: int) -> tuple[float, float]:
     """The model's step for a point: with its measured compute, and with the
-    compute from its FLOPs (stretched by the hosts sharing CORES cores)."""
-    shape = shape_for(r["hosts"], r["model"], shard_rows)
-    step = parameter_server_step(shape, Network(r["hosts"], r["rate_bytes_s"], r["latency_s"]), cal,
-                                 contention=max(1.0, r["hosts"] / CORES))
+    compute from its FLOPs (stretched by the workers sharing CORES cores)."""
+    shape = shape_for(r["workers"], r["model"], shard_rows)
+    step = parameter_server_step(shape, Network(r["workers"], r["rate_bytes_s"], r["latency_s"]), cal,
+                                 contention=max(1.0, r["workers"] / CORES), colocated=_colocated(r))
     return step.total_s - step.compute_s + r["phases"]["compute"], step.total_s
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the step time")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=6, help="steps left out of the step time")
     ap.add_argument("--shard-rows", type=int, default=256)
-    ap.add_argument("--hosts", default="1,2,3,4")
     ap.add_argument("--json", help="write the points and the fit here")
+    ap.add_argument("--rows", help="fit again the points of an earlier --json, without measuring")
     args = ap.parse_args()
+    if args.rows:
+        report(json.loads(Path(args.rows).read_text())["rows"], args)
+        return 0
     if os.geteuid() != 0:
         print("bench/scaling.py needs root (namespaces, tc)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="spscale-"))
+    try:
+        rows = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:  # before the fit, so that a failed fit loses no measurement
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+    report(rows, args)
+    return 0
+
+
+def measure(args, work: Path) -> list[dict]:
+    """Every point's median step and phases, the points interleaved."""
+    cluster = Cluster(HOSTS, work)
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(POINTS))}
+    try:
+        for rnd in range(args.rounds):
+            order = list(range(len(POINTS)))
+            for i in (order if rnd % 2 == 0 else order[::-1]):
+                workers, rate, model, _ = POINTS[i]
+                got = cluster.run(workers, rate, model, args.steps, args.shard_rows, args.warmup)
+                runs[i].append(got)
+                print(f"{workers} workers {rate} {model} round {rnd + 1}: {got['step_s'] * 1e3:.1f} ms, "
+                      f"{got['remote']} remote, {got['nodes']} nodes; load {os.getloadavg()[0]:.0f}",
+                      file=sys.stderr, flush=True)
+                if args.json:  # the points so far, in case the run is cut short
+                    Path(args.json + ".partial").write_text(json.dumps({"rows": _rows(runs, cluster.rtt_ms)}))
+    finally:
+        cluster.close()
+    return _rows(runs, cluster.rtt_ms)
+
+
+def _rows(runs: dict[int, list[dict]], rtt: float | None) -> list[dict]:
     rows = []
-    for hosts in map(int, args.hosts.split(",")):
-        points = [p for p in POINTS if p[0] == hosts]
-        cluster = started(hosts, work)
-        try:
-            runs: dict[int, list[dict]] = {i: [] for i in range(len(points))}
-            for rnd in range(args.rounds):
-                order = list(range(len(points)))
-                for i in (order if rnd % 2 == 0 else order[::-1]):
-                    _, rate, model, _ = points[i]
-                    got = cluster.run(rate, model, args.steps, args.shard_rows, args.warmup)
-                    runs[i].append(got)
-                    print(f"{hosts} hosts {rate or 'unshaped'} {model} round {rnd + 1}: "
-                          f"{got['step_s'] * 1e3:.1f} ms {got['placement']}", file=sys.stderr, flush=True)
-            for i, (_, rate, model, use) in enumerate(points):
-                got = runs[i]
-                rows.append({"hosts": hosts, "rate": rate or "unshaped", "model": model, "use": use,
-                             "rate_bytes_s": RATES[rate] if rate else 1e12,
-                             "latency_s": (cluster.rtt_ms or 0.0) / 2e3, "rtt_ms": cluster.rtt_ms,
-                             "step_s": statistics.median(g["step_s"] for g in got),
-                             "rounds_s": [g["step_s"] for g in got],
-                             "phases": {k: statistics.median(g["phases"][k] for g in got) for k in got[0]["phases"]},
-                             "placement": got[-1]["placement"]})
-        finally:
-            cluster.close()
+    for i, (workers, rate, model, use) in enumerate(POINTS):
+        got = runs[i]
+        if not got:
+            continue
+        # The servers' node varies from run to run: keep the runs of the commonest placement.
+        remote = statistics.mode(g["remote"] for g in got)
+        same = [g for g in got if g["remote"] == remote]
+        rows.append({"workers": workers, "rate": rate, "model": model, "use": use, "remote": remote,
+                     "runs_kept": len(same), "rate_bytes_s": RATES[rate], "latency_s": (rtt or 0.0) / 2e3,
+                     "rtt_ms": rtt, "step_s": statistics.median(g["step_s"] for g in same),
+                     "rounds_s": [g["step_s"] for g in got], "remote_by_round": [g["remote"] for g in got],
+                     "phases": {k: statistics.median(g["phases"][k] for g in same) for k in same[0]["phases"]}})
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
     cal = calibrate(rows, args.shard_rows)
     print(f"\nfitted: {json.dumps(asdict(cal))}\n")
-    print("| hosts | link | parameters | used to | measured (ms) | rounds (ms) | model, compute as measured (ms) "
-          "| error | model, compute from FLOPs (ms) | error | compute | transfer | reduce+apply |")
-    print("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| workers | remote | link | parameters | used to | measured (ms) | rounds (ms) | model, compute as "
+          "measured (ms) | error | model, compute from FLOPs (ms) | error | compute | transfer | reduce+apply |")
+    print("|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         r["model_s"], r["model_flops_s"] = predict(r, cal, args.shard_rows)
         r["error"], r["error_flops"] = r["model_s"] / r["step_s"] - 1, r["model_flops_s"] / r["step_s"] - 1
         ph = r["phases"]
-        print(f"| {r['hosts']} | {r['rate']} | {r['model']} | {r['use']} | {r['step_s'] * 1e3:.1f} | "
+        print(f"| {r['workers']} | {r['remote']} | {r['rate']} | {r['model']} | {r['use']} | {r['step_s'] * 1e3:.1f} | "
               f"{' / '.join(f'{t * 1e3:.1f}' for t in r['rounds_s'])} | {r['model_s'] * 1e3:.1f} | "
               f"{r['error'] * 100:+.0f}% | {r['model_flops_s'] * 1e3:.1f} | {r['error_flops'] * 100:+.0f}% | "
               f"{ph['compute'] * 1e3:.1f} | {ph['transfer'] * 1e3:.1f} | {ph['reduce_apply'] * 1e3:.1f} |")
@@ -302,11 +342,9 @@ def main() -> int:
     if checks:
         print(f"\nheld-out points, compute as measured: median |error| {statistics.median(checks) * 100:.0f}%, "
               f"largest {max(checks) * 100:.0f}%")
-    print(f"ping RTT host 1 -> 0 (ms, by hosts): { {r['hosts']: r['rtt_ms'] for r in rows if r['rtt_ms']} }; "
-          f"load average at the end: {os.getloadavg()}")
+    print(f"ping RTT host 1 -> host 0: {rows[0].get('rtt_ms')} ms; load average now: {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"calibration": asdict(cal), "rows": rows}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -110,12 +110,13 @@ def shards_per_worker(shape: JobShape, nodes: int) -> list[int]:
     return [len(range(w, shape.shards, workers)) for w in range(workers)]
 
 
-def bytes_per_step(shape: JobShape, nodes: int) -> StepBytes:
-    """Bytes over node 0's link in one step (worker 0 shares node 0 with the servers)."""
+def bytes_per_step(shape: JobShape, nodes: int, colocated: bool = True) -> StepBytes:
+    """Bytes over the servers' link in one step: worker 0 shares the servers'
+    node when `colocated` (with a worker on every node, one always does)."""
     counts = shards_per_worker(shape, nodes)
     vector = shape.parameters * shape.dtype_bytes
-    remote = len(counts) - 1
-    return StepBytes(params_out=remote * vector, grads_in=sum(counts[1:]) * vector)
+    remote = counts[1:] if colocated else counts
+    return StepBytes(params_out=len(remote) * vector, grads_in=sum(remote) * vector)
 
 
 def ring_bytes_per_node(shape: JobShape, nodes: int) -> float:
@@ -142,14 +143,15 @@ class StepTime:
         return self.compute_s + self.transfer_s + self.reduce_apply_s + self.overhead_s
 
 
-def parameter_server_step(shape: JobShape, net: Network, cal: Calibration, contention: float = 1.0) -> StepTime:
-    """shardprop's step (see the module's docstring)."""
-    workers = len(shards_per_worker(shape, net.nodes))
+def parameter_server_step(shape: JobShape, net: Network, cal: Calibration, contention: float = 1.0,
+                          colocated: bool = True) -> StepTime:
+    """shardprop's step (see the module's docstring); `colocated` as in bytes_per_step."""
+    remote = len(shards_per_worker(shape, net.nodes)) - (1 if colocated else 0)
     transfer = 0.0
-    if workers > 1:
-        moved = bytes_per_step(shape, net.nodes).total
+    if remote > 0:
+        moved = bytes_per_step(shape, net.nodes, colocated).total
         transfer = (2 * (cal.per_transfer_s + cal.latency_hops * net.latency_s)
-                    + cal.per_node_s * (workers - 1) + moved / (cal.link_efficiency * net.bandwidth_bytes_s))
+                    + cal.per_node_s * remote + moved / (cal.link_efficiency * net.bandwidth_bytes_s))
     reduce = cal.reduce_s_per_value * (shape.shards + 1) * shape.parameters / shape.servers
     return StepTime(compute_s(shape, net.nodes, cal, contention), transfer, reduce, cal.step_overhead_s)
 

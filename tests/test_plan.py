@@ -33,6 +33,8 @@ def test_parameters_and_bytes_per_step_from_count_and_dtype():
     assert bytes_per_step(five, 3).grads_in == 3 * 26 * 4
     assert bytes_per_step(SMALL, 1).total == 0
     assert bytes_per_step(SMALL, 8).params_out == 2 * 26 * 8  # only 3 workers: a node without a shard idles
+    apart = bytes_per_step(SMALL, 2, colocated=False)  # servers on a node of their own: every worker is remote
+    assert (apart.params_out, apart.grads_in) == (2 * 26 * 8, 3 * 26 * 8)
 
 
 def test_ring_bytes_are_2_n_minus_1_over_n_of_the_vector():
@@ -53,6 +55,8 @@ def test_parameter_server_step_by_hand():
     assert step.reduce_apply_s == pytest.approx(0.01 * (3 + 1) * 26)
     assert step.total_s == pytest.approx(8.44)
     assert parameter_server_step(SMALL, NET, CAL, contention=2.0).compute_s == pytest.approx(4.0)
+    # apart: 2 remote nodes' 0.5 and 1,040 bytes at 104 bytes/s
+    assert parameter_server_step(SMALL, NET, CAL, colocated=False).transfer_s == pytest.approx(0.65 + 0.5 + 10.0)
     sliced = JobShape((3, 4, 2), True, 8, 10, 3, cpus_per_worker=2, servers=2)
     two = parameter_server_step(sliced, NET, CAL)
     assert two.reduce_apply_s == pytest.approx(0.52)  # k slices reduce in parallel
