@@ -1,8 +1,8 @@
 """Fit and check the step-time model (core/scaling.py) on 1-4 namespace hosts.
 
-One cluster of `--hosts` network namespaces of bench/multihost.py's
-(`spbench-h<i>` on the bridge `spbenchbr`, 10.251.77.0/24), each running one
-`ray start` with 1 CPU; the driver runs in host 0's namespace. Every host's
+One cluster of `--hosts` network namespaces (tests/netns_cluster.py under
+bench/multihost.py's names: `spbench-h<i>`, bridge `spbenchbr`,
+10.251.77.0/24), each running one `ray start` with 1 CPU; the driver runs in host 0's namespace. Every host's
 link is shaped in both directions with `tc ... tbf` (on the bridge side of
 its veth for traffic to it, on its own side for traffic from it), GSO off so
 that tbf sees MTU-sized packets. This kernel has no `netem`
@@ -49,16 +49,11 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import multihost  # noqa: E402
-from multihost import SUBNET, Namespaces, Setup, sh  # noqa: E402
+from tests.netns_cluster import BENCH, ENV, GCS_PORT, NetnsCluster  # noqa: E402
 
 from core.scaling import FITTED, Calibration, JobShape, Network, bytes_per_step, parameter_server_step  # noqa: E402
 
 CORES = 2  # this machine's
-# A loaded machine (the shared one reached a load average of ~37) needs longer than Ray's default wait.
-multihost.ENV["RAY_raylet_start_wait_time_s"] = "600"
-multihost.ENV["RAY_agent_register_timeout_ms"] = "600000"  # its raylet died waiting for the metrics agent at 15 s
-ENV = multihost.ENV
 RATES = {"1Gbit": 1e9 / 8, "200Mbit": 200e6 / 8}
 HIDDEN = {"55k": (64, 64), "269k": (256, 256)}
 FEATURES, CLASSES = 784, 10
@@ -115,22 +110,28 @@ def shape_for(workers: int, model: str, shard_rows: int) -> JobShape:
     return JobShape((FEATURES, *HIDDEN[model], CLASSES), True, 4, shard_rows * workers, workers)
 
 
-def shape_links(nets: Namespaces, rate: str | None) -> None:
+def links(nets: NetnsCluster, i: int) -> list[tuple[list[str], str]]:
+    """Host i's veth: (command prefix, device) for its bridge end and its own end."""
+    return [([], f"{BENCH.link}v{i}"), (nets.prefix(i), f"{BENCH.link}p{i}")]
+
+
+def shape_links(nets: NetnsCluster, rate: str | None) -> None:
     """Both directions of every host's link at `rate` (None: unshaped)."""
-    for i, ns in enumerate(nets.names):
-        for prefix, dev in (([], f"spbv{i}"), (nets.prefix(i), f"spbp{i}")):
+    for i in range(len(nets.names)):
+        for prefix, dev in links(nets, i):
             subprocess.run(prefix + ["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
             if rate is not None:
                 bits = RATES[rate] * 8
                 burst = max(16_000, int(RATES[rate] / 1000))  # 1 ms of the rate, at least ~10 packets
-                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{bits:.0f}bit",
-                   "burst", str(burst), "latency", "200ms")
+                subprocess.run(prefix + ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{bits:.0f}bit",
+                                         "burst", str(burst), "latency", "200ms"], check=True, capture_output=True)
 
 
-def no_gso(nets: Namespaces) -> None:
+def no_gso(nets: NetnsCluster) -> None:
     for i in range(len(nets.names)):
-        for prefix, dev in (([], f"spbv{i}"), (nets.prefix(i), f"spbp{i}")):
-            sh(*prefix, "ip", "link", "set", "dev", dev, "gso_max_size", "1500")
+        for prefix, dev in links(nets, i):
+            subprocess.run(prefix + ["ip", "link", "set", "dev", dev, "gso_max_size", "1500"], check=True,
+                           capture_output=True)
 
 
 RTT_PROBE = """
@@ -143,40 +144,31 @@ print(statistics.median(once() for _ in range(20)) * 1e3)
 """
 
 
-def rtt_ms(nets: Namespaces, port: int) -> float | None:
+def rtt_ms(nets: NetnsCluster) -> float | None:
     """Median TCP connect time host 1 -> host 0 (one round trip), in ms
     (the hosts have no ping)."""
     if len(nets.names) < 2:
         return None
-    done = subprocess.run(nets.prefix(1) + [sys.executable, "-c", RTT_PROBE, f"{SUBNET}.1", str(port)],
+    done = subprocess.run(nets.prefix(1) + [sys.executable, "-c", RTT_PROBE, nets.ip(0), str(GCS_PORT)],
                           capture_output=True, text=True)
     return float(done.stdout) if done.returncode == 0 else None
 
 
 class Cluster:
-    """HOSTS namespace hosts, a `ray start` each (1 CPU), and a driver in host 0.
-    A job of N workers lands them on N hosts (Ray's SPREAD); its servers go
-    where Ray puts them, and each point records where that was."""
+    """`hosts` namespace hosts of tests/netns_cluster.py under the bench's
+    names, 1 CPU each, and a driver in host 0. A job of N workers lands
+    them on N hosts (Ray's SPREAD); its servers go where Ray puts them, and
+    each point records where that was."""
 
     def __init__(self, hosts: int, work: Path):
         self.hosts, self.work = hosts, work
         work.mkdir(parents=True, exist_ok=True)
-        self.nets = Namespaces(hosts).__enter__()
-        port = 7379 + os.getpid() % 1000
-        head = f"{SUBNET}.1"
-        self.setup = Setup(f"{hosts} hosts", f"{head}:{port}", self.nets.prefix(0))
+        self.nets = NetnsCluster([1] * hosts, BENCH, system_config={}).__enter__()
         self.driver = None
         try:
             no_gso(self.nets)
-            self.setup.start_ray(["--head", f"--port={port}", "--num-cpus=1", f"--node-ip-address={head}",
-                                  f"--temp-dir={work / 'ray'}"], work / "h0.log", self.nets.prefix(0), timeout=600)
-            for i in range(1, hosts):
-                self.setup.start_ray([f"--address={head}:{port}", "--num-cpus=1",
-                                      f"--node-ip-address={SUBNET}.{i + 1}"], work / f"h{i}.log",
-                                     self.nets.prefix(i), timeout=600)
-            self.setup.wait_cpus(hosts, timeout=300)
-            self.rtt_ms = rtt_ms(self.nets, port)
-            self.driver = subprocess.Popen(self.nets.prefix(0) + [sys.executable, "-c", DRIVER, self.setup.address],
+            self.rtt_ms = rtt_ms(self.nets)
+            self.driver = subprocess.Popen(self.nets.prefix(0) + [sys.executable, "-c", DRIVER, self.nets.address],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
                                            cwd=ROOT, start_new_session=True)
             self._read()
@@ -203,15 +195,14 @@ class Cluster:
         return got
 
     def close(self) -> None:
-        if self.driver is not None:  # by pid, then the raylets by theirs
+        if self.driver is not None:  # by pid; the cluster ends its own by theirs
             self.driver.stdin.close()
             try:
                 self.driver.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.driver.pid, 9)
                 self.driver.wait()
-        self.setup.close()
-        self.nets.__exit__()
+        self.nets.close()
 
 
 # ---------------------------------------------------------------- the fit
