@@ -51,15 +51,14 @@ class Calibration:
     reduce_s_per_value: float  # rho: the servers' reduce and apply, per parameter per pass
 
 
-# docs/scaling.md says where each comes from: c0 and alpha fitted by
-# bench/scaling.py on namespace hosts of this shared 2-core machine under a
-# load average of ~37 (so generous); c_n not identifiable from 1-2 hosts
-# (0); eta fitted at 1.17 and capped at 1 (tbf's bursts); F from
-# bench/engine.py on a quiet machine (310.1 MFLOP in 3.39 ms, one thread);
-# rho from bench/distributed.py's quiet 2-worker run (0.8 ms for 5 passes
-# over 269,322 values); h read from Ray's transfer protocol.
-FITTED = Calibration(flop_rate=91.5e9, step_overhead_s=36.1e-3, per_node_s=0.0, per_transfer_s=9.6e-3,
-                     latency_hops=4.0, link_efficiency=1.0, reduce_s_per_value=0.6e-9)
+# docs/scaling.md says where each comes from: c0, alpha and eta fitted by
+# bench/scaling.py on 2 namespace hosts of this shared 2-core machine under a
+# load average of ~35 (so generous); c_n not identifiable from 1-2 hosts
+# (0); F from bench/engine.py on a quiet machine (310.1 MFLOP in 3.39 ms,
+# one thread); rho from bench/distributed.py's quiet 2-worker run (0.8 ms
+# for 5 passes over 269,322 values); h read from Ray's transfer protocol.
+FITTED = Calibration(flop_rate=91.5e9, step_overhead_s=18.9e-3, per_node_s=0.0, per_transfer_s=17.3e-3,
+                     latency_hops=4.0, link_efficiency=0.79, reduce_s_per_value=0.6e-9)
 
 
 @dataclass(frozen=True)
