@@ -117,13 +117,13 @@ class Setup:
             raise RuntimeError(f"{self.name}: phase run failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.splitlines()[-1])
 
-    def start_ray(self, args: list[str], log: Path, prefix: list[str] | None = None) -> None:
+    def start_ray(self, args: list[str], log: Path, prefix: list[str] | None = None, timeout: float = 120.0) -> None:
         head = ["--include-dashboard=false"] if "--head" in args else []
         proc = subprocess.Popen((prefix or []) + [str(BIN / "ray"), "start", *args, *head, "--disable-usage-stats",
                                                   "--block"],
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         self.procs.append(proc)
-        end = time.monotonic() + 120
+        end = time.monotonic() + timeout
         while "Ray runtime started" not in log.read_text(errors="replace"):  # before anyone attaches
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"{self.name}: ray start did not start:\n{log.read_text(errors='replace')[-2000:]}")

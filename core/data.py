@@ -1,8 +1,10 @@
 """Data sets: the built-in ones, user files, the split and the standardization.
 
 `load_dataset` turns a spec's `data` section into training and validation
-arrays. The split is deterministic in the seed, inputs are standardized with
-statistics of the training rows only, and every file is checked (shape,
+arrays. The split is deterministic in the seed, the training rows are kept in
+shard order (core.shards: the order a prepared set stores them in, so the
+two give the same bits), inputs are standardized with statistics of the
+training rows only, and every file is checked (shape,
 finiteness, labels) before any training starts. Nothing is read past
 `DataLimits` (a file is judged by its headers and streamed: core/datafiles.py),
 and files are never unpickled.
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from core.datafiles import FLOAT64, DataError, DataLimits, classes_of, npz_shapes, read_csv
+from core.prepared_manifest import EVAL_BLOCK_ROWS
+from core.shards import shard_order
 from core.spec import BUILTIN_SOURCES, DataSpec, validation_rows
 
 __all__ = ["DataError", "DataLimits", "Dataset", "load_dataset", "load_arrays", "resolve_data_path",
@@ -27,9 +31,10 @@ __all__ = ["DataError", "DataLimits", "Dataset", "load_dataset", "load_arrays", 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Standardized training and validation arrays.
+    """Standardized training and validation arrays, held in memory: a row
+    source (core.rows.RowSource) whose every row is always at hand.
 
-    `y` holds integer class labels of shape (n,) for classification, or float
+    The training rows are in shard order. `y` holds integer class labels of shape (n,) for classification, or float
     targets of shape (n, k) for regression. `mean` and `scale` are the
     standardization (float64) that the trained model carries so that it can
     predict on raw rows; both are None when standardization is off.
@@ -47,6 +52,32 @@ class Dataset:
     @property
     def n_targets(self) -> int:
         return self.n_classes if self.n_classes is not None else self.y_train.shape[1]
+
+    # -- the row-source interface (core.rows)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.X_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.X_val)
+
+    @property
+    def n_val_blocks(self) -> int:
+        return -(-self.n_val // EVAL_BLOCK_ROWS)
+
+    def own(self, ranges) -> None:
+        """Every row is held already."""
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardized inputs and targets of stored training rows `rows`."""
+        return self.X_train[rows], self.y_train[rows]
+
+    def val_block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation block `block`: EVAL_BLOCK_ROWS validation rows (fewer at the end)."""
+        a = block * EVAL_BLOCK_ROWS
+        return self.X_val[a:a + EVAL_BLOCK_ROWS], self.y_val[a:a + EVAL_BLOCK_ROWS]
 
 
 # ----------------------------------------------------------------- sources
@@ -163,7 +194,7 @@ def load_arrays(spec: DataSpec, seed: int, data_roots: list[str | Path] | None =
     is read when `limits` say it is too large."""
     if spec.source == "synthetic":
         check_synthetic(spec, limits)
-        X, y = synthetic(spec.samples, spec.features, spec.classes, seed)
+        X, y = synthetic(spec.samples, spec.features, spec.classes, data_seed(spec, seed))
         return X, y, spec.classes
     if spec.source in BUILTIN_SOURCES:
         X, y = _builtin(spec.source)
@@ -192,6 +223,12 @@ def check_synthetic(spec: DataSpec, limits: DataLimits) -> int:
     return size
 
 
+def data_seed(spec: DataSpec, seed: int) -> int:
+    """The seed of the data itself (the split, a synthetic set): `split_seed`,
+    which a JobSpec always fills in (the job's seed unless given), else `seed`."""
+    return seed if spec.split_seed is None else spec.split_seed
+
+
 def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, validation) row indices."""
     order = np.random.default_rng([seed, 0x5917]).permutation(n_rows)
@@ -201,13 +238,29 @@ def split_rows(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndar
 
 def load_dataset(spec: DataSpec, seed: int, dtype: str = "float32",
                  data_roots: list[str | Path] | None = None, limits: DataLimits = DataLimits()) -> Dataset:
-    """Load, check, split and standardize the data a spec names, within `limits`."""
-    X, y, classes = load_arrays(spec, seed, data_roots, limits)
-    train, val = split_rows(len(X), spec.validation_split, seed)
-    if len(train) < spec.shards:
+    """Load, check, split and standardize the data a spec names, within `limits`.
+    A prepared set (named, or made from a large raw source: core/data_source.py)
+    is read whole, in its stored order."""
+    from core.data_source import load_prepared, resolve
+
+    if spec.split_seed is None:  # a DataSpec on its own: the seed given splits it
+        spec = spec.model_copy(update={"split_seed": seed})
+    prepared = resolve(spec, dtype=dtype, data_roots=data_roots, limits=limits)
+    if prepared is not None:
+        dataset = load_prepared(prepared, spec, dtype, limits)
+    else:
+        dataset = _load_raw(spec, seed, dtype, data_roots, limits)
+    if len(dataset.X_train) < spec.shards:
         raise DataError(
-            f"data.shards ({spec.shards}) exceeds the training rows ({len(train)}) of {spec.source!r}"
+            f"data.shards ({spec.shards}) exceeds the training rows ({len(dataset.X_train)}) of {spec.source!r}"
         )
+    return dataset
+
+
+def _load_raw(spec: DataSpec, seed: int, dtype: str, data_roots, limits: DataLimits) -> Dataset:
+    X, y, classes = load_arrays(spec, seed, data_roots, limits)
+    train, val = split_rows(len(X), spec.validation_split, data_seed(spec, seed))
+    train = train[shard_order(len(train), data_seed(spec, seed))]
     mean = scale = None
     if spec.standardize:
         mean = X[train].mean(axis=0)

@@ -37,27 +37,35 @@ class DataLimits:
     """What a data set may be, checked before its bytes are read.
 
     `max_data_bytes` bounds the set as loaded (float64 X and y); an `.npz`
-    member may inflate to at most `max_inflation` times its compressed size."""
+    member may inflate to at most `max_inflation` times its compressed size.
+    A `.csv` or `.npz` file larger than `prepare_above_bytes` is not loaded
+    whole but prepared once into a cache and read shard by shard
+    (core/data_source.py)."""
 
     max_data_bytes: int = 512 * MiB
     max_inflation: float = 100.0
     max_rows: int = 10_000_000
     max_features: int = 100_000
     max_classes: int = 100_000
+    prepare_above_bytes: int = 64 * MiB  # a CSV this size holds at most 256 MiB of float64 cells
 
     def check_size(self, where: str, rows: int, features: int, targets: int = 1) -> int:
         """The loaded size of rows x (features + targets) float64 values; a
         DataError naming the figure and the limit when one is exceeded."""
         if rows > self.max_rows:
             raise DataError(f"{where}: {rows} rows, more than the limit of {self.max_rows} (max_rows)")
-        if features > self.max_features:
-            raise DataError(f"{where}: {features} feature columns, more than the limit of "
-                            f"{self.max_features} (max_features)")
+        self.check_features(where, features)
         size = rows * (features + targets) * FLOAT64
         if size > self.max_data_bytes:
             raise DataError(f"{where}: {rows} rows x {features + targets} columns need {size} bytes as float64, "
                             f"more than the limit of {self.max_data_bytes} (max_data_bytes)")
         return size
+
+    def check_features(self, where: str, features: int) -> int:
+        if features > self.max_features:
+            raise DataError(f"{where}: {features} feature columns, more than the limit of "
+                            f"{self.max_features} (max_features)")
+        return features
 
     def check_classes(self, where: str, classes: int) -> int:
         if classes > self.max_classes:

@@ -3,7 +3,9 @@
 `describe` answers from the spec for the built-in and synthetic sets, from the
 zip directory, the `.npy` headers and a streamed pass over the labels for an
 `.npz`, and from one streamed pass over a CSV (line lengths capped, only the
-label column parsed). Memory stays bounded whatever the file holds; the same
+label column parsed). A prepared set (named, or a large raw source's cached
+copy: core/data_source.py) answers from its manifest, its split checked
+against the spec's. Memory stays bounded whatever the file holds; the same
 limits refuse what the loader would refuse, so admission can decide before a
 job is stored.
 """
@@ -26,19 +28,33 @@ BUILTIN_SHAPES = {"digits": (1797, 64, 10), "iris": (150, 4, 3), "wine": (178, 1
 class DataMetadata:
     """A data set's shape. `n_classes` is None for regression, whose
     `n_targets` is the target count; `bytes` is the peak memory of loading it
-    (float64 X and y, and a synthetic set's teacher)."""
+    (float64 X and y, and a synthetic set's teacher); `prepared`: the rows
+    are a prepared set's, each worker reading only its own shards."""
 
     rows: int
     n_features: int
     n_classes: int | None
     n_targets: int
     bytes: int
+    prepared: bool = False
 
 
 def describe(spec: DataSpec, data_roots: list[str | Path] | None = None,
-             limits: DataLimits = DataLimits()) -> DataMetadata:
+             limits: DataLimits = DataLimits(), dtype: str = "float32") -> DataMetadata:
     """The metadata of the data a spec names; a DataError when it is
-    unreadable or past `limits`."""
+    unreadable or past `limits` (NotPrepared: a large raw source not prepared
+    yet; SplitMismatch: a prepared set whose split the spec contradicts)."""
+    from core.data_source import resolve
+
+    prepared = resolve(spec, dtype=dtype, data_roots=data_roots, limits=limits, prepare=False)
+    if prepared is not None:
+        rows = prepared.n_train + prepared.n_val
+        limits.check_features(spec.source, prepared.n_features)
+        if prepared.n_classes is not None:
+            limits.check_classes(spec.source, prepared.n_classes)
+        width = prepared.n_features + (1 if prepared.n_classes is not None else prepared.n_targets)
+        return DataMetadata(rows, prepared.n_features, prepared.n_classes, prepared.n_targets,
+                            rows * width * FLOAT64, prepared=True)
     if spec.source == "synthetic":
         size = check_synthetic(spec, limits)
         return DataMetadata(spec.samples, spec.features, spec.classes, spec.classes, size)

@@ -93,14 +93,21 @@ class MLP:
         self.layers = self._views(params)
         self._normalizer = None
 
+    def layer_bounds(self) -> list[tuple[int, int]]:
+        """[start, stop) of each layer's W and b in the flat vector, in layer order."""
+        bounds, at = [], 0
+        for fan_in, fan_out in self._shapes:
+            size = fan_in * fan_out + (fan_out if self._bias else 0)
+            bounds.append((at, at + size))
+            at += size
+        return bounds
+
     def _views(self, flat: np.ndarray) -> list:
         """(W, b) of every layer as views of `flat`: W row-major, then b."""
-        views, at = [], 0
-        for fan_in, fan_out in self._shapes:
+        views = []
+        for (fan_in, fan_out), (at, stop) in zip(self._shapes, self.layer_bounds()):
             W = flat[at:at + fan_in * fan_out].reshape(fan_in, fan_out)
-            at += fan_in * fan_out
-            b = flat[at:at + fan_out] if self._bias else None
-            at += fan_out if self._bias else 0
+            b = flat[at + fan_in * fan_out:stop] if self._bias else None
             views.append((W, b))
         return views
 

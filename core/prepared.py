@@ -249,6 +249,12 @@ class PreparedSet:
     def read_val(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         return self._read("val", start, stop)
 
+    def release(self) -> None:
+        """Unmap the blocks kept mapped, so that the pages read through them
+        stop counting in this process's resident memory (views still held
+        keep theirs)."""
+        self._mapped.clear()
+
     # -- verification
 
     def _verify(self, split: str, start: int, stop: int) -> None:

@@ -9,9 +9,11 @@ comparable step by step (`shardprop diff`).
 `data_sha256` is the SHA-256 of the data a spec names: a file's bytes, read
 in bounded chunks; for a built-in set, of its arrays as loaded (float64 X,
 int64 y); for a synthetic set, of the data spec itself, since the data is a
-pure function of it. A prepared data set (a folder) is fingerprinted by its
-manifest, which holds the SHA-256 of every file; a new kind of data gets a
-case here.
+pure function of it. A prepared data set is fingerprinted by its manifest,
+which holds the SHA-256 of every file: a prepared folder, `s3://...`, and
+a large raw source once its cached copy is made (until then, its bytes);
+so one job on a big CSV and another on the same CSV prepared by hand with
+the same split record the same data. A new kind of data gets a case here.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from core.data import _builtin, resolve_data_path
-from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec
+from core.datafiles import DataLimits
+from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec, stop_step
 
 CHUNK = 1 << 20
-MANIFEST = "manifest.json"  # of a prepared data set (the prepared-format contract)
 
 
 def params_sha256(params: np.ndarray) -> str:
@@ -37,10 +39,11 @@ def params_sha256(params: np.ndarray) -> str:
 def records_params(spec: JobSpec, step: int) -> bool:
     """Whether the record of update `step` (0-based) carries params_sha256:
     evaluation steps (every eval_every, and the last) and checkpoint steps
-    (every checkpoint_every, before the last)."""
-    t, done = spec.training, step + 1
-    evaluated = done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
-    return evaluated or (t.checkpoint_every > 0 and done % t.checkpoint_every == 0 and done < t.steps)
+    (every checkpoint_every, before the last). The last is the job's stop
+    (`training.stop_at`, else `training.steps`)."""
+    t, done, last = spec.training, step + 1, stop_step(spec)
+    evaluated = done == last or (t.eval_every > 0 and done % t.eval_every == 0)
+    return evaluated or (t.checkpoint_every > 0 and done % t.checkpoint_every == 0 and done < last)
 
 
 def file_sha256(path: Path) -> str:
@@ -51,16 +54,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_sha256(spec: DataSpec, data_roots: list[str | Path] | None = None) -> str:
+def data_sha256(spec: DataSpec, data_roots: list[str | Path] | None = None, dtype: str = "float32",
+                limits: DataLimits = DataLimits()) -> str:
     """The fingerprint of the data `spec` names (see the module's text)."""
+    from core.data_source import NotPrepared, resolve, source_sha256
+
     if spec.source == "synthetic":
         return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     if spec.source in BUILTIN_SOURCES:
         return _builtin_sha256(spec.source)
-    path = resolve_data_path(spec.source, data_roots)
-    if path.is_dir():
-        return file_sha256(path / MANIFEST)
-    return file_sha256(path)
+    try:
+        prepared = resolve(spec, dtype=dtype, data_roots=data_roots, limits=limits, prepare=False)
+    except NotPrepared:
+        return source_sha256(resolve_data_path(spec.source, data_roots))
+    if prepared is not None:
+        return prepared.manifest_sha256
+    return file_sha256(resolve_data_path(spec.source, data_roots))
 
 
 @lru_cache(maxsize=None)

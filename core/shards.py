@@ -1,6 +1,9 @@
 """Logical shards: the unit of work and of determinism.
 
-Shard s of S owns a fixed subset of the training rows. `(seed, epoch, s)`
+The training rows are kept in *shard order* (`shard_order`: a seeded
+permutation of the split's training rows, which is also how a prepared data
+set stores them, docs/data.md), so shard s of any shard count S owns one
+contiguous range of them (`shard_range`). `(seed, epoch, s)`
 fixes the order in which it visits them; step t takes the shard's next slice
 of that order, running on into the next epoch's order when one is used up.
 Because a shard takes the same number of rows every step, where it is in its
@@ -14,13 +17,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+SHARD_ORDER_KEY = 0x54A2D
+
+
+def shard_order(n_train: int, seed: int) -> np.ndarray:
+    """The permutation putting the split's training rows in shard order:
+    stored row i is training row `shard_order(...)[i]`."""
+    return np.random.default_rng([seed, SHARD_ORDER_KEY]).permutation(n_train)
+
+
 def shard_rows(n_train: int, shards: int, seed: int) -> list[np.ndarray]:
-    """The training-row indices each shard owns: a seeded permutation cut into
+    """The training-row indices each shard owns: the shard order cut into
     `shards` nearly equal parts (sizes differ by at most one, larger first)."""
+    _check_count(n_train, shards)
+    return np.array_split(shard_order(n_train, seed), shards)
+
+
+def shard_range(n_train: int, shards: int, shard: int) -> tuple[int, int]:
+    """The stored rows [start, stop) shard `shard` of `shards` owns: the same
+    cut as `shard_rows` (`np.array_split`), made on rows in shard order."""
+    _check_count(n_train, shards)
+    size, extra = divmod(n_train, shards)
+    start = shard * size + min(shard, extra)
+    return start, start + size + (1 if shard < extra else 0)
+
+
+def _check_count(n_train: int, shards: int) -> None:
     if not 1 <= shards <= n_train:
         raise ValueError(f"shards must be in [1, {n_train}] (the training rows), got {shards}")
-    order = np.random.default_rng([seed, 0x54A2D]).permutation(n_train)
-    return np.array_split(order, shards)
 
 
 def shard_batch_size(batch_size: int, shards: int, shard: int) -> int:
@@ -31,10 +55,15 @@ def shard_batch_size(batch_size: int, shards: int, shard: int) -> int:
 
 @dataclass
 class Shard:
-    """One logical shard: its rows and how it walks through them step by step."""
+    """One logical shard: its rows and how it walks through them step by step.
+
+    It owns stored rows [start, stop) and holds no per-row array but the
+    orders of the epochs its steps are in, so a driver or a worker can hold
+    every shard of a job however large its data."""
 
     index: int
-    rows: np.ndarray  # indices into the training split
+    start: int
+    stop: int  # owns stored (shard-ordered) training rows [start, stop)
     batch_size: int  # rows per step
     seed: int
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
@@ -42,15 +71,15 @@ class Shard:
     def order(self, epoch: int) -> np.ndarray:
         """The shard's rows in the order epoch `epoch` visits them."""
         if epoch not in self._orders:
-            if len(self._orders) > 4:  # keep a few epochs: a step spans at most a couple
+            if len(self._orders) > 2:  # keep a few epochs: a step spans at most a couple
                 self._orders.pop(min(self._orders))
             rng = np.random.default_rng([self.seed, 0xE90C, epoch, self.index])
-            self._orders[epoch] = self.rows[rng.permutation(len(self.rows))]
+            self._orders[epoch] = self.start + rng.permutation(self.stop - self.start)
         return self._orders[epoch]
 
     def batch(self, step: int) -> np.ndarray:
-        """Training-row indices of this shard's mini-batch for step `step` (0-based)."""
-        n = len(self.rows)
+        """Stored-row indices of this shard's mini-batch for step `step` (0-based)."""
+        n = self.stop - self.start
         start = step * self.batch_size
         parts, remaining = [], self.batch_size
         while remaining:
@@ -63,8 +92,7 @@ class Shard:
 
 
 def make_shards(n_train: int, shards: int, batch_size: int, seed: int) -> list[Shard]:
-    """All S logical shards of a job."""
-    return [
-        Shard(s, rows, shard_batch_size(batch_size, shards, s), seed)
-        for s, rows in enumerate(shard_rows(n_train, shards, seed))
-    ]
+    """All S logical shards of a job over `n_train` rows in shard order;
+    `seed` fixes each shard's walk through its rows."""
+    return [Shard(s, *shard_range(n_train, shards, s), shard_batch_size(batch_size, shards, s), seed)
+            for s in range(shards)]

@@ -34,6 +34,8 @@ MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 MAX_NAME_BYTES = 255  # one path component, as most file systems allow
 
 BUILTIN_SOURCES = ("digits", "iris", "wine", "breast_cancer", "synthetic")
+# a file source's suffixes; a source with none (or ending in '/') names a folder
+SOURCE_SUFFIXES = (".npz", ".csv", ".parquet", ".pq")
 # A job's name names files (`shardprop train` writes <name>.npz and a folder
 # <name>-<time>): no path separator, no leading dot, no NUL, nothing to escape.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -65,13 +67,18 @@ def at_most(upper: int) -> Any:
 
 
 class DataSpec(_Strict):
-    source: str = Field(description="a built-in data set name or a path to a .npz/.csv file")
+    source: str = Field(description="a built-in data set name, a .npz/.csv/.parquet file, a folder (a prepared "
+                        "data set or .parquet files) or s3://bucket/prefix (a prepared data set)")
     validation_split: float = Field(0.2, description="fraction of rows held out for validation, in [0, 1)")
+    split_seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the split into training and "
+                                   "validation rows, of their shard order and of synthetic data (default: the "
+                                   "job's seed)")
     shards: positive(MAX_SHARDS) = Field(4, description="number of logical shards of the training rows")
     samples: positive(MAX_SYNTHETIC_SAMPLES) = Field(2000, description="synthetic only: number of rows")
     features: positive(MAX_SYNTHETIC_FEATURES) = Field(20, description="synthetic only: number of input columns")
     classes: int = Field(3, description="synthetic only: number of classes")
-    label_column: str | int | None = Field(None, description="csv only: label column name or index (default: the last)")
+    label_column: str | int | None = Field(
+        None, description="csv and parquet only: label column name or index (default: the last)")
     standardize: bool = Field(True, description="scale inputs by the training split's mean and standard deviation")
 
     @field_validator("source")
@@ -89,9 +96,16 @@ class DataSpec(_Strict):
         if longest > MAX_NAME_BYTES:
             raise ValueError(f"source's file and folder names must be at most {MAX_NAME_BYTES} bytes each, "
                              f"got one of {longest}")
-        if v not in BUILTIN_SOURCES and Path(v).suffix.lower() not in (".npz", ".csv"):
+        if v.startswith("s3://"):
+            bucket, _, prefix = v.removeprefix("s3://").partition("/")
+            if not bucket or not prefix.strip("/"):
+                raise ValueError(f"an s3:// source must be s3://bucket/prefix (a prepared data set), got {v!r}")
+            return v
+        if v not in BUILTIN_SOURCES and not v.endswith("/") and Path(v).suffix.lower() not in (*SOURCE_SUFFIXES, ""):
             raise ValueError(
-                f"source must be one of {', '.join(BUILTIN_SOURCES)} or a .npz/.csv path, got {v!r}"
+                f"source must be one of {', '.join(BUILTIN_SOURCES)}, a {'/'.join(SOURCE_SUFFIXES)} file, "
+                f"a folder (a prepared data set or .parquet files; end a name holding a dot with '/') "
+                f"or s3://bucket/prefix, got {v!r}"
             )
         return v
 
@@ -185,6 +199,18 @@ class TrainingSpec(_Strict):
         4, description="async only: refuse gradients more than this many versions old")
     max_nonfinite_steps: positive(1_000_000) = Field(
         3, description="fail the job after this many non-finite steps in a row")
+    stop_at: positive(MAX_STEPS) | None = Field(
+        None, description="stop (succeeded, with a checkpoint) after this many steps; the schedule still "
+        "follows `steps`, and a job with a later stop_at resumes from that checkpoint (sweep rungs)")
+
+    @model_validator(mode="after")
+    def _stop_within_steps(self) -> "TrainingSpec":
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ValueError(f"stop_at ({self.stop_at}) must be <= steps ({self.steps})")
+        if self.stop_at is not None and self.mode == "async":
+            raise ValueError(f"stop_at ({self.stop_at}) needs mode 'sync': an async job "
+                             "cannot be continued to the same bits")
+        return self
 
 
 class ResourcesSpec(_Strict):
@@ -224,6 +250,22 @@ class JobSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     training: TrainingSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_seed_defaults_to_seed(cls, raw: Any) -> Any:
+        """data.split_seed left out is the job's seed: filled in here, so every
+        JobSpec holds it and its JSON says which split it trains on."""
+        if not isinstance(raw, dict):
+            return raw
+        seed, data = raw.get("seed", 0), raw.get("data")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            return raw  # refused as `seed` alone
+        if isinstance(data, dict) and data.get("split_seed") is None:
+            return {**raw, "data": {**data, "split_seed": seed}}
+        if isinstance(data, DataSpec) and data.split_seed is None:
+            return {**raw, "data": data.model_copy(update={"split_seed": seed})}
+        return raw
 
     @field_validator("name")
     @classmethod
@@ -269,14 +311,33 @@ class JobSpec(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
+def stop_step(spec: JobSpec) -> int:
+    """How many steps this job makes: `training.stop_at` when set, else `training.steps`."""
+    t = spec.training
+    return t.steps if t.stop_at is None else t.stop_at
+
+
+# Fields of `training` that say where a job stops, not what it computes: a
+# checkpoint of a job stopped early is the same as an uninterrupted run's.
+STOP_FIELDS = ("stop_at",)
+
+
 def checkpoint_key(raw: dict) -> str:
-    """A spec (as JSON data) as checkpoints name it: less its `resources`,
-    so a checkpoint resumes with any resources and nothing else changed. Specs stored before
+    """A spec (as JSON data) as checkpoints name it: less its `resources`
+    and `training.stop_at`, so a checkpoint resumes with any resources and
+    any later stop, and nothing else changed; `data.split_seed` is part of
+    it (it changes the data), left out when it is the job's seed so that
+    checkpoints from before it existed resume. Specs stored before
     `resources` existed held its fields in `training` (the worker count as
     null); they are dropped there too, so those checkpoints keep resuming."""
     kept = {k: v for k, v in raw.items() if k != "resources"}
+    data = kept.get("data")
+    if isinstance(data, dict) and data.get("split_seed", kept.get("seed")) == kept.get("seed"):
+        # the default split seed is written out only when it differs, as before it existed
+        kept["data"] = {k: v for k, v in data.items() if k != "split_seed"}
     if isinstance(kept.get("training"), dict):
-        kept["training"] = {k: v for k, v in kept["training"].items() if k not in MOVED_TO_RESOURCES}
+        dropped = (*MOVED_TO_RESOURCES, *STOP_FIELDS)
+        kept["training"] = {k: v for k, v in kept["training"].items() if k not in dropped}
     return json.dumps(kept, sort_keys=True)
 
 

@@ -20,17 +20,25 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from core.data import Dataset, load_dataset
-from core.datafiles import DataLimits
+from core.data import load_dataset
+from core.datafiles import DataError, DataLimits
+from core.health import StepHealth
 from core.mlp import MLP
 from core.optim import Optimizer, learning_rate, make_optimizer
 from core.provenance import params_sha256, records_params
-from core.shards import Shard, make_shards
-from core.spec import JobSpec, load_spec
+from core.rows import PreparedRows, RowSource
+from core.shards import Shard, make_shards, shard_range
+from core.spec import JobSpec, load_spec, stop_step
 
 
 class TrainingError(RuntimeError):
     """A job that cannot go on; the message says which step and why."""
+
+
+class DataFault(TrainingError):
+    """The job's data failed a check where it was read (a prepared set's file
+    missing, truncated or altered, say): an error of the job, never retried
+    as a worker's fault. The message names the file."""
 
 
 @contextmanager
@@ -55,19 +63,40 @@ class ShardGradient:
 
 @dataclass
 class ShardedData:
-    """A job's data set and its logical shards: what a gradient worker holds."""
+    """A job's row source and its logical shards: what a trainer reads from."""
 
-    dataset: Dataset
+    dataset: RowSource
     shards: list[Shard]
 
     @classmethod
     def from_spec(cls, spec: JobSpec, data_roots: Sequence[str | Path] | None = None,
                   limits: DataLimits = DataLimits()) -> "ShardedData":
-        ds = load_dataset(spec.data, spec.seed, spec.training.dtype, data_roots, limits)
-        return cls(ds, make_shards(len(ds.X_train), spec.data.shards, spec.training.batch_size, spec.seed))
+        from core.data_source import resolve  # it builds on core.data, as this module does
+
+        prepared = resolve(spec.data, dtype=spec.training.dtype, data_roots=data_roots, limits=limits)
+        if prepared is not None:
+            if prepared.n_train < spec.data.shards:
+                raise DataError(f"data.shards ({spec.data.shards}) exceeds the training rows "
+                                f"({prepared.n_train}) of {spec.data.source!r}")
+            rows = PreparedRows(prepared, spec.training.dtype, spec.data.standardize)
+        else:
+            rows = load_dataset(spec.data, spec.seed, spec.training.dtype, data_roots, limits)
+        return cls(rows, make_shards(rows.n_train, spec.data.shards, spec.training.batch_size, spec.seed))
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """The stored training rows [start, stop) shard `shard` owns."""
+        return shard_range(self.dataset.n_train, len(self.shards), shard)
+
+    def own(self, shards: Sequence[int]) -> None:
+        """Hold the rows of `shards` (a prepared set's: checked, then read)."""
+        self.dataset.own([self.shard_range(s) for s in shards])
+
+    def batch(self, shard: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets of shard `shard`'s mini-batch for step `step`."""
+        return self.dataset.take(self.shards[shard].batch(step))
 
 
-def output_units(spec: JobSpec, dataset: Dataset) -> int:
+def output_units(spec: JobSpec, dataset: RowSource) -> int:
     """Output width: one unit per class, except one sigmoid unit for a binary
     classifier trained with cross-entropy (its 0/1 labels are the targets)."""
     if dataset.n_classes is None:
@@ -77,7 +106,7 @@ def output_units(spec: JobSpec, dataset: Dataset) -> int:
     return dataset.n_classes
 
 
-def build_network(spec: JobSpec, dataset: Dataset) -> MLP:
+def build_network(spec: JobSpec, dataset: RowSource) -> MLP:
     """The job's network at step 0, deterministic in the spec's seed."""
     m = spec.model
     net = MLP(
@@ -95,8 +124,13 @@ def shard_gradient(net: MLP, data: ShardedData, shard: int, step: int, out: np.n
     (written into `out` when given: a flat buffer shaped like the parameters).
 
     The caller pins BLAS to one thread (`one_blas_thread`)."""
-    rows = data.shards[shard].batch(step)
-    loss_sum, grad_sum, count = net.grad_sum(data.dataset.X_train[rows], data.dataset.y_train[rows], out=out)
+    return batch_gradient(net, *data.batch(shard, step), shard, step, out)
+
+
+def batch_gradient(net: MLP, X: np.ndarray, y: np.ndarray, shard: int, step: int,
+                   out: np.ndarray | None = None) -> ShardGradient:
+    """The gradient sum of one shard's batch rows (X, y) for step `step`."""
+    loss_sum, grad_sum, count = net.grad_sum(X, y, out=out)
     return ShardGradient(shard, step, grad_sum, count, float(loss_sum))
 
 
@@ -126,15 +160,34 @@ def apply_gradient(params: np.ndarray, optimizer: Optimizer, grad: np.ndarray, s
 
 def evaluate(net: MLP, X: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[float | None, float | None]:
     """Mean loss and accuracy (None for regression) over a held-out set."""
-    if len(X) == 0:
+    blocks = [eval_block(net, X[a:a + chunk], y[a:a + chunk]) for a in range(0, len(X), chunk)]
+    return combine_evaluation(blocks, len(X), y.ndim == 1)
+
+
+def eval_block(net: MLP, X: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """One evaluation block's loss sum and correct count (0 for regression)."""
+    correct = int(np.sum(predicted_labels(net.forward(X)) == y)) if y.ndim == 1 else 0
+    return net.loss_sum(X, y), correct
+
+
+def combine_evaluation(blocks: Sequence[tuple[float, int]], rows: int,
+                       classification: bool) -> tuple[float | None, float | None]:
+    """Mean loss and accuracy from the blocks' sums, added in block order
+    (that order is part of the definition: whoever evaluated each block,
+    the result has the same bits)."""
+    if rows == 0:
         return None, None
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(X), chunk):
-        Xc, yc = X[start:start + chunk], y[start:start + chunk]
-        loss_sum += net.loss_sum(Xc, yc)
-        if y.ndim == 1:
-            correct += int(np.sum(predicted_labels(net.forward(Xc)) == yc))
-    return loss_sum / len(X), (correct / len(X) if y.ndim == 1 else None)
+    for block_loss, block_correct in blocks:
+        loss_sum += block_loss
+        correct += block_correct
+    return loss_sum / rows, (correct / rows if classification else None)
+
+
+def evaluate_source(net: MLP, rows: RowSource) -> tuple[float | None, float | None]:
+    """`evaluate` over a row source's validation rows, block by block."""
+    blocks = [eval_block(net, *rows.val_block(k)) for k in range(rows.n_val_blocks)]
+    return combine_evaluation(blocks, rows.n_val, rows.n_classes is not None)
 
 
 def predicted_labels(outputs: np.ndarray) -> np.ndarray:
@@ -161,10 +214,12 @@ def step_record(spec: JobSpec, step: int, loss: float, count: int, seconds: floa
 
 
 def should_evaluate(spec: JobSpec, step: int) -> bool:
-    """Evaluate after update `step` (0-based) every eval_every steps and at the end."""
+    """Evaluate after update `step` (0-based) every eval_every steps and at
+    the job's stop (`training.stop_at`, else the end): a sweep ranks its
+    trials by the metrics found there."""
     done = step + 1
     every = spec.training.eval_every
-    return done == spec.training.steps or (every > 0 and done % every == 0)
+    return done == stop_step(spec) or (every > 0 and done % every == 0)
 
 
 class NonFiniteGuard:
@@ -187,6 +242,18 @@ class NonFiniteGuard:
             )
 
 
+@dataclass
+class TrainState:
+    """Where a job stands after `step` updates: what a continuation needs
+    (the data position is a function of the step, see core.shards)."""
+
+    step: int
+    params: np.ndarray
+    optimizer: dict[str, np.ndarray]
+    nonfinite_streak: int = 0
+    nonfinite_skipped: int = 0
+
+
 def train(
     spec: JobSpec | dict | str | Path,
     *,
@@ -198,27 +265,58 @@ def train(
 
     Shards run concurrently on a pool of `threads` (default: every core),
     each with one BLAS thread, so the bits do not depend on `threads`."""
+    net, history, _ = train_from(spec, None, data_roots=data_roots, threads=threads, on_step=on_step)
+    return net, history
+
+
+def train_from(
+    spec: JobSpec | dict | str | Path,
+    start: TrainState | None,
+    *,
+    data_roots: Sequence[str | Path] | None = None,
+    threads: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[MLP, list[dict], TrainState]:
+    """Train from `start` (None: step 0) to the job's stop (`training.stop_at`,
+    else `training.steps`); returns the network, the history of the steps
+    made here and the state to continue from. Stopping at k and continuing
+    gives the bits of an uninterrupted run: the schedule always follows
+    `training.steps`, and the batches and updates depend only on the step."""
     spec = load_spec(spec)
     data = ShardedData.from_spec(spec, data_roots)
     net = build_network(spec, data.dataset)
     t = spec.training
     optimizer = make_optimizer(t.optimizer, net.params.size, net.params.dtype, t.steps)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
+    first = 0
+    if start is not None:
+        if start.step > stop_step(spec):
+            raise TrainingError(f"cannot continue from step {start.step}: past this job's stop at step "
+                                f"{stop_step(spec)}")
+        net.params[:] = start.params
+        optimizer.load_state_dict(start.optimizer)
+        guard.streak, guard.skipped, first = start.nonfinite_streak, start.nonfinite_skipped, start.step
     history: list[dict] = []
     S = len(data.shards)
+    layers = net.layer_bounds()
     with one_blas_thread(), ThreadPoolExecutor(max_workers=min(S, threads or os.cpu_count() or 1)) as pool:
-        for step in range(t.steps):
+        for step in range(first, stop_step(spec)):
             began = time.perf_counter()
             grads = list(pool.map(lambda s: shard_gradient(net, data, s, step), range(S)))
             grad, loss, count = reduce_gradients(grads)
+            before = net.params.copy()
             applied = apply_gradient(net.params, optimizer, grad, step)
             guard.record(step, applied, loss)
-            record = step_record(spec, step, loss, count, time.perf_counter() - began, applied)
+            health = StepHealth.measure(grad, before, net.params, layers)
+            record = step_record(spec, step, loss, count, time.perf_counter() - began, applied, **health.fields(),
+                                 finished_at=time.time())
             if should_evaluate(spec, step):
-                record["val_loss"], record["val_accuracy"] = evaluate(net, data.dataset.X_val, data.dataset.y_val)
+                record["val_loss"], record["val_accuracy"] = evaluate_source(net, data.dataset)
             if records_params(spec, step):
                 record["params_sha256"] = params_sha256(net.params)
             history.append(record)
             if on_step is not None:
                 on_step(record)
-    return net, history
+    end = TrainState(stop_step(spec), net.params.copy(), optimizer.state_dict(),
+                     guard.streak, guard.skipped)
+    return net, history, end

@@ -64,6 +64,7 @@ def find_job(store: Store, scheduler: Scheduler, job_id: str, details: bool = Fa
 def with_waiting(job: dict, scheduler: Scheduler) -> dict:
     # FIFO: every queued job waits on what holds up the head of the queue
     job["waiting_for"] = scheduler.waiting_for if job["state"] == "queued" else None
+    job["phase"] = scheduler.phase(job["id"]) if job["state"] == "running" else None
     return job
 
 

@@ -46,6 +46,12 @@ def spec_sha256(spec: JobSpec) -> str:
     return hashlib.sha256(spec.to_json().encode()).hexdigest()
 
 
-def job_provenance(spec: JobSpec, data_roots) -> dict:
+def job_provenance(spec: JobSpec, settings) -> dict:
     return {"code_version": code_version(), "spec_sha256": spec_sha256(spec),
-            "data_sha256": data_sha256(spec.data, [str(r) for r in data_roots])}
+            "data_sha256": job_data_sha256(spec, settings)}
+
+
+def job_data_sha256(spec: JobSpec, settings) -> str:
+    """core.provenance's fingerprint of the job's data, within the service's roots and limits."""
+    return data_sha256(spec.data, [str(r) for r in settings.data_roots], spec.training.dtype,
+                       settings.data_limits())

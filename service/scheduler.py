@@ -7,13 +7,15 @@ service.queue_policy's decision. Each running job is one Coordinator driven
 from a thread of this process (service.job_runner). Jobs found `running` when
 the scheduler starts (the service was killed) resume from their latest
 checkpoint, each at most `max_resumes` times, so that a job that kills the
-service cannot crash-loop it. Ray is connected when the first job is about to
+service cannot crash-loop it. Sweeps add their trial jobs to the queue
+before each decision (service.sweep_runner). Ray is connected when the first job is about to
 run (service.ray_connection), with a bounded wait.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 
 from core.spec import JobSpec, SpecError, parse_stored_spec
@@ -24,7 +26,8 @@ from service.queue_policy import Waiting, choose
 from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
-from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
+from service.store import IllegalTransition, NotFound, Store, StoreError, StoreUnavailable
+from service.sweep_runner import SweepRunner
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
@@ -38,10 +41,13 @@ class NotRunning(Exception):
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics, *, start_worker=None):
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        # How each job's workers are started: None is the production way. Tests
+        # pass a fault plan (workers.faults) here, in code; HTTP cannot reach it.
+        self.start_worker = start_worker
         self._lock = threading.Lock()
         self._active: dict[str, Active] = {}
         self._resume: list[str] = []  # jobs found running at start, oldest first
@@ -54,6 +60,7 @@ class Scheduler:
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
         self._store_error: str | None = None  # the last store failure the loop logged
+        self.sweeps = SweepRunner(settings, store, self.cancel, metrics.sweeps)  # submits sweeps' trial jobs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -147,6 +154,12 @@ class Scheduler:
             active.resized.wait(wait_s)
         return self.store.get_job(job_id)
 
+    def phase(self, job_id: str) -> str | None:
+        """What a running job does before its first step ("preparing data: ..."), or None."""
+        with self._lock:
+            active = self._active.get(job_id)
+        return active.phase if active is not None else None
+
     def running_ids(self) -> list[str]:
         with self._lock:
             return list(self._active)
@@ -160,6 +173,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.metrics.set_job_states(self.store.counts())
+                self.sweeps.advance()  # never raises
                 started = self._schedule_one()
                 self._store_error = None
             except StoreUnavailable as err:  # a full disk: say it once, try again at the next poll
@@ -243,12 +257,14 @@ class Scheduler:
 
     def _start(self, waiting: Waiting, spec: JobSpec) -> None:
         from workers.coordinator import Coordinator
+        from workers.pool import start_gradient_worker
 
         job_id = waiting.job_id
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, data_limits=self.settings.data_limits(), on_step=lambda record: self._on_step(job_id, record),
-            on_event=lambda event: self._on_event(job_id, event))
+            on_event=lambda event: self._on_event(job_id, event),
+            start_worker=self.start_worker or start_gradient_worker)
         active = Active(job_id, coordinator, cpus=waiting.cpus)
         with self._lock:  # with cancel's look at _active: a job is cancelled, or started, never both
             if waiting.resume:
@@ -262,6 +278,7 @@ class Scheduler:
                 except IllegalTransition:
                     return  # cancelled meanwhile
             self._active[job_id] = active
+        self.metrics.job_started(job_id)
         thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
                                   name=f"shardprop-job-{job_id}", daemon=True)
         thread.start()
@@ -270,12 +287,17 @@ class Scheduler:
     def _run_job(self, active: Active, resume: bool) -> None:
         job_id = active.job_id
         try:
-            outcome = job_runner.run_to_end(active, resume, self.settings.model_path(job_id), self._stop)
+            outcome = job_runner.run_to_end(
+                active, resume, self.settings.model_path(job_id), self._stop,
+                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop),
+                prepare=lambda: self.sweeps.seed_continuation(job_id))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
+            self.metrics.job_stopped(job_id)
             with self._lock:  # its actors are gone: its CPUs are free for the next job
                 self._active.pop(job_id, None)
             self.wake()
+        self._observe_history(job_id)
         if outcome is not None:
             job_runner.record(self.store, job_id, outcome, self._stop)
             self._finished(job_id)
@@ -297,6 +319,14 @@ class Scheduler:
     def _finished(self, job_id: str) -> None:
         self._overtakes.pop(job_id, None)
         self.metrics.job_finished(job_id)
+
+    def _observe_history(self, job_id: str) -> None:
+        """Export the steps missing from the job's stored history (after a
+        recovery, and at its end: where steps could be lost)."""
+        try:
+            self.metrics.observe_steps_lost(job_id, self.store.missing_steps(job_id))
+        except (StoreError, sqlite3.Error) as err:  # the job's end must still be recorded
+            log.warning("job %s: steps lost not counted: %s", job_id, err)
 
     def _on_step(self, job_id: str, record: dict) -> None:
         self.store.record_metric(job_id, record)
@@ -323,3 +353,4 @@ class Scheduler:
                 active = self._active.get(job_id)
             if active is not None:
                 self.metrics.observe_counters(job_id, active.coordinator.counters)
+            self._observe_history(job_id)

@@ -21,6 +21,7 @@ GiB = 1 << 30
 _DATA = DataLimits()  # the loader's defaults: the limits a worker enforces again
 # The admission limits (docs/service.md, "Admission"); `serve --limit NAME=VALUE` sets any of them.
 LIMITS = ("max_parameters", "max_data_bytes", "max_inflation", "max_rows", "max_features", "max_classes",
+          "prepare_above_bytes",
           "max_worker_bytes", "max_service_bytes", "max_job_bytes", "max_steps", "max_evaluations",
           "max_checkpoints", "max_predict_values")
 
@@ -59,6 +60,8 @@ class Settings(BaseSettings):
     max_rows: int = Field(_DATA.max_rows, gt=0)
     max_features: int = Field(_DATA.max_features, gt=0)
     max_classes: int = Field(_DATA.max_classes, ge=2)
+    prepare_above_bytes: int = Field(_DATA.prepare_above_bytes, ge=0, description="a .csv or .npz source "
+                                     "larger than this is prepared once into the cache, not loaded whole")
     max_worker_bytes: int = Field(4 * GiB, gt=0, description="estimated peak memory of one gradient worker")
     max_service_bytes: int = Field(4 * GiB, gt=0, description="estimated peak memory of a job's coordinator")
     max_job_bytes: int = Field(16 * GiB, gt=0, description="estimated peak memory of a job's processes together")
@@ -96,7 +99,8 @@ class Settings(BaseSettings):
 
     def data_limits(self) -> DataLimits:
         return DataLimits(max_data_bytes=self.max_data_bytes, max_inflation=self.max_inflation,
-                          max_rows=self.max_rows, max_features=self.max_features, max_classes=self.max_classes)
+                          max_rows=self.max_rows, max_features=self.max_features, max_classes=self.max_classes,
+                          prepare_above_bytes=self.prepare_above_bytes)
 
     @property
     def url(self) -> str:

@@ -4,9 +4,19 @@ alive and every CPU free again."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import time
 
 import pytest
+
+# Prepared-data caches of this session (core/data_source.py) in a folder of its own, never
+# the user's ~/.cache: set before any Ray process starts, so that workers share it.
+if "SHARDPROP_CACHE" not in os.environ:
+    os.environ["SHARDPROP_CACHE"] = tempfile.mkdtemp(prefix="shardprop-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SHARDPROP_CACHE"], True)
 
 def _our_live_actors():
     # Straight from the GCS: the dashboard's state API is not started (it costs

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from core.spec import parse_spec
 from core.trainer import train
+from tests.service_helpers import stop_process_group
 from tests.test_dashboard import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -77,12 +77,7 @@ def head(tmp_path_factory):
         assert proc.poll() is None, (tmp / "head.log").read_text()[-2000:]
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_process_group(proc)
 
 
 def run_attached(address: str, where: Path, **extra) -> tuple[list, np.ndarray]:

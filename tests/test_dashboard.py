@@ -84,14 +84,32 @@ def test_metrics_while_a_job_runs_then_gone_after_retention(service):
                        ("shardprop_workers", "gauge"), ("shardprop_parameter_version", "gauge"),
                        ("shardprop_step_seconds", "histogram"), ("shardprop_worker_failures", "counter"),
                        ("shardprop_recoveries", "counter"), ("shardprop_steps_replayed", "counter"),
-                       ("shardprop_nonfinite_steps_skipped", "counter")]:
+                       ("shardprop_nonfinite_steps_skipped", "counter"), ("shardprop_gradient_norm", "gauge"),
+                       ("shardprop_update_to_weight_ratio", "gauge"), ("shardprop_worker_compute_seconds", "counter"),
+                       ("shardprop_worker_wait_seconds", "counter"), ("shardprop_goodput_ratio", "gauge"),
+                       ("shardprop_lost_seconds", "counter"), ("shardprop_steps_lost", "counter")]:
         assert name in running and running[name].type == kind, name
     phases = {s.labels["phase"] for s in running["shardprop_step_seconds"].samples}
     assert phases == PHASES
+    assert {s.labels["layer"] for s in running["shardprop_update_to_weight_ratio"].samples} == {"0", "1"}
+    assert {s.labels["worker"] for s in running["shardprop_worker_compute_seconds"].samples
+            if s.name.endswith("_total")} == {"0", "1"}
+    # the history the API serves has each step's health, per-worker times and goodput so far
+    history = httpx.get(f"{service}/v1/jobs/{jid}/metrics", params={"limit": 30}, timeout=10).json()["metrics"]
+    for r in history:
+        assert r["gradient_norm"] > 0 and len(r["update_ratio"]) == 2 and all(u > 0 for u in r["update_ratio"])
+        assert len(r["worker_compute_s"]) == len(r["worker_wait_s"]) == 2 and min(r["worker_compute_s"]) > 0
+        assert r["finished_at"] <= time.time() and 0 < r["goodput"]["ratio"] <= 1
     assert {s.labels["state"] for s in fams["shardprop_jobs"].samples} >= {"running", "queued", "succeeded"}
     done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     wait_for(lambda: httpx.get(f"{service}/v1/jobs/{jid}", timeout=10).json()["state"] == "succeeded")
+    _, fams = scrape(service)  # within the retention: the job's whole account
+    value = {(s.name, s.labels.get("cause")): s.value for f in fams.values() for s in f.samples
+             if s.labels.get("job_id") == jid}
+    assert 0 < value[("shardprop_goodput_ratio", None)] <= 1 and value[("shardprop_steps_lost_total", None)] == 0
+    assert value[("shardprop_lost_seconds_total", "startup")] > 0
+    assert value[("shardprop_lost_seconds_total", "checkpoint")] > 0  # every 100 steps, and at the end
     time.sleep(3.5)  # the retention configured above
     _, fams = scrape(service)
     assert not any(s.labels.get("job_id") == jid for f in fams.values() for s in f.samples)

@@ -18,6 +18,7 @@ from core.datafiles import DataError
 from core.prepared import PreparedSet, prepare
 from core.shards import shard_rows
 from core.spec import DataSpec
+from tests.s3_helpers import s3_server, upload  # noqa: F401  (a fixture)
 
 SECRET = "s3cr3tvalue"  # a cell's text that no error may echo
 
@@ -370,34 +371,6 @@ def test_a_manifest_whose_sizes_or_hashes_differ_from_the_files_fails_verificati
 
 
 # ------------------------------------------------------------ from S3 (moto)
-
-
-@pytest.fixture
-def s3_server(tmp_path, monkeypatch):
-    """moto's S3 server in this process, on a free loopback port."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "SHARDPROP_S3_ENDPOINT": f"http://127.0.0.1:{port}",
-                        "SHARDPROP_CACHE": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(name, value)
-    yield
-    server.stop()
-
-
-def upload(fs, root, prefix):
-    fs.create_dir(prefix.split("/")[0])
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with fs.open_output_stream(f"{prefix}/{path.relative_to(root)}") as out:
-                out.write(path.read_bytes())
 
 
 def test_a_set_on_s3_reads_and_verifies_as_the_local_copy(prepared, s3_server, tmp_path):

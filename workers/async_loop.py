@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
-from core.trainer import TrainingError
 from workers.checkpoint import Checkpoint
 from workers.job import JobParts
 from workers.protocol import UpdateStats
-from workers.recovery import Loss, Work
+from workers.recovery import Loss, Work, job_error
 from workers.reporting import Outcome
 
 WAIT_S = 0.5  # how long one wait for a result lasts, so that a cancel or a resize is seen
@@ -113,7 +112,7 @@ class AsyncLoop:
             run.taken[c.shard] += 1
             run.turns[c.index] = run.turns.get(c.index, 0) + 1
             self.applied_batches.append((c.shard, c.batch))
-            self._finish(run, stats)
+            self._finish(run, stats, c.index)
         # The order matters: a RayTaskError caused by a dead worker is also a
         # RayActorError (Ray's as_instanceof_cause), a dead server's is not.
         except RayTaskError as err:  # the worker's computation failed
@@ -123,22 +122,30 @@ class AsyncLoop:
                 if c.index in job.pool.indices:  # else: dropped already
                     self._recover(run, Loss(c.work, (c.index,), servers=False))
             elif not isinstance(cause, ObjectLostError):  # else: its result was lost, not it: made again
-                raise TrainingError(str(cause).strip()) from None
+                raise job_error(cause) from None
         except (RayActorError, ObjectLostError):  # the server died: in push, evaluation or checkpoint
             making = run.version + 1
             self._recover(run, Loss(Work(("update", making), f"update {making}", making), (), servers=True))
 
-    def _finish(self, run: AsyncRun, stats: UpdateStats) -> None:
+    def _finish(self, run: AsyncRun, stats: UpdateStats, worker: int) -> None:
         reporter, step = self.job.reporter, run.version - 1
         fresh = step + 1 > reporter.reported  # else made again after a restore: already reported
         params = state = None
         if fresh and reporter.should_evaluate(step):
-            params = self.job.servers.fetch([run.params_ref])
+            with reporter.goodput.timing("evaluation"):
+                params = self.job.servers.fetch([run.params_ref])
         if fresh and reporter.should_checkpoint(step):
-            state = self.job.servers.state()  # pushes are serial: its version is step + 1
+            with reporter.goodput.timing("checkpoint"):
+                state = self.job.servers.state()  # pushes are serial: its version is step + 1
+        # An update is one worker's: the others' times are None in it.
+        slots = self.job.pool.indices
+        compute, wait = [None] * len(slots), [None] * len(slots)
+        if worker in slots:
+            compute[slots.index(worker)], wait[slots.index(worker)] = stats.compute_s, stats.wait_s
         reporter.finish(Outcome(step, stats.loss, stats.count, stats.skipped == 0, stats.version,
                                 len(self.job.pool), {"compute": stats.compute_s, "reduce_apply": stats.reduce_apply_s},
-                                staleness=stats.staleness, params=params, state=state,
+                                staleness=stats.staleness, health=stats.health, worker_compute_s=tuple(compute),
+                                worker_wait_s=tuple(wait), params=params, state=state,
                                 counters={"async_taken": list(run.taken)}))
 
     def _recover(self, run: AsyncRun, loss: Loss) -> None:

@@ -22,11 +22,13 @@ import numpy as np
 
 from core.datafiles import DataLimits
 from core.mlp import MLP
-from core.spec import JobSpec, checkpoint_key, load_spec
-from core.trainer import ShardedData, build_network
+from core.spec import JobSpec, checkpoint_key, load_spec, stop_step
+from core.trainer import ShardedData, TrainingError, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
 from workers.checkpoint import JobCheckpoints
+from workers.evaluation import Evaluation
+from workers.goodput import GoodputClock
 from workers.job import JobParts
 from workers.pool import JobCancelled, StartWorker, WorkerPool, start_gradient_worker
 from workers.protocol import (CheckpointDamaged, CheckpointWritten, Counters, Event, Resumed, ServerState)
@@ -126,16 +128,21 @@ class Coordinator:
     # ------------------------------------------------------------ running
 
     def run(self, resume: bool = False) -> MLP:
-        """Train to the end; returns the trained network."""
-        spec = self.spec
+        """Train to the job's stop (training.stop_at, else the end); returns the trained network."""
+        spec, clock = self.spec, GoodputClock()
         connect_ray(None, spec.resources.workers)
-        # Loading the data here checks it before any actor starts, and gives
-        # the initial network and the validation split; workers load their own.
+        # Opening the data here checks it before any actor starts (an in-memory
+        # source is loaded; a prepared set's manifest read) and gives the
+        # initial network; workers read their own rows.
         data = ShardedData.from_spec(spec, self.data_roots, self.data_limits)
         net = build_network(spec, data.dataset)
-        job = self._job = self._parts(net, data)
+        job = self._job = self._parts(net, data, clock)
+        del data  # the driver keeps no rows: the workers read and evaluate them
         start, resumed = 0, job.reporter.latest_checkpoint() if resume else None
         if resumed is not None:
+            if resumed.step > stop_step(spec):
+                raise TrainingError(f"the checkpoint of step {resumed.step} in {self.checkpoint_dir} is past "
+                                    f"this job's stop at step {stop_step(spec)}")
             net.params[:] = resumed.params
             start = job.reporter.reported = resumed.step
             self.on_event(Resumed(start))
@@ -144,7 +151,7 @@ class Coordinator:
                 job.reporter.checkpoint(0, ServerState(net.params, {}, 0))
             job.servers.start(ServerState(net.params, resumed.optimizer if resumed else {}, start))
             job.pool.start(self._target_workers)
-            job.reporter.restart_clock()
+            job.reporter.restart_clock("startup")
             # the watchdog's thread at normal priority, the sync loop's waiting at the lowest
             with job.watchdog.running():
                 if spec.training.mode == "sync":
@@ -154,24 +161,24 @@ class Coordinator:
                     self._loop = AsyncLoop(job, self.applied_batches)
                     final = self._loop.run(start, resumed)
             net.params[:] = job.servers.fetch(final)
-            job.reporter.checkpoint(spec.training.steps, job.servers.state())
+            job.reporter.final_checkpoint(job.servers.state())
             return net
         finally:
             job.pool.shutdown()
             job.servers.kill()
             job.files.remove()
 
-    def _parts(self, net: MLP, data: ShardedData) -> JobParts:
+    def _parts(self, net: MLP, data: ShardedData, clock: GoodputClock) -> JobParts:
         spec, counters = self.spec, self.counters
         # the servers' parameters and one row per shard, twice over for workers replaced after a failure
         size = net.params.size * np.dtype(spec.training.dtype).itemsize
         files = shared.JobFiles(size * (1 + 2 * spec.data.shards), self.shared_root)
         pool = WorkerPool(spec, self.data_roots, self.data_limits, self._cancelled, files, self.on_event,
                           self.start_worker)
-        servers = ServerGroup(spec)
+        servers = ServerGroup(spec, net.layer_bounds())
         checkpoints = JobCheckpoints(self.checkpoint_dir, self._spec_key(), _stored_spec_key,
                                      self._written, self._damaged)
-        reporter = Reporter(spec, net, data.dataset, checkpoints, counters, self.on_step)
+        reporter = Reporter(spec, net, Evaluation(pool, data.dataset), checkpoints, counters, self.on_step, clock)
         policy = FailurePolicy(spec.resources.worker_timeout_s, counters)
         recovery = Recovery(pool, servers, reporter.latest_checkpoint, policy, counters, self.on_event)
         watchdog = Watchdog(policy.limit, policy, pool.kill, self.on_event)

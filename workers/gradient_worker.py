@@ -1,7 +1,9 @@
 """The gradient worker: a Ray actor that turns parameters into shard gradients.
 
-Each worker loads the job's data itself (the driver never ships it) and, for
-a step, computes through core's `shard_gradient` the gradient sum and sample
+Each worker reads the job's data itself (the driver never ships it): an
+in-memory source whole, a prepared set only the shards it is given
+(`own`: each file checked against the manifest first, core.rows), and the
+validation blocks it is asked to evaluate. For a step it computes through core's `shard_gradient` the gradient sum and sample
 count of every logical shard it is given, at the published parameters. A
 worker with c CPUs computes up to c shards at once, each with one BLAS thread,
 so the bits never depend on where or how widely a shard ran.
@@ -21,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.spec import JobSpec
-from core.trainer import ShardGradient, ShardedData, build_network, shard_gradient
+from core.trainer import ShardGradient, ShardedData, batch_gradient, build_network, eval_block
 from workers import shared
 from workers.cores import claim_cores
 from workers.protocol import StepPlan, WorkerLocation, WorkerResult
@@ -47,6 +49,7 @@ class GradientWorker:
         self.index = index
         self.data = ShardedData.from_spec(spec, [Path(r) for r in data_roots] if data_roots else None, limits)
         self.net = build_network(spec, self.data.dataset)
+        self._owned: tuple[int, ...] = ()  # the shards whose rows it holds (every row, in memory)
         self.threads = max(1, threads)
         self._returned_at: float | None = None  # when `step` last returned (sync mode)
         self._computing_since: float | None = None  # time.monotonic() when the current computation began
@@ -62,13 +65,31 @@ class GradientWorker:
         return WorkerLocation(self.index, ray.get_runtime_context().get_node_id(), os.getpid(),
                               tuple(self._cores.cores) if self._cores else None)
 
+    def own(self, shards: tuple[int, ...]) -> None:
+        """Hold the rows of `shards` and no others, checking every file of a
+        prepared set's new ones before they are read (a DataError names the
+        file). The pool calls this before a step graph is built; a shard
+        that arrives in a plan unannounced is taken on there."""
+        self._owned = tuple(shards)
+        self.data.own(shards)
+
+    def _take_on(self, shards: tuple[int, ...]) -> None:
+        if not set(shards) <= set(self._owned):
+            self.own(tuple(sorted(set(self._owned) | set(shards))))
+
+    def evaluate(self, params: np.ndarray, blocks: tuple[int, ...]) -> list[tuple[int, float, int]]:
+        """(block, loss sum, correct count) of validation blocks `blocks` at `params`."""
+        net = self.net.bind(params)
+        return [(k, *eval_block(net, *self.data.dataset.val_block(k))) for k in blocks]
+
     def _shard_gradient(self, net: MLP, shard: int, step: int, out: np.ndarray | None) -> ShardGradient:
-        # Rows were checked when the data was loaded; a cheap second look per
+        X, y = self.data.batch(shard, step)
+        # Rows were checked when the data was read; a cheap second look per
         # batch turns data that went bad into a clear error, not a skipped step.
-        if not np.isfinite(self.data.dataset.X_train[self.data.shards[shard].batch(step)]).all():
+        if not np.isfinite(X).all():
             raise ValueError(f"worker {self.index}, shard {shard}, step {step + 1}: "
                              "the shard's input rows hold non-finite values")
-        return shard_gradient(net, self.data, shard, step, out=out)
+        return batch_gradient(net, X, y, shard, step, out=out)
 
     def _gradients(self, step: int, shards: tuple[int, ...], params: np.ndarray,
                    rows: np.ndarray | None) -> list[ShardGradient]:
@@ -101,6 +122,7 @@ class GradientWorker:
     def compute(self, step: int, shards: tuple[int, ...], param_refs: list) -> WorkerResult:
         """Async mode: gradient sums of `shards` at the parameters in `param_refs`."""
         params, wait_s, transfer_s = fetch_params(param_refs)
+        self._take_on(shards)
         grads, compute_s = self._timed(step, shards, params)
         return WorkerResult(self.index, tuple(grads), compute_s, wait_s=wait_s, transfer_s=transfer_s)
 
@@ -138,6 +160,8 @@ class GradientWorker:
         self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
         params = slices[0] if len(slices) == 1 else np.concatenate(slices)
         shards = plan.assignment[self.index]
+        if shards != self._owned:
+            self.own(shards)
         # The servers read the previous step's rows before publishing this
         # step's parameters, so the rows are free to be written again here.
         rows = self._grad_rows(plan.shared_dir, len(shards), params)

@@ -51,10 +51,11 @@ class JobParts:
     def resize(self, workers: int) -> None:
         before = len(self.pool)
         self.pool.resize(workers)
+        self.reporter.restart_clock("startup")  # of the workers added (or stopped)
         self.on_event(Resized(before, workers, self.reporter.reported))
 
     def recover(self, loss: Loss, resume_at: int) -> Resumption:
         self.check_going_on()
         resumption = self.recovery.recover(loss, resume_at, self.reporter.reported, self.target_workers())
-        self.reporter.restart_clock()
+        self.reporter.restart_clock("recovery")
         return resumption

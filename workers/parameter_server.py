@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import ray
 
+from core.health import Bounds, StepHealth
 from core.optim import make_optimizer
 from core.spec import JobSpec
 from core.trainer import ShardGradient, reduce_gradients
@@ -57,9 +58,10 @@ class _Reduced:
 @ray.remote(num_cpus=0)
 class ParameterServer:
     def __init__(self, spec: JobSpec, index: int, params: np.ndarray, start: int, stop: int,
-                 version: int, optimizer_state: dict | None = None):
+                 version: int, optimizer_state: dict | None = None, layers: Bounds = ()):
         t = spec.training
         self.index, self.start, self.stop = index, start, stop
+        self.layers = tuple(layers)  # the network's layers in the whole vector (MLP.layer_bounds)
         self.params = np.array(params, copy=True)  # writable: the object store's copy is read-only
         self.optimizer = make_optimizer(t.optimizer, self.params.size, self.params.dtype, t.steps)
         if optimizer_state:
@@ -120,7 +122,8 @@ class ParameterServer:
         finite = bool(np.isfinite(mean).all())
         slowest = max(results, key=lambda r: r.compute_s)
         stats = StepStats(step, loss, count, False, self.version, 0.0, slowest.compute_s, slowest.idle_s,
-                          slowest.compute_s - min(r.compute_s for r in results), shards)
+                          slowest.compute_s - min(r.compute_s for r in results), shards,
+                          tuple(r.compute_s for r in results), tuple(r.idle_s for r in results))
         self.pending = _Reduced(stats, mean, finite, time.perf_counter() - began)
         return finite
 
@@ -134,11 +137,13 @@ class ParameterServer:
             raise StaleStep(f"parameter server {self.index}: commit for step {step + 1} without its reduce")
         applied = pending.finite and all(finite)
         began = time.perf_counter()
+        before = self.params.copy() if applied else self.params
         if applied:
             self.optimizer.apply(self.params, pending.mean, step)
+        health = StepHealth.measure(pending.mean, before, self.params, self.layers, self.start)
         self.version = step + 1
         self.pending = None
-        return replace(pending.stats, applied=applied, version=self.version,
+        return replace(pending.stats, applied=applied, version=self.version, health=health,
                        reduce_apply_s=pending.reduce_s + time.perf_counter() - began,
                        params=self.params.copy() if plan.want_params else None,
                        states=(self.state(),) if plan.want_state else ())
@@ -161,8 +166,8 @@ class ParameterServer:
             return self.params, UpdateStats(False, staleness, self.version)
         began = time.perf_counter()
         result: WorkerResult = ray.get(result_refs)[0]
-        skipped, count, loss = 0, 0, None
-        for g in result.grads:
+        skipped, count, loss, before, mean = 0, 0, None, self.params.copy(), None
+        for g in result.grads:  # one shard per update (AsyncLoop): its health is the update's
             mean = g.grad_sum[self.start:self.stop] / g.grad_sum.dtype.type(g.count)
             if np.isfinite(mean).all():
                 self.optimizer.apply(self.params, mean, self.version)
@@ -171,8 +176,10 @@ class ParameterServer:
             self.version += 1
             count += g.count
             loss = g.loss_sum / g.count
+        health = StepHealth.measure(mean, before, self.params, self.layers, self.start) if mean is not None else None
         return self.params, UpdateStats(True, staleness, self.version, loss, count, skipped,
-                                        time.perf_counter() - began, result.compute_s)
+                                        time.perf_counter() - began, result.compute_s,
+                                        result.wait_s + result.transfer_s, health)
 
     def state(self) -> ServerState:
         """Parameters, optimizer state and version, for a checkpoint."""

@@ -88,6 +88,32 @@ class WorkerPool:
         W, S = len(self.members), self.spec.data.shards
         return {m.index: tuple(range(w, S, W)) for w, m in enumerate(self.members)}
 
+    def distribute(self) -> tuple[int, ...]:
+        """Give each live worker its shards and wait until it holds their rows
+        (a prepared set's files checked against the manifest, then read:
+        GradientWorker.own). Returns the workers found dead meanwhile; a
+        worker's error ends the job (a DataFault names the bad file)."""
+        from workers.recovery import job_error  # workers.recovery builds on this module
+
+        assignment = self.assignment()
+        calls = [(m.index, m.actor.own.remote(assignment[m.index])) for m in self.members]
+        dead = []
+        for index, call in calls:
+            try:
+                self._wait(call)
+            except RayActorError:
+                dead.append(index)
+            except RayTaskError as err:
+                raise job_error(err.cause if err.cause is not None else err, f"worker {index}: ") from None
+        return tuple(dead)
+
+    def _wait(self, ref) -> None:
+        """ray.get(ref), seeing a cancel promptly."""
+        while not ray.wait([ref], timeout=0.5)[0]:
+            if self.cancelled.is_set():
+                raise JobCancelled("cancelled while its workers were reading their shards")
+        ray.get(ref)
+
     # ------------------------------------------------------------ starting
 
     def start(self, count: int) -> None:

@@ -16,6 +16,7 @@ from typing import ClassVar, Mapping
 
 import numpy as np
 
+from core.health import StepHealth
 from core.trainer import ShardGradient
 
 
@@ -82,7 +83,8 @@ class ServerState:
 class StepStats:
     """A sync step as the servers made it: its loss and count, whether it
     was applied (a non-finite mean gradient skips it), the new version, the
-    time of each phase of its critical path, and — when the plan asked —
+    time of each phase of its critical path, each worker's compute and wait
+    seconds, the step's health (core.health), and — when the plan asked —
     the new parameters and the servers' states (one per slice)."""
 
     step: int
@@ -95,6 +97,9 @@ class StepStats:
     idle_s: float  # of the slowest worker: its gradients out, the new parameters back
     straggler_wait_s: float  # how long the fastest worker waited for the slowest
     shards: tuple[int, ...]
+    worker_compute_s: tuple[float, ...] = ()  # each worker's, in the order of the step's workers
+    worker_wait_s: tuple[float, ...] = ()  # each worker's idle_s
+    health: StepHealth | None = None  # this slice's (joined: the whole vector's)
     params: np.ndarray | None = None
     states: tuple[ServerState, ...] = ()
 
@@ -106,7 +111,8 @@ class StepStats:
         first = outs[0]
         params = np.concatenate([o.params for o in outs]) if first.params is not None else None
         return replace(first, params=params, states=tuple(s for o in outs for s in o.states),
-                       reduce_apply_s=max(o.reduce_apply_s for o in outs))
+                       reduce_apply_s=max(o.reduce_apply_s for o in outs),
+                       health=StepHealth.join([o.health for o in outs]) if first.health is not None else None)
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ class UpdateStats:
     skipped: int = 0  # non-finite shard gradients not applied
     reduce_apply_s: float = 0.0
     compute_s: float = 0.0
+    wait_s: float = 0.0  # the worker's: waiting for the parameters and fetching them
+    health: StepHealth | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ class Counters:
     hung_workers: int = 0  # workers killed for exceeding resources.worker_timeout_s (also in worker_failures)
     stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
     staleness: list = field(default_factory=list)  # async: staleness of each applied update
+    goodput: dict = field(default_factory=dict)  # where the run's wall time went (workers.goodput.snapshot)
     nodes: set = field(default_factory=set)
 
 

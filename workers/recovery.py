@@ -8,6 +8,10 @@ received, starts replacements that fit, and says where the job goes on from.
 The arithmetic of every step is fixed by the step and its shards, so the job
 ends with the same bits.
 
+An exception raised by a worker's own code (not its death) is an error of
+the job, never retried: `job_error` makes it one, a `DataFault` when the
+data failed a check (a prepared set's file missing, truncated or altered).
+
 The policy decides when to give up: a piece of work whose actors die
 LOSSES_PER_WORK times (something in it kills them: memory, say), or that
 hangs HANGS_PER_WORK times (see workers.watchdog), fails the job.
@@ -20,7 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from core.trainer import TrainingError
+from core.datafiles import DataError
+from core.trainer import DataFault, TrainingError
 from workers.checkpoint import Checkpoint
 from workers.pool import WorkerPool
 from workers.protocol import Counters, Recovered
@@ -45,6 +50,13 @@ class Loss:
     work: Work
     workers: tuple[int, ...]  # indices of the workers lost
     servers: bool  # a parameter server died
+
+
+def job_error(cause: BaseException, where: str = "") -> TrainingError:
+    """The error a worker's exception ends the job with: its message (after
+    `where`, e.g. "worker 2: "), a DataFault for bad data."""
+    message = f"{where}{str(cause).strip()}"
+    return DataFault(message) if isinstance(cause, DataError) else TrainingError(message)
 
 
 class ActorLost(Exception):

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from core.health import Bounds
 from core.spec import JobSpec
 from core.trainer import TrainingError
 from workers.checkpoint import Checkpoint
@@ -25,8 +26,9 @@ STARTS_PER_GROUP = 3  # tries at starting the servers when they die starting
 
 
 class ServerGroup:
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, layers: Bounds = ()):
         self.spec = spec
+        self.layers = list(layers)  # each server measures the step's health over these (core.health)
         self.actors: list = []
         self.locations: list[ServerLocation] = []
 
@@ -48,7 +50,7 @@ class ServerGroup:
         bounds = slice_bounds(state.params.size, self.spec.resources.parameter_servers)
         parts = [state.slice(a, b) for a, b in bounds]
         self.actors = [ParameterServer.options(name=None).remote(
-            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None)
+            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None, self.layers)
             for j, ((a, b), part) in enumerate(zip(bounds, parts))]
         self.locations = ray.get([s.location.remote() for s in self.actors])
 

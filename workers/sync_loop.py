@@ -15,11 +15,12 @@ from collections import deque
 import ray
 from ray.exceptions import RayActorError, RayChannelError, RayTaskError
 
+from core.spec import stop_step
 from core.trainer import TrainingError
 from workers.job import JobParts
 from workers.pool import JobCancelled
 from workers.protocol import GraphBuilt, ServerState, StepPlan, StepStats
-from workers.recovery import ActorLost, Loss, Work
+from workers.recovery import ActorLost, Loss, Work, job_error
 from workers.reporting import Outcome
 from workers.step_graph import StepGraph, build_step_graph
 
@@ -30,9 +31,10 @@ class SyncLoop:
         job.watchdog.find_hung = self.find_hung
         self.graph: StepGraph | None = None
         self.shared_dir: str | None = None  # the current graph's (None: arrays go through it)
+        self.first_step = 0  # the first step the current graph makes
 
     def run(self, start: int) -> list:
-        """Make steps `start`... to the end; returns refs to the final parameters."""
+        """Make steps `start`... to the job's stop; returns refs to the final parameters."""
         try:
             self._steps(start)
         finally:
@@ -40,7 +42,7 @@ class SyncLoop:
         return self.job.servers.publish()
 
     def _steps(self, step: int) -> None:
-        job, steps = self.job, self.job.spec.training.steps
+        job, steps = self.job, stop_step(self.job.spec)
         while step < steps:
             job.check_going_on()
             change = job.wanted_workers()
@@ -48,9 +50,9 @@ class SyncLoop:
                 self.close()
                 job.resize(change)
                 continue
-            graph = self.graph or self._build()
             pending: deque = deque()
             try:
+                graph = self.graph or self._build(step)
                 while step < steps or pending:
                     while step < steps and len(pending) < job.pipeline_depth:
                         plan = self._plan(step)
@@ -78,8 +80,12 @@ class SyncLoop:
         return StepPlan(step, self.job.pool.assignment(), reporter.should_evaluate(step),
                         reporter.should_checkpoint(step), self.shared_dir)
 
-    def _build(self) -> StepGraph:
-        job = self.job
+    def _build(self, step: int) -> StepGraph:
+        job, self.first_step = self.job, step
+        # Each worker checks and reads its shards before the graph's first step.
+        dead = job.pool.distribute()
+        if dead:
+            raise ActorLost(Loss(Work(("step", step + 1), f"step {step + 1}", step + 1), dead, servers=False))
         nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
         self.graph = build_step_graph(job.servers.actors, job.pool.actors, nodes, job.pipeline_depth + 1)
@@ -90,6 +96,7 @@ class SyncLoop:
         self.shared_dir = job.files.directory() if len(nodes) == 1 else None
         job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
                                 self.shared_dir is not None))
+        job.reporter.restart_clock()  # the build is the work of the pause that needed it
         return self.graph
 
     @property
@@ -117,7 +124,12 @@ class SyncLoop:
         # and how long the fastest worker waited for it.
         phases = {"compute": s.compute_s, "transfer": max(0.0, s.idle_s - s.reduce_apply_s),
                   "reduce_apply": s.reduce_apply_s, "wait": s.straggler_wait_s}
+        # A worker's wait is its idle time before the step: since it returned
+        # the step before, none on a graph's first step (the pause before is
+        # start-up, a recovery or a resize, accounted as such by goodput).
+        waits = s.worker_wait_s if s.step != self.first_step else (0.0,) * len(s.worker_wait_s)
         self.job.reporter.finish(Outcome(s.step, s.loss, s.count, s.applied, s.version, len(self.job.pool), phases,
+                                         health=s.health, worker_compute_s=s.worker_compute_s, worker_wait_s=waits,
                                          params=s.params, state=ServerState.join(s.states) if s.states else None))
 
     def _result(self, plan: StepPlan, outputs: list) -> StepStats:
@@ -134,7 +146,7 @@ class SyncLoop:
         except RayTaskError as err:
             cause = err.cause if err.cause is not None else err
             if not isinstance(cause, (RayActorError, RayChannelError)):
-                raise TrainingError(str(cause).strip()) from None
+                raise job_error(cause) from None
             raise self._lost(work, err) from None
         except (RayActorError, RayChannelError, ValueError) as err:
             raise self._lost(work, err) from None

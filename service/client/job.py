@@ -59,13 +59,13 @@ class Job:
         """Wait for the job to end; returns its final status when it
         succeeded, raises JobFailed / JobCancelled (with the service's
         message) otherwise, and Timeout after `timeout` seconds.
-        `on_progress(status)` is called whenever the step, the state or
-        what a queued job waits for changes."""
+        `on_progress(status)` is called whenever the step, the state, what
+        a queued job waits for or a running job's `phase` changes."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen = None
         while True:
             status = self.status()
-            now = (status["state"], status["step"], status.get("waiting_for"))
+            now = (status["state"], status["step"], status.get("waiting_for"), status.get("phase"))
             if on_progress is not None and now != seen:
                 seen = now
                 on_progress(status)

@@ -66,7 +66,7 @@ def _create(settings: Settings, store: Store, raw, idempotency_key: str | None) 
     except Refused as err:
         raise HTTPException(422, str(err))
     try:
-        provenance = job_provenance(spec, settings.data_roots)  # the data's bytes read once, in chunks
+        provenance = job_provenance(spec, settings)  # the data's bytes read once, in chunks
     except (DataError, OSError) as err:  # gone or unreadable since admission read it
         raise HTTPException(422, f"data.source {spec.data.source!r}: {getattr(err, 'strerror', None) or err}")
     try:

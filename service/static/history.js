@@ -47,32 +47,18 @@ export class JobHistory {
   }
 
   async readMetrics() {
-    let added = 0, more = false;
-    for (let i = 0; i < MAX_PAGES_PER_POLL; i++) {
-      const page = await getJSON(`${this.path}/metrics?since=${this.since}&limit=${METRICS_PAGE}`);
-      this.rows.push(...page.metrics);
-      added += page.metrics.length;
-      this.since = page.next_since;
-      more = page.more;
-      if (!more) break;
-    }
-    return { added, more };
+    const read = await readPages(`${this.path}/metrics`, this.since, METRICS_PAGE, "metrics", this.rows);
+    this.since = read.since;
+    return read;
   }
 
   /** New events; `false` when none, else {more}. Without the endpoint: the transitions. */
   async readEvents(job) {
     if (service.hasEvents) {
       try {
-        let added = 0, more = false;
-        for (let i = 0; i < MAX_PAGES_PER_POLL; i++) {
-          const page = await getJSON(`${this.path}/events?since=${this.eventsSince}&limit=${EVENTS_PAGE}`);
-          this.events.push(...page.events);
-          added += page.events.length;
-          this.eventsSince = page.next_since;
-          more = page.more;
-          if (!more) break;
-        }
-        return added ? { more } : false;
+        const read = await readPages(`${this.path}/events`, this.eventsSince, EVENTS_PAGE, "events", this.events);
+        this.eventsSince = read.since;
+        return read.added ? { more: read.more } : false;
       } catch (err) {
         // the job was just read, so a 404 here is a service without the endpoint
         if (!(err instanceof HttpError && (err.status === 404 || err.status === 405))) throw err;
@@ -84,6 +70,21 @@ export class JobHistory {
     this.events = made;
     return { more: false };
   }
+}
+
+/** Pages of `key` records after cursor `since`, appended to `into`, at most
+ *  MAX_PAGES_PER_POLL of them: {added, more, since} (the cursor to read from next). */
+async function readPages(url, since, limit, key, into) {
+  let added = 0, more = false;
+  for (let i = 0; i < MAX_PAGES_PER_POLL; i++) {
+    const page = await getJSON(`${url}?since=${since}&limit=${limit}`);
+    into.push(...page[key]);
+    added += page[key].length;
+    since = page.next_since;
+    more = page.more;
+    if (!more) break;
+  }
+  return { added, more, since };
 }
 
 /** A job's state transitions as events (the first, its submission, left out). */
