@@ -22,6 +22,9 @@ from typing import Callable
 
 log = logging.getLogger("shardprop.scheduler")
 
+HEAD_PROBE_EVERY_S = 2.0
+HEAD_PROBE_TIMEOUT_S = 2.0
+
 
 class RayConnection:
     def __init__(self, address: str | None, timeout_s: float, retry_s: float,
@@ -34,17 +37,40 @@ class RayConnection:
         self._attempt: threading.Thread | None = None
         self._outcome: dict = {}
         self._next_try = 0.0
+        self._probe_lock = threading.Lock()  # health checks come from several request threads
+        self._probed_at = float("-inf")
+        self._head_error: str | None = None  # why the connected cluster's head did not answer, last asked
 
     @property
     def where(self) -> str:
         return self.address or "a private local instance"
 
     def status(self) -> str:
+        """What `/healthz` says of Ray. Once connected to a cluster, whether
+        its head (the GCS) still answers is asked again, at most every
+        HEAD_PROBE_EVERY_S and within HEAD_PROBE_TIMEOUT_S: a head cut off
+        from the service reads `unreachable: REASON` instead of jobs
+        silently waiting."""
+        if self.connected and self.address is not None:
+            return self._head_status()
         if self.connected:
             return "connected"
         if self.error is not None:
             return f"unreachable: {self.error}"
         return "not connected yet (connects when a job is about to run)"
+
+    def _head_status(self) -> str:
+        from workers.runtime import RayUnreachable, probe_ray
+
+        with self._probe_lock:
+            if time.monotonic() - self._probed_at >= HEAD_PROBE_EVERY_S:
+                try:
+                    probe_ray(self.address, min(self.timeout_s, HEAD_PROBE_TIMEOUT_S))
+                    self._head_error = None
+                except RayUnreachable as err:
+                    self._head_error = str(err)
+                self._probed_at = time.monotonic()
+            return "connected" if self._head_error is None else f"unreachable: {self._head_error}"
 
     def ensure(self) -> bool:
         """Whether Ray is connected, trying (for a bounded time) if it is

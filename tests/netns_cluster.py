@@ -241,8 +241,8 @@ class NetnsCluster:
     def nodes(self) -> dict[str, str]:
         """Node IP -> node ID of the live nodes, as the head sees them."""
         code = ("import json,ray,sys\nray.init(address=sys.argv[1],log_to_driver=False)\n"
-                "print(json.dumps({n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}))")
-        return json.loads(self.run(0, code, self.address).splitlines()[-1])
+                "print('nodes:', json.dumps({n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}))")
+        return _nodes_line(self.run(0, code, self.address))
 
     def wait_nodes(self, count: int, timeout: float = 90) -> dict[str, str]:
         """Until `count` nodes are alive (with all their CPUs); returns `nodes()`."""
@@ -251,10 +251,10 @@ class NetnsCluster:
                 "alive=lambda: {n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes() if n['Alive']}\n"
                 "while (len(alive())<int(sys.argv[2]) or ray.cluster_resources().get('CPU',0)<float(sys.argv[4]))"
                 " and time.time()<end: time.sleep(0.3)\n"
-                "print(json.dumps(alive()))")
+                "print('nodes:', json.dumps(alive()))")
         cpus = sum(c for i, c in enumerate(self.cpus) if i in self._ray)
-        nodes = json.loads(self.run(0, code, self.address, str(count), str(timeout), str(cpus),
-                                    timeout=timeout + 60).splitlines()[-1])
+        nodes = _nodes_line(self.run(0, code, self.address, str(count), str(timeout), str(cpus),
+                                     timeout=timeout + 60))
         if len(nodes) < count:
             raise RuntimeError(f"{len(nodes)} of {count} hosts joined: {nodes}")
         return nodes
@@ -324,6 +324,12 @@ def _set_session_niceness(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
     except OSError:
         pass
+
+
+def _nodes_line(stdout: str) -> dict[str, str]:
+    """The `nodes: {...}` line of a probe's output (Ray prints its own
+    warnings to a driver's stdout too, a node's death for one)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("nodes: "))[7:])
 
 
 def _netns_pids(name: str) -> list[int]:

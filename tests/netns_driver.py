@@ -12,8 +12,8 @@ folder: at a pause the driver writes `at-NAME` and waits for `go-NAME`.
 - `--pause STEP:NAME`: after step STEP is reported;
 - `--pause-placed NAME`: once the first workers have started, before the
   pool asks them where they are (a cut there is a cut during placement);
-- `--servers-on IP`: the parameter servers prefer the node at IP (a soft
-  node affinity, so a restore goes elsewhere once that node is dead): the
+- `--servers-on IP`: the parameter servers start on the node at IP while
+  it is alive (a restore goes elsewhere once Ray has declared it dead): the
   fault of a server's host, on purpose.
 """
 
@@ -45,14 +45,18 @@ def pause(folder: Path, name: str) -> None:
 
 
 def servers_preferring(ip: str):
-    """ParameterServer, its placement preferring the node at `ip`."""
+    """ParameterServer, placed on the node at `ip` while Ray holds it alive,
+    anywhere once it is dead (Ray 2.60's soft node affinity was seen placing
+    elsewhere with the node alive and idle, so it is not used)."""
     node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip)
     actor_class = servers_module.ParameterServer
 
     class Preferring:
         @staticmethod
         def options(**kw):
-            return actor_class.options(**kw, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+            if any(n["NodeID"] == node and n["Alive"] for n in ray.nodes()):
+                kw["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+            return actor_class.options(**kw)
 
     return Preferring
 
@@ -90,10 +94,12 @@ def main() -> int:
     connect_ray(args.address)
     if args.servers_on:
         servers_module.ParameterServer = servers_preferring(args.servers_on)
-    steps, events = [], []
+    steps, events, first_servers = [], [], []
 
     def on_step(record: dict) -> None:
         steps.append(record["step"])
+        if len(steps) == 1:
+            first_servers.extend(coordinator.server_locations)
         if record["step"] in pauses:
             pause(folder, pauses[record["step"]])
 
@@ -109,6 +115,7 @@ def main() -> int:
     nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes()}
     result.write_text(json.dumps({
         "steps": steps, "events": events, "locations": coordinator.locations,
+        "servers": {"first": first_servers, "last": coordinator.server_locations},
         "counters": asdict(coordinator.counters),
         "nodes": nodes}, default=list))
     return 0

@@ -25,7 +25,7 @@ import pytest
 from core.mlp import MLP
 from core.spec import parse_spec
 from core.trainer import train
-from tests.netns_cluster import ENV, ROOT, NetnsCluster, netem_unavailable_reason, unavailable_reason
+from tests.netns_cluster import ENV, ROOT, NetnsCluster, end_group, netem_unavailable_reason, unavailable_reason
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow,
               pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")]
@@ -56,7 +56,11 @@ def hosts():
 
 @pytest.fixture
 def three_hosts(hosts):
-    """The cluster with its three hosts up (a test that cuts one rejoins it)."""
+    """The cluster with its three hosts up (a test that cuts one rejoins it
+    itself; one whose rejoin failed is rejoined here)."""
+    for i in range(3):
+        if hosts.ip(i) not in hosts.nodes():
+            hosts.rejoin(i)
     hosts.wait_nodes(3)
     return hosts
 
@@ -170,6 +174,9 @@ def test_parameter_server_host_cut_is_restored_and_replayed(three_hosts, tmp_pat
     assert_reference_run(result, reference)
     recovered = events(result, "recovery")
     assert any(r["servers"] for r in recovered), "the server's loss was seen and it was restored"
+    cut_node = result["nodes"][three_hosts.ip(SERVER_HOST)]  # (its Ray is started again only after the job)
+    assert result["servers"]["first"][0]["node_id"] == cut_node, "the server began on the host then cut"
+    assert result["servers"]["last"][0]["node_id"] != cut_node, "and was restored on another"
     assert result["counters"]["server_failures"] >= 1 and result["counters"]["steps_replayed"] >= 1
 
 
@@ -196,3 +203,60 @@ def test_lossy_slow_link_for_a_whole_run_gives_the_reference_bits(three_hosts, t
         three_hosts.clear_netem(WORKER_HOST)
     assert_reference_run(result, reference)
     assert len(events(result, "workers")[0]["nodes"]) == 3
+
+
+SERVICE_HOST = 1
+CLIENT = """
+import httpx, json, sys, time
+url, what = "http://127.0.0.1:8470", sys.argv[1]
+end = time.time() + float(sys.argv[2])
+def health():
+    while True:
+        try:
+            r = httpx.get(url + "/healthz", timeout=10)
+            return r.status_code, r.json()["ray"]
+        except httpx.TransportError:
+            if time.time() > end: raise
+            time.sleep(0.5)
+if what == "job":
+    health()
+    job = httpx.post(url + "/v1/jobs", json=json.loads(sys.argv[3]), timeout=30).json()
+    while httpx.get(url + "/v1/jobs/" + job["id"], timeout=30).json()["state"] not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < end, "job not done in time"
+        time.sleep(0.5)
+    state = httpx.get(url + "/v1/jobs/" + job["id"], timeout=30).json()
+    open(sys.argv[4], "wb").write(httpx.get(url + "/v1/jobs/" + job["id"] + "/model", timeout=30).content)
+    print(json.dumps({"state": state["state"], "health": health()}))
+else:  # wait until /healthz's ray field starts (or stops) with `what`
+    while True:
+        code, ray = health()
+        if ray.startswith(what) or time.time() > end:
+            print(json.dumps([code, ray])); break
+        time.sleep(0.5)
+"""
+
+
+def test_a_service_on_its_own_host_runs_a_job_and_its_healthz_says_when_the_head_is_cut_off(
+        three_hosts, tmp_path, reference):
+    shardprop = str(Path(sys.executable).parent / "shardprop")
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen(three_hosts.prefix(SERVICE_HOST) + [
+        shardprop, "serve", "--port", "8470", "--ray-address", three_hosts.address,
+        "--store", str(tmp_path / "shardprop.db")], stdout=log, stderr=subprocess.STDOUT, env=ENV,
+        start_new_session=True)
+    try:
+        done = json.loads(three_hosts.run(SERVICE_HOST, CLIENT, "job", "300", json.dumps(SPEC),
+                                          str(tmp_path / "model.npz"), timeout=400).splitlines()[-1])
+        assert done == {"state": "succeeded", "health": [200, "connected"]}
+        assert np.array_equal(MLP.load(tmp_path / "model.npz").params, reference)
+        three_hosts.cut(0)
+        try:
+            cut = json.loads(three_hosts.run(SERVICE_HOST, CLIENT, "unreachable", "60").splitlines()[-1])
+        finally:
+            three_hosts.heal(0)
+        assert cut[0] == 200 and cut[1].startswith("unreachable: "), cut
+        healed = json.loads(three_hosts.run(SERVICE_HOST, CLIENT, "connected", "60").splitlines()[-1])
+        assert healed == [200, "connected"]
+    finally:
+        end_group(serve)
+        log.close()
