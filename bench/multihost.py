@@ -11,8 +11,10 @@ setups interleaved within each round. Rows:
 - attached: `--address` of a `ray start --head --num-cpus 2` on loopback,
   started here on a private port with its own --temp-dir;
 - 2 hosts: two network namespaces joined by a bridge, `ray start --head`
-  in one and `ray start --address` in the other, 1 CPU each; the driver runs
-  in the head's namespace.
+  in one and `ray start --address` in the other, 1 CPU each, on the fixed
+  ports of docs/deploy.md (tests/netns_cluster.py, the multihost tests'
+  cluster, under this benchmark's own names and subnet); the driver runs in
+  the head's namespace.
 
 Then one in-process run per setup (`--phase-steps` steps) reports the median
 phases of a step from the job's records: compute (slowest worker), transfer
@@ -33,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,6 +44,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.netns_cluster import BENCH, NetnsCluster, end_group, unavailable_reason  # noqa: E402
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
        "RAY_USAGE_STATS_ENABLED": "0"}
@@ -56,9 +60,6 @@ SPEC = {
                  "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
     "resources": {"workers": 2},
 }
-
-# Namespaces, bridge and subnet of this benchmark's own (not those of tests/).
-NS_PREFIX, BRIDGE, SUBNET = "spbench-h", "spbenchbr", "10.251.77"
 
 PHASES = """
 import json, statistics, sys
@@ -116,13 +117,13 @@ class Setup:
             raise RuntimeError(f"{self.name}: phase run failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.splitlines()[-1])
 
-    def start_ray(self, args: list[str], log: Path, prefix: list[str] | None = None) -> None:
+    def start_ray(self, args: list[str], log: Path, prefix: list[str] | None = None, timeout: float = 120.0) -> None:
         head = ["--include-dashboard=false"] if "--head" in args else []
         proc = subprocess.Popen((prefix or []) + [str(BIN / "ray"), "start", *args, *head, "--disable-usage-stats",
                                                   "--block"],
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         self.procs.append(proc)
-        end = time.monotonic() + 120
+        end = time.monotonic() + timeout
         while "Ray runtime started" not in log.read_text(errors="replace"):  # before anyone attaches
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"{self.name}: ray start did not start:\n{log.read_text(errors='replace')[-2000:]}")
@@ -142,14 +143,7 @@ class Setup:
 
     def close(self) -> None:
         for proc in reversed(self.procs):  # by pid (process group), never `ray stop`
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            end_group(proc)
 
 
 def attached(work: Path) -> Setup:
@@ -165,70 +159,10 @@ def attached(work: Path) -> Setup:
     return setup
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-class Namespaces:
-    """`hosts` network namespaces on one bridge, host i at SUBNET.(i+1)."""
-
-    def __init__(self, hosts: int):
-        self.names = [f"{NS_PREFIX}{i}" for i in range(hosts)]
-        self.made: list[str] = []
-
-    def __enter__(self) -> "Namespaces":
-        try:
-            sh("ip", "link", "add", BRIDGE, "type", "bridge")
-            self.made.append(BRIDGE)
-            sh("ip", "link", "set", BRIDGE, "up")
-            for i, ns in enumerate(self.names):
-                sh("ip", "netns", "add", ns)
-                self.made.append(ns)
-                host, peer = f"spbv{i}", f"spbp{i}"
-                sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
-                sh("ip", "link", "set", host, "master", BRIDGE, "up")
-                sh("ip", "link", "set", peer, "netns", ns)
-                sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", peer)
-                sh("ip", "-n", ns, "link", "set", peer, "up")
-                sh("ip", "-n", ns, "link", "set", "lo", "up")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def prefix(self, i: int) -> list[str]:
-        return ["ip", "netns", "exec", self.names[i]]
-
-    def __exit__(self, *exc) -> None:
-        for name in reversed(self.made):  # removing a namespace removes its end of the veth, and so the pair
-            if name == BRIDGE:
-                subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-            else:
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        self.made.clear()
-
-
-def two_hosts(work: Path, nets: Namespaces) -> Setup:
-    port = 6379 + 1000 + os.getpid() % 1000  # inside our own namespace: no other Ray listens there
-    head_ip = f"{SUBNET}.1"
-    setup = Setup("2 hosts x 1 CPU", f"{head_ip}:{port}", nets.prefix(0))
-    try:
-        _start_hosts(setup, nets, work, head_ip, port)
-    except BaseException:
-        setup.close()
-        raise
-    return setup
-
-
-def _start_hosts(setup: Setup, nets: Namespaces, work: Path, head_ip: str, port: int) -> None:
-    setup.start_ray(["--head", f"--port={port}", "--num-cpus=1", f"--node-ip-address={head_ip}",
-                     f"--temp-dir={work / 'rh'}"], work / "host0.log", nets.prefix(0))
-    setup.start_ray([f"--address={head_ip}:{port}", "--num-cpus=1", f"--node-ip-address={SUBNET}.2"],
-                    work / "host1.log", nets.prefix(1))
-    try:
-        setup.wait_cpus(2)
-    except RuntimeError as err:
-        raise RuntimeError(f"{err}\nhost 1's ray start:\n{(work / 'host1.log').read_text(errors='replace')[-2000:]}")
+def two_hosts() -> tuple[Setup, NetnsCluster]:
+    """Two namespace hosts of 1 CPU (tests/netns_cluster.py, under the bench's own names)."""
+    nets = NetnsCluster([1, 1], BENCH, system_config={}).__enter__()
+    return Setup("2 hosts x 1 CPU", nets.address, nets.prefix(0)), nets
 
 
 def main() -> int:
@@ -250,11 +184,11 @@ def main() -> int:
         if "attached" in only:
             setups.append(attached(work))
         if "2hosts" in only:
-            if os.geteuid() != 0 or not shutil.which("ip"):
-                skipped["2 hosts x 1 CPU"] = "needs root and ip"
+            if unavailable_reason():
+                skipped["2 hosts x 1 CPU"] = unavailable_reason()
             else:
-                nets = Namespaces(2).__enter__()
-                setups.append(two_hosts(work, nets))
+                setup, nets = two_hosts()
+                setups.append(setup)
         times: dict[str, list[float]] = {s.name: [] for s in setups}
         for r in range(args.rounds):
             for s in (setups if r % 2 == 0 else setups[::-1]):
@@ -267,7 +201,7 @@ def main() -> int:
         for s in setups:
             s.close()
         if nets is not None:
-            nets.__exit__()
+            nets.close()
         shutil.rmtree(work, ignore_errors=True)
     step = {name: statistics.median(ts) for name, ts in times.items()}
     base = step.get("private 2-CPU local")

@@ -12,8 +12,9 @@ A prepared set fixes its split; a spec that says otherwise (another split
 seed, validation split or label column, or float64 training on float32
 rows) is refused naming the field, the spec's value and the manifest's.
 The row partition of a prepared set (and of an in-memory one, core.data)
-is `core.shards.shard_rows` keyed by the split seed (`data.split_seed`), which is what lets a job vary its own `seed`
-(initialization, each shard's batch order) over one prepared set.
+is `core.shards.shard_rows` keyed by the split seed (`data.split_seed`),
+which is what lets a job vary its own `seed` (initialization, each shard's
+batch order) over one prepared set.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def check_split(data: DataSpec, dtype: str, prepared: PreparedSet) -> None:
     if dtype == "float64" and prepared.dtype.name == "float32":
         problems.append(("training.dtype", dtype, "float32 rows (prepare with --dtype float64)"))
     if problems:
-        where = data.source if data.source.startswith("s3://") else str(data.source)
-        raise SplitMismatch(f"data.source {where!r} is a prepared set whose split the spec contradicts: " + "; ".join(
-            f"{field} is {mine!r} in the spec, {theirs!r} in its manifest" for field, mine, theirs in problems))
+        said = "; ".join(f"{field} is {mine!r} in the spec, {theirs!r} in its manifest"
+                         for field, mine, theirs in problems)
+        raise SplitMismatch(f"data.source {data.source!r} is a prepared set whose split the spec contradicts: {said}")
 
 
 # ---------------------------------------------------------------- the cache
@@ -182,13 +183,12 @@ def progress_text(p) -> str:
 def source_sha256(path: Path) -> str:
     """The SHA-256 `prepare` records for the source (a file's bytes; a
     folder's .parquet files' names and hashes), remembered per file identity
-    (device, inode, size, modification time) so later jobs do not read
-    gigabytes again to find their cached copy."""
+    (path, device, inode, size, modification and change times) so later jobs
+    do not read gigabytes again to find their cached copy."""
     from core.prepare_sources import _file_digest
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".parquet") if path.is_dir() else [path]
-    identity = json.dumps([[str(p.resolve()), *(lambda s: (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns))(p.stat())]
-                           for p in files]).encode()
+    identity = json.dumps([_identity(p) for p in files]).encode()
     memo = cache_dir() / "hashes" / hashlib.sha256(identity).hexdigest()
     try:
         known = memo.read_text().strip()
@@ -204,6 +204,11 @@ def source_sha256(path: Path) -> str:
     tmp.write_text(digest)
     os.replace(tmp, memo)
     return digest
+
+
+def _identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 # ------------------------------------------------------- held in memory whole

@@ -28,13 +28,15 @@ BUILTIN_SHAPES = {"digits": (1797, 64, 10), "iris": (150, 4, 3), "wine": (178, 1
 class DataMetadata:
     """A data set's shape. `n_classes` is None for regression, whose
     `n_targets` is the target count; `bytes` is the peak memory of loading it
-    (float64 X and y, and a synthetic set's teacher)."""
+    (float64 X and y, and a synthetic set's teacher); `prepared`: the rows
+    are a prepared set's, each worker reading only its own shards."""
 
     rows: int
     n_features: int
     n_classes: int | None
     n_targets: int
     bytes: int
+    prepared: bool = False
 
 
 def describe(spec: DataSpec, data_roots: list[str | Path] | None = None,
@@ -52,7 +54,7 @@ def describe(spec: DataSpec, data_roots: list[str | Path] | None = None,
             limits.check_classes(spec.source, prepared.n_classes)
         width = prepared.n_features + (1 if prepared.n_classes is not None else prepared.n_targets)
         return DataMetadata(rows, prepared.n_features, prepared.n_classes, prepared.n_targets,
-                            rows * width * FLOAT64)
+                            rows * width * FLOAT64, prepared=True)
     if spec.source == "synthetic":
         size = check_synthetic(spec, limits)
         return DataMetadata(spec.samples, spec.features, spec.classes, spec.classes, size)

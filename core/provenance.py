@@ -27,7 +27,7 @@ import numpy as np
 
 from core.data import _builtin, resolve_data_path
 from core.datafiles import DataLimits
-from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec
+from core.spec import BUILTIN_SOURCES, DataSpec, JobSpec, stop_step
 
 CHUNK = 1 << 20
 
@@ -39,10 +39,11 @@ def params_sha256(params: np.ndarray) -> str:
 def records_params(spec: JobSpec, step: int) -> bool:
     """Whether the record of update `step` (0-based) carries params_sha256:
     evaluation steps (every eval_every, and the last) and checkpoint steps
-    (every checkpoint_every, before the last)."""
-    t, done = spec.training, step + 1
-    evaluated = done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
-    return evaluated or (t.checkpoint_every > 0 and done % t.checkpoint_every == 0 and done < t.steps)
+    (every checkpoint_every, before the last). The last is the job's stop
+    (`training.stop_at`, else `training.steps`)."""
+    t, done, last = spec.training, step + 1, stop_step(spec)
+    evaluated = done == last or (t.eval_every > 0 and done % t.eval_every == 0)
+    return evaluated or (t.checkpoint_every > 0 and done % t.checkpoint_every == 0 and done < last)
 
 
 def file_sha256(path: Path) -> str:

@@ -90,9 +90,7 @@ class PreparedRows:
 
     def _load(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         p = self.prepared
-        X = np.empty((stop - start, self.n_features), self.dtype)
-        y = np.empty((stop - start,) if self.n_classes is not None else (stop - start, self.n_targets),
-                     np.int64 if self.n_classes is not None else np.float64)
+        X, y = self._empty(stop - start, self.dtype)
         for index in p.train_block_range(start, stop):
             a, b = max(start, index * p.block_rows), min(stop, (index + 1) * p.block_rows)
             Xb, yb = p.read_train(a, b)
@@ -102,13 +100,19 @@ class PreparedRows:
             p.release()  # one block's raw pages mapped at a time
         return X, y
 
+    def _empty(self, n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Room for n rows' inputs (of `dtype`) and targets (int64 labels, or float64 targets)."""
+        if self.n_classes is not None:
+            return np.empty((n, self.n_features), dtype), np.empty(n, np.int64)
+        return np.empty((n, self.n_features), dtype), np.empty((n, self.n_targets), np.float64)
+
     # -- rows
 
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Standardized inputs and targets of stored training rows `rows`."""
         if len(rows):
             low, high = int(rows.min()), int(rows.max())
-            for (start, stop), (X, y) in self._owned.items():
+            for (start, stop), (X, y) in list(self._owned.items()):  # `own` may change it on another thread
                 if start <= low and high < stop:
                     return X[rows - start], y[rows - start]
         with self._lock:
@@ -118,9 +122,7 @@ class PreparedRows:
         """Rows read from the mapped blocks (kept mapped: a bounded cache)."""
         p = self.prepared
         blocks = rows // p.block_rows
-        X = np.empty((len(rows), self.n_features), p.dtype)
-        y = np.empty((len(rows),) if self.n_classes is not None else (len(rows), self.n_targets),
-                     np.int64 if self.n_classes is not None else np.float64)
+        X, y = self._empty(len(rows), p.dtype)
         for index in np.unique(blocks).tolist():
             self._check("train", [index])
             first = index * p.block_rows

@@ -55,10 +55,15 @@ def shard_batch_size(batch_size: int, shards: int, shard: int) -> int:
 
 @dataclass
 class Shard:
-    """One logical shard: its rows and how it walks through them step by step."""
+    """One logical shard: its rows and how it walks through them step by step.
+
+    It owns stored rows [start, stop) and holds no per-row array but the
+    orders of the epochs its steps are in, so a driver or a worker can hold
+    every shard of a job however large its data."""
 
     index: int
-    rows: np.ndarray  # indices of stored (shard-ordered) training rows
+    start: int
+    stop: int  # owns stored (shard-ordered) training rows [start, stop)
     batch_size: int  # rows per step
     seed: int
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
@@ -66,15 +71,15 @@ class Shard:
     def order(self, epoch: int) -> np.ndarray:
         """The shard's rows in the order epoch `epoch` visits them."""
         if epoch not in self._orders:
-            if len(self._orders) > 4:  # keep a few epochs: a step spans at most a couple
+            if len(self._orders) > 2:  # keep a few epochs: a step spans at most a couple
                 self._orders.pop(min(self._orders))
             rng = np.random.default_rng([self.seed, 0xE90C, epoch, self.index])
-            self._orders[epoch] = self.rows[rng.permutation(len(self.rows))]
+            self._orders[epoch] = self.start + rng.permutation(self.stop - self.start)
         return self._orders[epoch]
 
     def batch(self, step: int) -> np.ndarray:
-        """Training-row indices of this shard's mini-batch for step `step` (0-based)."""
-        n = len(self.rows)
+        """Stored-row indices of this shard's mini-batch for step `step` (0-based)."""
+        n = self.stop - self.start
         start = step * self.batch_size
         parts, remaining = [], self.batch_size
         while remaining:
@@ -89,7 +94,5 @@ class Shard:
 def make_shards(n_train: int, shards: int, batch_size: int, seed: int) -> list[Shard]:
     """All S logical shards of a job over `n_train` rows in shard order;
     `seed` fixes each shard's walk through its rows."""
-    return [
-        Shard(s, np.arange(*shard_range(n_train, shards, s)), shard_batch_size(batch_size, shards, s), seed)
-        for s in range(shards)
-    ]
+    return [Shard(s, *shard_range(n_train, shards, s), shard_batch_size(batch_size, shards, s), seed)
+            for s in range(shards)]

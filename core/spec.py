@@ -77,7 +77,8 @@ class DataSpec(_Strict):
     samples: positive(MAX_SYNTHETIC_SAMPLES) = Field(2000, description="synthetic only: number of rows")
     features: positive(MAX_SYNTHETIC_FEATURES) = Field(20, description="synthetic only: number of input columns")
     classes: int = Field(3, description="synthetic only: number of classes")
-    label_column: str | int | None = Field(None, description="csv only: label column name or index (default: the last)")
+    label_column: str | int | None = Field(
+        None, description="csv and parquet only: label column name or index (default: the last)")
     standardize: bool = Field(True, description="scale inputs by the training split's mean and standard deviation")
 
     @field_validator("source")
@@ -198,6 +199,18 @@ class TrainingSpec(_Strict):
         4, description="async only: refuse gradients more than this many versions old")
     max_nonfinite_steps: positive(1_000_000) = Field(
         3, description="fail the job after this many non-finite steps in a row")
+    stop_at: positive(MAX_STEPS) | None = Field(
+        None, description="stop (succeeded, with a checkpoint) after this many steps; the schedule still "
+        "follows `steps`, and a job with a later stop_at resumes from that checkpoint (sweep rungs)")
+
+    @model_validator(mode="after")
+    def _stop_within_steps(self) -> "TrainingSpec":
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ValueError(f"stop_at ({self.stop_at}) must be <= steps ({self.steps})")
+        if self.stop_at is not None and self.mode == "async":
+            raise ValueError(f"stop_at ({self.stop_at}) needs mode 'sync': an async job "
+                             "cannot be continued to the same bits")
+        return self
 
 
 class ResourcesSpec(_Strict):
@@ -298,11 +311,23 @@ class JobSpec(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
+def stop_step(spec: JobSpec) -> int:
+    """How many steps this job makes: `training.stop_at` when set, else `training.steps`."""
+    t = spec.training
+    return t.steps if t.stop_at is None else t.stop_at
+
+
+# Fields of `training` that say where a job stops, not what it computes: a
+# checkpoint of a job stopped early is the same as an uninterrupted run's.
+STOP_FIELDS = ("stop_at",)
+
+
 def checkpoint_key(raw: dict) -> str:
-    """A spec (as JSON data) as checkpoints name it: less its `resources`,
-    so a checkpoint resumes with any resources and nothing else changed;
-    `data.split_seed` is part of it (it changes the data), left out when it
-    is the job's seed so that checkpoints from before it existed resume. Specs stored before
+    """A spec (as JSON data) as checkpoints name it: less its `resources`
+    and `training.stop_at`, so a checkpoint resumes with any resources and
+    any later stop, and nothing else changed; `data.split_seed` is part of
+    it (it changes the data), left out when it is the job's seed so that
+    checkpoints from before it existed resume. Specs stored before
     `resources` existed held its fields in `training` (the worker count as
     null); they are dropped there too, so those checkpoints keep resuming."""
     kept = {k: v for k, v in raw.items() if k != "resources"}
@@ -311,7 +336,8 @@ def checkpoint_key(raw: dict) -> str:
         # the default split seed is written out only when it differs, as before it existed
         kept["data"] = {k: v for k, v in data.items() if k != "split_seed"}
     if isinstance(kept.get("training"), dict):
-        kept["training"] = {k: v for k, v in kept["training"].items() if k not in MOVED_TO_RESOURCES}
+        dropped = (*MOVED_TO_RESOURCES, *STOP_FIELDS)
+        kept["training"] = {k: v for k, v in kept["training"].items() if k not in dropped}
     return json.dumps(kept, sort_keys=True)
 
 

@@ -28,7 +28,7 @@ from core.optim import Optimizer, learning_rate, make_optimizer
 from core.provenance import params_sha256, records_params
 from core.rows import PreparedRows, RowSource
 from core.shards import Shard, make_shards, shard_range
-from core.spec import JobSpec, load_spec
+from core.spec import JobSpec, load_spec, stop_step
 
 
 class TrainingError(RuntimeError):
@@ -214,10 +214,12 @@ def step_record(spec: JobSpec, step: int, loss: float, count: int, seconds: floa
 
 
 def should_evaluate(spec: JobSpec, step: int) -> bool:
-    """Evaluate after update `step` (0-based) every eval_every steps and at the end."""
+    """Evaluate after update `step` (0-based) every eval_every steps and at
+    the job's stop (`training.stop_at`, else the end): a sweep ranks its
+    trials by the metrics found there."""
     done = step + 1
     every = spec.training.eval_every
-    return done == spec.training.steps or (every > 0 and done % every == 0)
+    return done == stop_step(spec) or (every > 0 and done % every == 0)
 
 
 class NonFiniteGuard:
@@ -240,6 +242,18 @@ class NonFiniteGuard:
             )
 
 
+@dataclass
+class TrainState:
+    """Where a job stands after `step` updates: what a continuation needs
+    (the data position is a function of the step, see core.shards)."""
+
+    step: int
+    params: np.ndarray
+    optimizer: dict[str, np.ndarray]
+    nonfinite_streak: int = 0
+    nonfinite_skipped: int = 0
+
+
 def train(
     spec: JobSpec | dict | str | Path,
     *,
@@ -251,17 +265,42 @@ def train(
 
     Shards run concurrently on a pool of `threads` (default: every core),
     each with one BLAS thread, so the bits do not depend on `threads`."""
+    net, history, _ = train_from(spec, None, data_roots=data_roots, threads=threads, on_step=on_step)
+    return net, history
+
+
+def train_from(
+    spec: JobSpec | dict | str | Path,
+    start: TrainState | None,
+    *,
+    data_roots: Sequence[str | Path] | None = None,
+    threads: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[MLP, list[dict], TrainState]:
+    """Train from `start` (None: step 0) to the job's stop (`training.stop_at`,
+    else `training.steps`); returns the network, the history of the steps
+    made here and the state to continue from. Stopping at k and continuing
+    gives the bits of an uninterrupted run: the schedule always follows
+    `training.steps`, and the batches and updates depend only on the step."""
     spec = load_spec(spec)
     data = ShardedData.from_spec(spec, data_roots)
     net = build_network(spec, data.dataset)
     t = spec.training
     optimizer = make_optimizer(t.optimizer, net.params.size, net.params.dtype, t.steps)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
+    first = 0
+    if start is not None:
+        if start.step > stop_step(spec):
+            raise TrainingError(f"cannot continue from step {start.step}: past this job's stop at step "
+                                f"{stop_step(spec)}")
+        net.params[:] = start.params
+        optimizer.load_state_dict(start.optimizer)
+        guard.streak, guard.skipped, first = start.nonfinite_streak, start.nonfinite_skipped, start.step
     history: list[dict] = []
     S = len(data.shards)
     layers = net.layer_bounds()
     with one_blas_thread(), ThreadPoolExecutor(max_workers=min(S, threads or os.cpu_count() or 1)) as pool:
-        for step in range(t.steps):
+        for step in range(first, stop_step(spec)):
             began = time.perf_counter()
             grads = list(pool.map(lambda s: shard_gradient(net, data, s, step), range(S)))
             grad, loss, count = reduce_gradients(grads)
@@ -278,4 +317,6 @@ def train(
             history.append(record)
             if on_step is not None:
                 on_step(record)
-    return net, history
+    end = TrainState(stop_step(spec), net.params.copy(), optimizer.state_dict(),
+                     guard.streak, guard.skipped)
+    return net, history, end

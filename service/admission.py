@@ -4,8 +4,9 @@ against the service's limits.
 From the spec and its data's metadata (`core.metadata.describe`, a
 bounded-memory pass that never loads the set) `job_cost` counts the network's
 parameters over all its layers, the optimizer's state, the bytes each worker,
-the parameter servers and the service's coordinator will hold, the CPUs, and
-how often the job evaluates and checkpoints. `admit` refuses, naming the
+the parameter servers and the service's coordinator will hold (of a prepared
+set, a worker holds only its shards' rows and the coordinator none), the
+CPUs, and how often the job evaluates and checkpoints. `admit` refuses, naming the
 figure and the limit, a job past any limit in `Settings`; the loader enforces
 the data limits again where the data is read.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from core.data import DataError
 from core.data_source import NotPrepared
 from core.metadata import DataMetadata, describe
+from core.prepared_manifest import EVAL_BLOCK_ROWS
 from core.spec import JobSpec, validation_rows
 from core.trainer import output_units
 from service.settings import Settings
@@ -67,16 +69,28 @@ def job_cost(spec: JobSpec, meta: DataMetadata) -> JobCost:
     n = parameter_count(sizes, spec.model.bias)
     value = 4 if t.dtype == "float32" else 8
     vector = n * value
-    data = meta.bytes + meta.rows * meta.n_features * value  # as read, then standardized
+    val_rows = validation_rows(meta.rows, spec.data.validation_split)
     shard_batch = math.ceil(t.batch_size / spec.data.shards)
+    if meta.prepared:
+        # a worker holds its shards' rows, standardized (at most ceil(S/W) shards of ceil(n/S) rows),
+        # and evaluates one block of validation rows at a time; the coordinator holds no rows
+        S, W = spec.data.shards, r.workers
+        held = math.ceil(S / W) * math.ceil((meta.rows - val_rows) / S)
+        labels = 8 * (1 if meta.n_classes is not None else meta.n_targets)  # int64 classes, float64 targets
+        data = held * (meta.n_features * value + labels)
+        evaluation = min(val_rows, EVAL_BLOCK_ROWS) * sum(sizes) * value
+        service_data = service_evaluation = 0
+    else:
+        data = meta.bytes + meta.rows * meta.n_features * value  # as read, then standardized
+        evaluation, service_data = 0, data  # the coordinator checks and splits the data first
+        service_evaluation = val_rows * sum(sizes) * value
     # each CPU of a worker computes one shard at a time: a gradient sum, and activations and deltas
-    worker = data + vector + r.cpus_per_worker * (vector + 2 * shard_batch * sum(sizes) * value)
+    worker = data + evaluation + vector + r.cpus_per_worker * (vector + 2 * shard_batch * sum(sizes) * value)
     state = optimizer_state(spec)
     # parameters, the reduced gradient, the optimizer's state and its one or two work buffers
     server = vector * (2 + state + (2 if t.optimizer.name == "adam" or t.optimizer.nesterov else 1))
-    val_rows = validation_rows(meta.rows, spec.data.validation_split)
-    # the data (checked and split there first), the network, a checkpoint's copy, evaluation
-    service = data + vector * (2 + state) + val_rows * sum(sizes) * value
+    # the data, the network, a checkpoint's copy, evaluation
+    service = service_data + vector * (2 + state) + service_evaluation
     return JobCost(
         sizes=sizes, parameters=n, optimizer_state=state, train_rows=meta.rows - val_rows,
         worker_bytes=worker, server_bytes=server, service_bytes=service,

@@ -1,5 +1,5 @@
 """The HTTP API: the FastAPI app, its error handlers, and the routers of
-`service/routes/` (jobs, models, health, the dashboard, Prometheus).
+`service/routes/` (jobs, models, sweeps, health, the dashboard, Prometheus).
 
 `create_app(settings)` builds the app with its store, scheduler and metrics,
 kept in `app.state`, where `service/deps.py` reads them for the routes. Every
@@ -24,7 +24,7 @@ from service.bodies import REFUSED, BodyLimit
 from service.guard import BrowserGuard
 from service.metrics import ServiceMetrics
 from service.provenance import code_version
-from service.routes import dashboard, health, jobs, models, prometheus
+from service.routes import dashboard, health, jobs, models, prometheus, sweeps
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.signals import reclaim_stop_signals
@@ -33,7 +33,7 @@ from service.store_lock import StoreOwner
 
 log = logging.getLogger("shardprop.api")
 
-ROUTERS = (jobs.router, models.router, health.router, dashboard.router, prometheus.router)
+ROUTERS = (jobs.router, models.router, sweeps.router, health.router, dashboard.router, prometheus.router)
 
 
 def create_app(settings: Settings, scheduler: Scheduler | None = None, *,

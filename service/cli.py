@@ -6,9 +6,11 @@
     shardprop submit JOB.yaml [--follow]
     shardprop list | status ID | metrics ID | events ID [--follow] | cancel ID | resize ID N
     shardprop model ID -o FILE | predict ID ROWS.csv
+    shardprop sweep submit SWEEP.yaml [--follow] | sweep list | sweep status|cancel ID | sweep best ID -o FILE
     shardprop diff JOB_A JOB_B         (specs, and parameters at every recorded step; exit 0 if identical)
     shardprop train JOB.yaml ...       (without a service)
     shardprop data prepare SOURCE OUT  (a data set prepared for sharded training)
+    shardprop plan JOB.yaml --nodes N  (predicted step time, samples/s and efficiency; docs/scaling.md)
 
 `--server URL` picks the service (default $SHARDPROP_SERVER, else
 http://127.0.0.1:8470); the token comes from SHARDPROP_TOKEN. Every client
@@ -23,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from service import data_command, train_command
+from service import data_command, plan_command, sweep_command, train_command
 from service.client import DEFAULT_SERVER, Client, Job, JobEnded, ShardpropError
 from service.client.specs import load_spec_file
 from service.states import STATES
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train_command.add_parser(sub)
     data_command.add_parser(sub)
+    sweep_command.add_parser(sub)
+    plan_command.add_parser(sub)
 
     p = sub.add_parser("serve", help="run the job service (HTTP API, queue, job store)")
     p.add_argument("--host", default="127.0.0.1",
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_command.run(args)
     if args.command == "data":
         return data_command.run(args)
+    if args.command == "plan":
+        return plan_command.run(args)
     try:
         if args.command == "serve":
             return serve(args)
@@ -353,7 +359,7 @@ def cmd_diff(client: Client, args) -> int:
 
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "metrics": cmd_metrics,
             "events": cmd_events, "cancel": cmd_cancel, "resize": cmd_resize, "model": cmd_model,
-            "predict": cmd_predict, "diff": cmd_diff}
+            "predict": cmd_predict, "diff": cmd_diff, "sweep": sweep_command.run}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from service.store import IllegalTransition, NotFound, Store, StoreUnavailable
 
@@ -94,10 +94,12 @@ def prepare_data(active: Active, settings, store: Store, stopping: threading.Eve
 
 
 def run_to_end(active: Active, resume: bool, model_path: Path, stopping: threading.Event,
-               before=lambda: None) -> Outcome | None:
+               before=lambda: None, prepare: Callable[[], bool] | None = None) -> Outcome | None:
     """Run `before` (preparing the data: an Outcome when it ends the job),
     then the job's coordinator; the state it ends in, or None when the
-    service is stopping (the job stays `running` and resumes at the next start)."""
+    service is stopping (the job stays `running` and resumes at the next start).
+    `prepare()` readies the job's checkpoints first (a sweep's promotion
+    gets its rung before's); True: resume from them."""
     from core.trainer import TrainingError
     from workers.coordinator import JobCancelled
 
@@ -105,6 +107,8 @@ def run_to_end(active: Active, resume: bool, model_path: Path, stopping: threadi
         ended = before()
         if ended is not None:
             return ended
+        if prepare is not None and prepare():
+            resume = True
         net = active.coordinator.run(resume=resume)
         model_path.parent.mkdir(parents=True, exist_ok=True)
         net.save(model_path)

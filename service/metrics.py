@@ -82,9 +82,15 @@ class ServiceMetrics:
                                     "by cause", ["job_id", "cause"], registry=r)
         self.steps_lost = Counter("shardprop_steps_lost", "Steps missing from the job's history (stays 0)",
                                   job, registry=r)
+        self.last_step_timestamp = Gauge("shardprop_last_step_timestamp_seconds", "Unix time of the job's last "
+                                         "completed step (or of its start or resume, before its first step)",
+                                         job, registry=r)
+        self.job_running = Gauge("shardprop_job_running", "1 while the job is running in this service, else 0",
+                                 job, registry=r)
         self.jobs = Gauge("shardprop_jobs", "Jobs by state", ["state"], registry=r)
         for state in STATES:
             self.jobs.labels(state=state).set(0)
+        self.sweeps = SweepMetrics(r, retention_s)
         self._lock = threading.Lock()
         self._seen: dict[str, dict] = {}  # job -> last cumulative counters (failures, lost seconds, steps lost)
         self._labelled: dict[str, set] = {}  # job -> (metric, label) of its series with a second label
@@ -103,6 +109,7 @@ class ServiceMetrics:
             self.validation_accuracy.labels(job_id).set(record["val_accuracy"])
         self.learning_rate.labels(job_id).set(record.get("lr") or 0.0)
         self.steps.labels(job_id).inc()
+        self.last_step_timestamp.labels(job_id).set(record.get("finished_at") or time.time())
         self.samples.labels(job_id).inc(record.get("samples") or 0)
         if record.get("workers") is not None:
             self.workers.labels(job_id).set(record["workers"])
@@ -170,6 +177,16 @@ class ServiceMetrics:
         for state in STATES:
             self.jobs.labels(state=state).set(counts.get(state, 0))
 
+    def job_started(self, job_id: str) -> None:
+        """A job starts (or resumes) running here. Its last-step time starts
+        at now, so that a job stuck before its first step is seen as stuck."""
+        self.job_running.labels(job_id).set(1)
+        self.last_step_timestamp.labels(job_id).set(time.time())
+
+    def job_stopped(self, job_id: str) -> None:
+        """The job no longer runs here: it ended, or the service is stopping."""
+        self.job_running.labels(job_id).set(0)
+
     def job_finished(self, job_id: str) -> None:
         """Start the retention clock of a finished job's series."""
         with self._lock:
@@ -193,7 +210,8 @@ class ServiceMetrics:
         series = [(metric, (job_id,)) for metric in (
             self.train_loss, self.validation_loss, self.validation_accuracy, self.learning_rate, self.steps,
             self.samples, self.workers, self.parameter_version, self.staleness, *failures, self.gradient_norm,
-            self.goodput, self.steps_lost)]
+            self.goodput, self.steps_lost,
+            self.last_step_timestamp, self.job_running)]
         series += [(self.step_seconds, (job_id, phase)) for phase in PHASES]
         series += [(metric, (job_id, label)) for metric, label in labelled]
         for metric, labels in series:
@@ -203,6 +221,54 @@ class ServiceMetrics:
                 pass
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text format and its content type, after dropping expired jobs."""
+        """The text format and its content type, after dropping expired jobs and sweeps."""
         self._forget_expired()
+        self.sweeps.forget_expired()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+class SweepMetrics:
+    """Per sweep, labelled `sweep_id`: its trials by state (a trial is in its
+    latest run's job state) and the best objective so far. An ended sweep's
+    series are removed after the retention period, as a job's are."""
+
+    def __init__(self, registry: CollectorRegistry, retention_s: float):
+        self.retention_s = retention_s
+        self.trials = Gauge("shardprop_sweep_trials", "Trials of a sweep by state", ["sweep_id", "state"],
+                            registry=registry)
+        self.best = Gauge("shardprop_sweep_best_objective", "Best objective value of a sweep's trials so far "
+                          "(its objective's metric, in that metric's unit)", ["sweep_id"], registry=registry)
+        self._lock = threading.Lock()
+        self._ended: dict[str, float] = {}  # sweep -> when it ended
+
+    def observe(self, sweep_id: str, trial_states: dict[str, int], best: float | None) -> None:
+        """A sweep now: how many of its trials are in each state, its best objective (None: none yet)."""
+        for state in STATES:
+            self.trials.labels(sweep_id, state).set(trial_states.get(state, 0))
+        if best is not None:
+            self.best.labels(sweep_id).set(best)
+
+    def ended(self, sweep_id: str) -> None:
+        with self._lock:
+            self._ended.setdefault(sweep_id, time.monotonic())
+
+    def forget_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, at in self._ended.items() if now - at >= self.retention_s]
+            for sweep_id in expired:
+                del self._ended[sweep_id]
+        for sweep_id in expired:
+            for state in STATES:
+                _remove(self.trials, sweep_id, state)
+            _remove(self.best, sweep_id)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass

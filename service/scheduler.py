@@ -7,7 +7,8 @@ service.queue_policy's decision. Each running job is one Coordinator driven
 from a thread of this process (service.job_runner). Jobs found `running` when
 the scheduler starts (the service was killed) resume from their latest
 checkpoint, each at most `max_resumes` times, so that a job that kills the
-service cannot crash-loop it. Ray is connected when the first job is about to
+service cannot crash-loop it. Sweeps add their trial jobs to the queue
+before each decision (service.sweep_runner). Ray is connected when the first job is about to
 run (service.ray_connection), with a bounded wait.
 """
 
@@ -26,6 +27,7 @@ from service.ray_connection import RayConnection
 from service.settings import Settings
 from service.states import TERMINAL
 from service.store import IllegalTransition, NotFound, Store, StoreError, StoreUnavailable
+from service.sweep_runner import SweepRunner
 from workers.protocol import CheckpointWritten, Event, Recovered, Resized, WorkersHung
 
 log = logging.getLogger("shardprop.scheduler")
@@ -39,10 +41,13 @@ class NotRunning(Exception):
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, store: Store, metrics: ServiceMetrics, *, start_worker=None):
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        # How each job's workers are started: None is the production way. Tests
+        # pass a fault plan (workers.faults) here, in code; HTTP cannot reach it.
+        self.start_worker = start_worker
         self._lock = threading.Lock()
         self._active: dict[str, Active] = {}
         self._resume: list[str] = []  # jobs found running at start, oldest first
@@ -55,6 +60,7 @@ class Scheduler:
         self.waiting_for: str | None = None  # why the head of the queue is not running yet
         self.max_concurrent_jobs = settings.max_concurrent_jobs
         self._store_error: str | None = None  # the last store failure the loop logged
+        self.sweeps = SweepRunner(settings, store, self.cancel, metrics.sweeps)  # submits sweeps' trial jobs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -167,6 +173,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.metrics.set_job_states(self.store.counts())
+                self.sweeps.advance()  # never raises
                 started = self._schedule_one()
                 self._store_error = None
             except StoreUnavailable as err:  # a full disk: say it once, try again at the next poll
@@ -250,12 +257,14 @@ class Scheduler:
 
     def _start(self, waiting: Waiting, spec: JobSpec) -> None:
         from workers.coordinator import Coordinator
+        from workers.pool import start_gradient_worker
 
         job_id = waiting.job_id
         coordinator = Coordinator(
             spec, self.settings.checkpoint_dir(job_id), data_roots=[str(r) for r in self.settings.data_roots],
             job_id=job_id, data_limits=self.settings.data_limits(), on_step=lambda record: self._on_step(job_id, record),
-            on_event=lambda event: self._on_event(job_id, event))
+            on_event=lambda event: self._on_event(job_id, event),
+            start_worker=self.start_worker or start_gradient_worker)
         active = Active(job_id, coordinator, cpus=waiting.cpus)
         with self._lock:  # with cancel's look at _active: a job is cancelled, or started, never both
             if waiting.resume:
@@ -269,6 +278,7 @@ class Scheduler:
                 except IllegalTransition:
                     return  # cancelled meanwhile
             self._active[job_id] = active
+        self.metrics.job_started(job_id)
         thread = threading.Thread(target=self._run_job, args=(active, waiting.resume),
                                   name=f"shardprop-job-{job_id}", daemon=True)
         thread.start()
@@ -279,9 +289,11 @@ class Scheduler:
         try:
             outcome = job_runner.run_to_end(
                 active, resume, self.settings.model_path(job_id), self._stop,
-                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop))
+                before=lambda: job_runner.prepare_data(active, self.settings, self.store, self._stop),
+                prepare=lambda: self.sweeps.seed_continuation(job_id))
         finally:
             self.metrics.observe_counters(job_id, active.coordinator.counters)
+            self.metrics.job_stopped(job_id)
             with self._lock:  # its actors are gone: its CPUs are free for the next job
                 self._active.pop(job_id, None)
             self.wake()

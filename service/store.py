@@ -16,11 +16,13 @@ import logging
 import sqlite3
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from service.states import LEGAL, STATES
-from service.store_db import WRITE_WAIT_S, Connections, StoreBusy, StoreError, StoreUnavailable
+from service.store_db import (WRITE_WAIT_S, Connections, IdempotencyConflict, IllegalTransition, NotFound, StoreBusy,
+                              StoreError, StoreUnavailable, now)
+from service.store_sweeps import SWEEP_SCHEMA, SWEEP_TABLES, SweepTables
 
 __all__ = ["Store", "StoreError", "StoreUnavailable", "StoreBusy", "NotFound", "IllegalTransition",
            "IdempotencyConflict"]
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     body_hash TEXT,
     workers INTEGER NOT NULL,
     resumes INTEGER NOT NULL DEFAULT 0,
-    provenance TEXT
+    provenance TEXT,
+    sweep TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -75,9 +78,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error", "created_at",
-              "updated_at", "workers", "resumes")
+              "updated_at", "workers", "resumes", "sweep")
 # columns added since the first schema, with their definitions, for stores made before them
-ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0", "provenance": "TEXT"},
+ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0", "provenance": "TEXT",
+                          "sweep": "TEXT"},  # the sweep a trial's job belongs to (service/store_sweeps.py)
                  "metrics": {"record": "TEXT"}}
 # A job's timeline: its state transitions and the coordinator's typed events,
 # numbered 1, 2, ... per job. A number is given inside the transaction that
@@ -108,22 +112,6 @@ _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity b
 _RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
 
 
-class NotFound(StoreError):
-    pass
-
-
-class IllegalTransition(StoreError):
-    pass
-
-
-class IdempotencyConflict(StoreError):
-    pass
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
 def _finite(x):
     if x is None:
         return None
@@ -135,10 +123,10 @@ def _integer(x):
     return None if x is None else int(x)
 
 
-class Store:
+class Store(SweepTables):
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._connections = Connections(self.path, SCHEMA)  # the folder 0700, the file 0600
+        self._connections = Connections(self.path, SCHEMA + SWEEP_SCHEMA)  # the folder 0700, the file 0600
         self._db = self._connections.writer
         with self._tx() as db:
             self._migrate(db)
@@ -157,6 +145,7 @@ class Store:
         if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is None:
             db.execute(EVENTS_TABLE)
             _fill_events(db)
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_sweep ON jobs(sweep) WHERE sweep IS NOT NULL")
 
     def close(self) -> None:
         self.flush()
@@ -194,9 +183,6 @@ class Store:
         """Store a new queued job; returns (job, created). With a key already
         used: the same body gives the existing job, another raises.
         `provenance`: what the job was made from (service/provenance.py)."""
-        job_id = uuid.uuid4().hex[:12]
-        at = now()
-        training = spec.get("training", {})
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
@@ -206,18 +192,30 @@ class Store:
                             f"Idempotency-Key {idempotency_key!r} was already used with a different body "
                             f"(job {row['id']})")
                     return self._job(row, spec=True), False
-            db.execute(
-                "INSERT INTO jobs (id, name, spec, state, step, steps, error, created_at, updated_at, "
-                "idempotency_key, body_hash, workers, provenance) "
-                "VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(training.get("steps", 0)),
-                 at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1)),
-                 json.dumps(provenance, sort_keys=True) if provenance is not None else None))
-            db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, NULL, "
-                       "'queued', ?, 'submitted')", (job_id, at))
-            db.execute(INSERT_EVENT, _state_event(job_id, None, "queued", "submitted", 0))
+            job_id = self._insert_job(db, spec, idempotency_key=idempotency_key, body_hash=body_hash,
+                                      provenance=provenance)
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._job(row, spec=True), True
+
+    @staticmethod
+    def _insert_job(db: sqlite3.Connection, spec: dict, *, idempotency_key: str | None = None,
+                    body_hash: str | None = None, provenance: dict | None = None, sweep: str | None = None) -> str:
+        """A new queued job's row, transition and first event, in the caller's transaction; its id."""
+        job_id = uuid.uuid4().hex[:12]
+        at = now()
+        training = spec.get("training", {})
+        steps = training.get("stop_at") or training.get("steps", 0)  # a job stopped early runs to stop_at
+        db.execute(
+            "INSERT INTO jobs (id, name, spec, state, step, steps, error, created_at, updated_at, "
+            "idempotency_key, body_hash, workers, provenance, sweep) "
+            "VALUES (?, ?, ?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, spec.get("name", "job"), json.dumps(spec, sort_keys=True), int(steps),
+             at, at, idempotency_key, body_hash, int(spec.get("resources", {}).get("workers", 1)),
+             json.dumps(provenance, sort_keys=True) if provenance is not None else None, sweep))
+        db.execute("INSERT INTO transitions (job, from_state, to_state, at, reason) VALUES (?, NULL, "
+                   "'queued', ?, 'submitted')", (job_id, at))
+        db.execute(INSERT_EVENT, _state_event(job_id, None, "queued", "submitted", 0))
+        return job_id
 
     def get_job(self, job_id: str, *, details: bool = False) -> dict:
         with self._read() as db:
@@ -373,7 +371,7 @@ class Store:
         """Everything stored, for tests that check nothing changed."""
         with self._read() as db:
             return tuple(tuple(tuple(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY 1, 2"))
-                         for t in ("jobs", "transitions", "metrics", "events"))
+                         for t in ("jobs", "transitions", "metrics", "events", *SWEEP_TABLES))
 
 
 def _metric_row(job_id: str, record: dict) -> tuple:

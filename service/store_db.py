@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger("shardprop.store")
@@ -32,6 +33,23 @@ SQLITE_BUSY, SQLITE_LOCKED = 5, 6
 
 class StoreError(Exception):
     pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+class IllegalTransition(StoreError):
+    pass
+
+
+class IdempotencyConflict(StoreError):
+    pass
+
+
+def now() -> str:
+    """The time stored with every row: UTC, ISO 8601, to the microsecond."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 class StoreUnavailable(StoreError):

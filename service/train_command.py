@@ -2,7 +2,8 @@
 
 Without a service: a private local Ray by default, an existing cluster with
 `--address`, or core's single-process reference trainer with `--reference`.
-Shows a progress bar and writes the trained model file.
+A large raw source is prepared into the cache first (core/data_source.py),
+saying so on stderr. Shows a progress bar and writes the trained model file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.data import DataError
-from core.spec import SpecError, load_spec
+from core.spec import SpecError, load_spec, stop_step
 from core.trainer import TrainingError, train
 
 RUNS = Path.home() / ".shardprop" / "runs"
@@ -71,13 +72,14 @@ def run(args) -> int:
         return _fail(str(err), 2)
     out = Path(args.out or f"{spec.name}.npz")
     history: list[dict] = []
-    progress = Progress(spec.training.steps)
+    progress = Progress(stop_step(spec))
 
     def on_step(record: dict) -> None:
         history.append(record)
         progress(record)
 
     try:
+        prepare_data(spec, args.data_root)
         if args.reference:
             net, _ = train(spec, data_roots=args.data_root, on_step=on_step)
         else:
@@ -97,6 +99,21 @@ def run(args) -> int:
         summary += f", validation accuracy {evaluated[-1]['val_accuracy']:.4f}"
     print(summary)
     return 0
+
+
+def prepare_data(spec, data_roots, every_s: float = 2.0) -> None:
+    """Prepare a large raw source before training (once: later runs find it
+    cached), with a status line on stderr every few seconds."""
+    from core.data_source import resolve
+
+    last = [0.0]
+
+    def on_status(text: str) -> None:
+        if time.monotonic() - last[0] >= every_s or text.endswith("done"):
+            print(text, file=sys.stderr, flush=True)
+            last[0] = time.monotonic()
+
+    resolve(spec.data, dtype=spec.training.dtype, data_roots=data_roots, on_status=on_status)
 
 
 def _run_on_ray(spec, args, on_step, progress):

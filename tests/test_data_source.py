@@ -121,9 +121,13 @@ def test_a_large_raw_source_is_prepared_once_and_reused(tmp_path, data_csv, cach
     second = resolve(job(str(data_csv), seed=2).data, limits=limits)
     assert len(calls) == 1 and second.manifest_sha256 == first.manifest_sha256
     assert os.stat(stored / "manifest.json").st_ino == inode
-    # another split seed is another prepared copy
+    # another job seed over the same split seed is the same copy; another split seed is another
+    again = resolve(job(str(data_csv), seed=7, split_seed=2).data, limits=limits)
+    assert len(calls) == 1 and again.manifest_sha256 == first.manifest_sha256 and again.split_seed == 2
     third = resolve(job(str(data_csv), seed=2, split_seed=5).data, limits=limits)
     assert len(calls) == 2 and third.split_seed == 5
+    assert third.manifest["split"] == {"seed": 5, "validation_split": 0.2}
+    assert not np.array_equal(third.read_val(0, third.n_val)[0], first.read_val(0, first.n_val)[0])
     # changed bytes are another source
     with open(data_csv, "a") as fh:
         fh.write("1,2,3,4,5,1\n")
@@ -204,3 +208,53 @@ def test_training_on_s3_gives_the_bits_of_the_local_copy(tmp_path, data_csv, s3_
     local = trained(str(tmp_path / "set"))
     np.testing.assert_array_equal(trained("s3://bucket/sets/d"), local)
     assert not np.array_equal(trained(str(data_csv)), local)  # float32 rows: rounded, so not the raw bits
+
+
+def test_shardprop_train_reference_on_s3_writes_the_model_of_the_local_copy(tmp_path, data_csv, s3_server):
+    import yaml
+
+    from core.mlp import MLP
+    from service.cli import main
+
+    prepare(data_csv, tmp_path / "set", seed=0, block_rows=64)
+    upload(s3_filesystem(allow_bucket_creation=True), tmp_path / "set", "bucket/sets/d")
+    for name, source in (("local", str(tmp_path / "set")), ("remote", "s3://bucket/sets/d")):
+        spec = {"name": name, "data": {"source": source, "shards": 2}, "model": {"hidden": [8]},
+                "training": {"steps": 4, "batch_size": 16}, "resources": {"workers": 1}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        out = tmp_path / f"{name}.npz"
+        assert main(["train", str(tmp_path / f"{name}.yaml"), "--reference", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(MLP.load(tmp_path / "remote.npz").params, MLP.load(tmp_path / "local.npz").params)
+
+
+def test_a_prepared_set_costs_each_worker_its_shards_and_the_coordinator_no_rows(tmp_path, data_csv, cache):
+    """By hand: 300 rows, 60 validation, 240 training in 4 shards of 60; 3
+    workers hold at most 2 shards: 120 rows of 5 float32 features and an int64 label."""
+    from service.admission import admit
+    from service.settings import Settings
+
+    prepare(data_csv, tmp_path / "set")
+    spec = parse_spec({"data": {"source": "set", "shards": 4}, "model": {"hidden": [6]},
+                       "training": {"steps": 10, "batch_size": 8}, "resources": {"workers": 3}})
+    cost = admit(spec, Settings(data_roots=[tmp_path]))
+    sizes, vector = [5, 6, 4], (5 * 6 + 6 + 6 * 4 + 4) * 4  # 4 classes (labels 0..3)
+    assert cost.sizes == sizes and cost.train_rows == 240
+    data = 120 * (5 * 4 + 8)
+    evaluation = 60 * sum(sizes) * 4
+    assert cost.worker_bytes == data + evaluation + vector + (vector + 2 * 2 * sum(sizes) * 4)
+    assert cost.service_bytes == vector * 2  # the network and a checkpoint's parameters
+
+
+def test_shardprop_train_refuses_a_contradicting_split_naming_both_values(tmp_path, data_csv, cache, capsys):
+    import yaml
+
+    from service.cli import main
+
+    prepare(data_csv, tmp_path / "set", seed=3)
+    spec = {"seed": 5, "data": {"source": str(tmp_path / "set"), "shards": 2},
+            "training": {"steps": 2, "batch_size": 8}, "resources": {"workers": 1}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["train", str(tmp_path / "job.yaml"), "--reference", "--out", str(tmp_path / "m.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "data.split_seed is 5 in the spec, 3 in its manifest" in err and "Traceback" not in err
+    assert not (tmp_path / "m.npz").exists()

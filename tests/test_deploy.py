@@ -12,18 +12,20 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from promql_names import HEALTH_SERIES, defined_names, metric_names
 from service.cli import build_parser
 from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
+from tests.netns_cluster import HEAD_PORTS, RAY_PORTS
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMQL_FUNCTIONS = {"rate", "increase", "histogram_quantile", "sum", "by", "le", "phase", "job_id", "label_values"}
 
 
 SECRET = "/run/secrets/shardprop_token"  # where compose mounts SHARDPROP_TOKEN for Prometheus
@@ -35,7 +37,10 @@ def test_prometheus_config_is_valid(tmp_path):
     assert text.count(SECRET) == 1
     token = tmp_path / "token"
     token.write_text("a-token-of-sixteen+\n")
-    (tmp_path / "prometheus.yml").write_text(text.replace(SECRET, str(token)))
+    text = text.replace(SECRET, str(token))
+    for inside, outside in prometheus_mounts().items():  # the rule files, where compose mounts them
+        text = text.replace(inside, str(outside))
+    (tmp_path / "prometheus.yml").write_text(text)
     done = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -58,6 +63,12 @@ def test_compose_services_run_commands_the_cli_has():
     assert "jobstore" in compose["volumes"] and "data" in compose["volumes"]
     assert "ray start --head" in script
     assert services["ray-worker"]["command"][:2] == ["ray", "start"]
+    # every node listens on the fixed ports the namespace-host tests run on (docs/deploy.md)
+    head_start = shlex.split(script.split("&&", 1)[0])
+    for flag in (*RAY_PORTS, *HEAD_PORTS):
+        assert flag in head_start, f"ray-head: {flag}"
+    for flag in RAY_PORTS:
+        assert flag in services["ray-worker"]["command"], f"ray-worker: {flag}"
     # Prometheus scrapes the service by its compose name, with the service's token
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
     target_host, _, target_port = scrape["static_configs"][0]["targets"][0].partition(":")
@@ -67,15 +78,36 @@ def test_compose_services_run_commands_the_cli_has():
     assert compose["secrets"]["shardprop_token"] == {"environment": "SHARDPROP_TOKEN"}
 
 
+def prometheus_mounts() -> dict[str, Path]:
+    """The compose Prometheus's bind mounts of files: path inside -> file here."""
+    volumes = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["prometheus"]["volumes"]
+    binds = [v.split(":") for v in volumes if v.startswith("./")]
+    return {inside: (ROOT / outside).resolve() for outside, inside, *_ in binds}
+
+
+def test_prometheus_loads_the_alert_rules_compose_mounts():
+    rule_files = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["rule_files"]
+    mounts = prometheus_mounts()
+    assert [mounts.get(path) for path in rule_files] == [ROOT / "deploy" / "alerts.yml"]
+    assert all(path.is_file() for path in mounts.values()), mounts
+
+
+def board() -> dict:
+    return json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "shardprop.json").read_text())
+
+
 def dashboard_metric_names() -> set[str]:
-    board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "shardprop.json").read_text())
-    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
-    exprs.append(board["templating"]["list"][0]["query"]["query"])
-    names = set()
-    for expr in exprs:
-        names |= {w for w in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r'"[^"]*"|\[[^\]]*\]', "", expr))
-                  if w not in PROMQL_FUNCTIONS}
-    return names
+    exprs = [t["expr"] for p in board()["panels"] for t in p["targets"]]
+    exprs.append(board()["templating"]["list"][0]["query"]["query"])
+    return set().union(*map(metric_names, exprs))
+
+
+def test_the_dashboard_charts_the_health_series_and_only_series_the_service_defines():
+    panels = board()["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    names = dashboard_metric_names()
+    assert HEALTH_SERIES <= names, HEALTH_SERIES - names
+    assert names <= defined_names(), names - defined_names()
 
 
 @pytest.mark.ray
@@ -99,17 +131,28 @@ def prometheus_query(port: int, query: str) -> list:
     return r.json().get("data", {}).get("result", []) if r.status_code == 200 else []
 
 
-@pytest.mark.ray
-def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa: F811
+@contextmanager
+def running_prometheus(config: dict, tmp_path: Path):
+    """Debian's real `prometheus` on a free loopback port with `config`
+    (written to tmp_path, its data there too); yields the port."""
     port = free_port()
-    target = service.removeprefix("http://")
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "shardprop", "static_configs": [{"targets": [target]}]}]}))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prometheus = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        yield port
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+
+
+@pytest.mark.ray
+def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa: F811
+    target = service.removeprefix("http://")
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [{"job_name": "shardprop", "static_configs": [{"targets": [target]}]}]}
+    with running_prometheus(config, tmp_path) as port:
         job = httpx.post(f"{service}/v1/jobs", json=JOB, timeout=10).json()
 
         def loss_from_prometheus():
@@ -118,9 +161,6 @@ def test_a_real_prometheus_scrapes_a_jobs_train_loss(service, tmp_path):  # noqa
 
         loss = wait_for(loss_from_prometheus, timeout=90, every=0.5)
         assert 0 < loss < 10
-    finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
 
 
 def test_a_real_prometheus_scrapes_a_service_with_a_token_only_with_its_credentials_file(tmp_path):
@@ -132,27 +172,19 @@ def test_a_real_prometheus_scrapes_a_service_with_a_token_only_with_its_credenti
     token = "prometheus-scrapes-with-this"
     (tmp_path / "token").write_text(token + "\n")
     os.chmod(tmp_path / "token", 0o600)  # a token file: its owner's only
-    port = free_port()
     with paused_service(tmp_path, token=token) as (url, _):
         target = url.removeprefix("http://")
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s"},
-            "scrape_configs": [
-                {"job_name": "with-token", "authorization": {"credentials_file": str(tmp_path / "token")},
-                 "static_configs": [{"targets": [target]}]},
-                {"job_name": "without", "static_configs": [{"targets": [target]}]}]}))
-        prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        config = {"global": {"scrape_interval": "1s"},
+                  "scrape_configs": [
+                      {"job_name": "with-token", "authorization": {"credentials_file": str(tmp_path / "token")},
+                       "static_configs": [{"targets": [target]}]},
+                      {"job_name": "without", "static_configs": [{"targets": [target]}]}]}
+        with running_prometheus(config, tmp_path) as port:
             def up():
                 found = {s["metric"]["job"]: s["value"][1] for s in prometheus_query(port, "up")}
                 return found if len(found) == 2 else None
 
             assert wait_for(up, timeout=90, every=0.5) == {"with-token": "1", "without": "0"}
-        finally:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
 
 
 ATTACHED_TRANSPORT = """

@@ -36,6 +36,8 @@ EXPECTED = {  # name as parsed (counters lose _total) -> (type, labels beyond jo
     "shardprop_goodput_ratio": ("gauge", set()),
     "shardprop_lost_seconds": ("counter", {"cause"}),
     "shardprop_steps_lost": ("counter", set()),
+    "shardprop_last_step_timestamp_seconds": ("gauge", set()),
+    "shardprop_job_running": ("gauge", set()),
 }
 
 
@@ -65,6 +67,7 @@ def families(metrics):
 
 def test_every_metric_has_its_type_and_labels():
     m = ServiceMetrics()
+    m.job_started("j1")
     for step in (1, 2, 3):
         m.observe_step("j1", record(step))
     m.observe_counters("j1", SimpleNamespace(worker_failures=1, recoveries=1, steps_replayed=3, nonfinite_skipped=0))
@@ -82,6 +85,37 @@ def test_every_metric_has_its_type_and_labels():
     assert value[("shardprop_step_seconds_count", (("job_id", "j1"), ("phase", "compute")))] == 3
     assert value[("shardprop_jobs", (("state", "queued"),))] == 2
     assert value[("shardprop_steps_replayed_total", (("job_id", "j1"),))] == 3
+
+
+def sample(metrics, name, job_id):
+    found = [s.value for s in families(metrics)[name].samples if s.labels.get("job_id") == job_id]
+    return found[0] if found else None
+
+
+def test_a_job_is_running_from_its_start_to_its_end_and_its_last_step_time_follows_its_steps():
+    m = ServiceMetrics(retention_s=0.2)
+    assert sample(m, "shardprop_job_running", "j") is None  # a job not started has no series
+    before = time.time()
+    m.job_started("j")
+    assert sample(m, "shardprop_job_running", "j") == 1
+    started = sample(m, "shardprop_last_step_timestamp_seconds", "j")  # before its first step: its start
+    assert before <= started <= time.time()
+    time.sleep(0.01)
+    m.observe_step("j", record(1))
+    first = sample(m, "shardprop_last_step_timestamp_seconds", "j")
+    time.sleep(0.01)
+    m.observe_step("j", record(2))
+    second = sample(m, "shardprop_last_step_timestamp_seconds", "j")
+    assert started < first < second <= time.time()
+    m.observe_step("j", record(3, finished_at=second + 0.5))  # the step's own time, when it says it
+    assert sample(m, "shardprop_last_step_timestamp_seconds", "j") == second + 0.5
+    m.job_stopped("j")
+    m.job_finished("j")
+    assert sample(m, "shardprop_job_running", "j") == 0  # ended, still exported through retention
+    assert sample(m, "shardprop_last_step_timestamp_seconds", "j") == second + 0.5
+    time.sleep(0.3)
+    assert sample(m, "shardprop_job_running", "j") is None
+    assert sample(m, "shardprop_last_step_timestamp_seconds", "j") is None
 
 
 def test_cumulative_counters_are_exported_as_increments():

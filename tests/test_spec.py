@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import yaml
 
 from core.spec import SpecError, checkpoint_key, load_spec, parse_spec, parse_stored_spec
+from core.sweep import load_sweep
 
 BASE = {"data": {"source": "digits"}, "training": {"steps": 10}}
 
@@ -96,7 +98,10 @@ def test_examples_are_valid():
     examples = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
     assert examples
     for path in examples:
-        load_spec(path)
+        if "space" in yaml.safe_load(path.read_text()):
+            load_sweep(path)  # a sweep document (core.sweep), its base a job spec
+        else:
+            load_spec(path)
 
 
 def test_resources_default_when_left_out():
@@ -120,6 +125,35 @@ def test_the_checkpoint_key_is_the_spec_minus_resources():
         assert checkpoint_key(parse_spec({**BASE, "resources": resources}).model_dump(mode="json")) == key
     for changed in (spec_with("training", batch_size=64), {**BASE, "seed": 1}):
         assert checkpoint_key(parse_spec(changed).model_dump(mode="json")) != key
+
+
+def test_split_seed_defaults_to_seed_and_is_in_the_key_only_when_it_differs():
+    assert parse_spec({**BASE, "seed": 5}).data.split_seed == 5
+    assert parse_spec(spec_with("data", split_seed=2)).data.split_seed == 2
+    key = checkpoint_key(parse_spec({**BASE, "seed": 5}).model_dump(mode="json"))
+    assert "split_seed" not in key  # as keys were before it existed
+    assert checkpoint_key(parse_spec({**spec_with("data", split_seed=5), "seed": 5}).model_dump(mode="json")) == key
+    assert checkpoint_key(parse_spec({**spec_with("data", split_seed=4), "seed": 5}).model_dump(mode="json")) != key
+
+
+@pytest.mark.parametrize("source", ["big/", "big", "sets/a.v2/", "d.parquet", "d.pq", "s3://bucket/sets/d",
+                                    "s3://bucket/a/b/"])
+def test_a_source_may_name_a_folder_parquet_or_s3(source):
+    assert parse_spec(spec_with("data", source=source)).data.source == source
+
+
+@pytest.mark.parametrize("source, words", [
+    ("s3://bucket", ["data.source", "s3://bucket/prefix", "'s3://bucket'"]),
+    ("s3:///prefix", ["data.source", "s3://bucket/prefix"]),
+    ("notes.txt", ["data.source", "'notes.txt'", "a folder"]),
+    (spec_with("data", split_seed=-1), None),
+])
+def test_bad_sources_and_split_seeds_are_refused_naming_the_value(source, words):
+    raw = source if isinstance(source, dict) else spec_with("data", source=source)
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    for word in words or ["data.split_seed", "-1"]:
+        assert word in str(err.value)
 
 
 def test_a_spec_stored_before_resources_existed_still_runs_with_its_placement():

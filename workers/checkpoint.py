@@ -123,6 +123,16 @@ def latest_checkpoint(directory: Path, on_damaged=None) -> Checkpoint | None:
     return None
 
 
+def copy_checkpoint(source: Path, destination: Path, step: int) -> Path:
+    """Give a continuation job (a sweep's promotion) the checkpoint of step
+    `step` from the job it continues: verified, then written atomically into
+    its own folder, where `Coordinator.run(resume=True)` finds it."""
+    path = path_for(source, step)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint of step {step} to continue from")
+    return write_checkpoint(destination, read_checkpoint(path))
+
+
 class JobCheckpoints:
     """One job's checkpoints: written with the job's key and counters, read
     back only if they belong to the same job (same key), damaged ones

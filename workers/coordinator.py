@@ -22,8 +22,8 @@ import numpy as np
 
 from core.datafiles import DataLimits
 from core.mlp import MLP
-from core.spec import JobSpec, checkpoint_key, load_spec
-from core.trainer import ShardedData, build_network
+from core.spec import JobSpec, checkpoint_key, load_spec, stop_step
+from core.trainer import ShardedData, TrainingError, build_network
 from workers import shared
 from workers.async_loop import AsyncLoop
 from workers.checkpoint import JobCheckpoints
@@ -128,7 +128,7 @@ class Coordinator:
     # ------------------------------------------------------------ running
 
     def run(self, resume: bool = False) -> MLP:
-        """Train to the end; returns the trained network."""
+        """Train to the job's stop (training.stop_at, else the end); returns the trained network."""
         spec, clock = self.spec, GoodputClock()
         connect_ray(None, spec.resources.workers)
         # Opening the data here checks it before any actor starts (an in-memory
@@ -140,6 +140,9 @@ class Coordinator:
         del data  # the driver keeps no rows: the workers read and evaluate them
         start, resumed = 0, job.reporter.latest_checkpoint() if resume else None
         if resumed is not None:
+            if resumed.step > stop_step(spec):
+                raise TrainingError(f"the checkpoint of step {resumed.step} in {self.checkpoint_dir} is past "
+                                    f"this job's stop at step {stop_step(spec)}")
             net.params[:] = resumed.params
             start = job.reporter.reported = resumed.step
             self.on_event(Resumed(start))

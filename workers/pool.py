@@ -32,6 +32,7 @@ from workers.runtime import ALIVE_TIMEOUT_S, kill_actor
 from workers.shared import JobFiles
 
 START_TIMEOUT_S = 300.0
+STARTS_IF_NONE_LIVE = 3  # tries at starting workers when every one dies starting
 CAPACITY_RECHECK_S = 1.0  # asking the cluster for free CPUs costs a round trip
 
 
@@ -116,7 +117,20 @@ class WorkerPool:
     # ------------------------------------------------------------ starting
 
     def start(self, count: int) -> None:
-        """Start `count` workers and wait until each is placed and running."""
+        """Start `count` workers and wait until each is placed and running.
+        Those lost while starting (their node cut off, say) are not retried
+        here: the capacity that is left takes their shards, and the pool grows
+        back when it can (see `wanted`); only if none started is the start
+        tried again, up to STARTS_IF_NONE_LIVE times."""
+        for _ in range(STARTS_IF_NONE_LIVE):
+            if self._start_once(count) or self.members:
+                return
+        raise TrainingError(f"{count} worker(s) died while starting, {STARTS_IF_NONE_LIVE} times over "
+                            "(their nodes lost, or their processes killed); cluster resources: "
+                            f"{ray.available_resources()}")
+
+    def _start_once(self, count: int) -> int:
+        """One try at starting `count` workers; how many started."""
         cpus = self.spec.resources.cpus_per_worker
         new = []
         for _ in range(count):
@@ -133,23 +147,29 @@ class WorkerPool:
         except RayTaskError as err:
             self._kill([actor for _, actor in new])
             raise TrainingError(f"a worker could not start: {err.cause or err}") from None
-        except RayActorError as err:  # its constructor raised (bad data, say), or its process died starting
+        except RayActorError as err:  # its constructor raised (bad data, say)
             self._kill([actor for _, actor in new])
             raise TrainingError(f"a worker could not start: {_last_line(err)}") from None
+        self._kill([actor for (_, actor), loc in zip(new, where) if loc is None])
+        started = [(i, actor, loc) for (i, actor), loc in zip(new, where) if loc is not None]
         with self._lock:
-            self.members.extend(Member(i, actor, loc) for (i, actor), loc in zip(new, where))
-        self.locations.update((loc.index, loc) for loc in where)
-        self.nodes.update(loc.node_id for loc in where)
-        self.on_event(WorkersStarted(len(self.members), tuple(sorted({loc.node_id for loc in where}))))
+            self.members.extend(Member(i, actor, loc) for i, actor, loc in started)
+        self.locations.update((loc.index, loc) for _, _, loc in started)
+        self.nodes.update(loc.node_id for _, _, loc in started)
+        if started:
+            self.on_event(WorkersStarted(len(self.members), tuple(sorted({loc.node_id for _, _, loc in started}))))
+        return len(started)
 
-    def _placed(self, actors: list) -> list[WorkerLocation]:
-        """Wait for new workers to be placed and started, seeing a cancel promptly."""
+    def _placed(self, actors: list) -> list[WorkerLocation | None]:
+        """Wait for new workers to be placed and started, seeing a cancel
+        promptly; each one's location, None for those that died with their
+        process or node (a constructor that raised is raised)."""
         refs = [a.location.remote() for a in actors]
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
             if len(ready) == len(refs):
-                return ray.get(refs)
+                return [_started(ref) for ref in refs]
             if self.cancelled.is_set():
                 self._kill(actors)
                 raise JobCancelled("cancelled while its workers were starting")
@@ -242,6 +262,17 @@ def _last_line(err: Exception) -> str:
     Ray's traceback around it."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[-1]) if lines else type(err).__name__
+
+
+def _started(ref) -> WorkerLocation | None:
+    """A new worker's location, or None if it died with its process or node
+    before answering; an error raised in its constructor is raised."""
+    try:
+        return ray.get(ref)
+    except RayActorError as err:
+        if err.actor_init_failed:
+            raise
+        return None
 
 
 def _alive(actor) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from core.health import StepHealth
 from core.mlp import MLP
 from core.provenance import params_sha256, records_params
-from core.spec import JobSpec
+from core.spec import JobSpec, stop_step
 from core.trainer import NonFiniteGuard, should_evaluate, step_record
 from workers.checkpoint import Checkpoint, JobCheckpoints
 from workers.goodput import GoodputClock
@@ -65,7 +65,7 @@ class Reporter:
         return should_evaluate(self.spec, step)
 
     def should_checkpoint(self, step: int) -> bool:
-        every, steps = self.spec.training.checkpoint_every, self.spec.training.steps
+        every, steps = self.spec.training.checkpoint_every, stop_step(self.spec)
         return every > 0 and (step + 1) % every == 0 and step + 1 < steps
 
     def restart_clock(self, cause: str | None = None) -> None:
@@ -130,7 +130,7 @@ class Reporter:
     def final_checkpoint(self, state: ServerState) -> None:
         """The trained state's checkpoint, after the last step: the time since
         that step (fetching the state, writing it) is the checkpoint's."""
-        self.checkpoint(self.spec.training.steps, state)
+        self.checkpoint(stop_step(self.spec), state)
         self._account("checkpoint")
 
     def latest_checkpoint(self) -> Checkpoint | None:

@@ -16,11 +16,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from core.health import Bounds
 from core.spec import JobSpec
+from core.trainer import TrainingError
 from workers.checkpoint import Checkpoint
 from workers.parameter_server import ParameterServer, slice_bounds
 from workers.protocol import ServerLocation, ServerState
 from workers.runtime import ALIVE_TIMEOUT_S, kill_actor
 
+STARTS_PER_GROUP = 3  # tries at starting the servers when they die starting
 
 
 class ServerGroup:
@@ -31,7 +33,19 @@ class ServerGroup:
         self.locations: list[ServerLocation] = []
 
     def start(self, state: ServerState) -> None:
-        """Start k servers holding the slices of `state` (killing any before)."""
+        """Start k servers holding the slices of `state` (killing any before).
+        Servers lost while starting (their node cut off, say) are started
+        again, elsewhere once Ray has declared that node dead, up to
+        STARTS_PER_GROUP times."""
+        for attempt in range(1, STARTS_PER_GROUP + 1):
+            try:
+                return self._start_once(state)
+            except RayActorError as err:
+                if err.actor_init_failed or attempt == STARTS_PER_GROUP:
+                    raise TrainingError(f"the parameter servers could not start ({attempt} tries): "
+                                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    def _start_once(self, state: ServerState) -> None:
         self.kill()
         bounds = slice_bounds(state.params.size, self.spec.resources.parameter_servers)
         parts = [state.slice(a, b) for a, b in bounds]

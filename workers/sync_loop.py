@@ -15,6 +15,7 @@ from collections import deque
 import ray
 from ray.exceptions import RayActorError, RayChannelError, RayTaskError
 
+from core.spec import stop_step
 from core.trainer import TrainingError
 from workers.job import JobParts
 from workers.pool import JobCancelled
@@ -33,7 +34,7 @@ class SyncLoop:
         self.first_step = 0  # the first step the current graph makes
 
     def run(self, start: int) -> list:
-        """Make steps `start`... to the end; returns refs to the final parameters."""
+        """Make steps `start`... to the job's stop; returns refs to the final parameters."""
         try:
             self._steps(start)
         finally:
@@ -41,7 +42,7 @@ class SyncLoop:
         return self.job.servers.publish()
 
     def _steps(self, step: int) -> None:
-        job, steps = self.job, self.job.spec.training.steps
+        job, steps = self.job, stop_step(self.job.spec)
         while step < steps:
             job.check_going_on()
             change = job.wanted_workers()

@@ -19,9 +19,10 @@ from service.client.errors import (Busy, Conflict, Forbidden, JobCancelled, JobE
                                    ShardpropError, Timeout, TooLarge, Unauthorized, Unavailable, Unreachable)
 from service.client.job import Job
 from service.client.specs import SpecFileError, load_spec
+from service.client.sweep import Sweep
 
 ClientError = ShardpropError  # the name before typed errors
 
-__all__ = ["DEFAULT_SERVER", "Client", "Job", "RunDiff", "load_spec", "ShardpropError", "ClientError",
+__all__ = ["DEFAULT_SERVER", "Client", "Job", "Sweep", "RunDiff", "load_spec", "ShardpropError", "ClientError",
            "Unreachable", "Unauthorized", "Forbidden", "NotFound", "Conflict", "TooLarge", "Refused", "Busy",
            "Unavailable", "JobEnded", "JobFailed", "JobCancelled", "Timeout", "SpecFileError"]

@@ -26,6 +26,7 @@ from service.client.specs import load_spec
 if TYPE_CHECKING:
     from service.client.diff import RunDiff
     from service.client.job import Job
+    from service.client.sweep import Sweep
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 FIRST_RETRY_S, LAST_RETRY_S = 0.2, 5.0
@@ -148,6 +149,34 @@ class Client:
         """`labels` (classifiers) or `outputs` for `rows` (a list of lists, or an array)."""
         rows = rows.tolist() if hasattr(rows, "tolist") else [list(r) for r in rows]
         return self.request("POST", f"/v1/jobs/{job_id}/predict", json={"rows": rows}).json()
+
+    # ------------------------------------------------------------ sweeps
+
+    def submit_sweep(self, document: Mapping | str | os.PathLike, *, idempotency_key: str | None = None) -> "Sweep":
+        """Submit a sweep: `document` is a mapping, a YAML/JSON file's path, or YAML text."""
+        from service.client.sweep import Sweep
+
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        info = self.request("POST", "/v1/sweeps", json=load_spec(document), headers=headers).json()
+        return Sweep(self, info["id"], info)
+
+    def sweep(self, sweep_id: str) -> "Sweep":
+        """A handle on a stored sweep (NotFound if there is none)."""
+        from service.client.sweep import Sweep
+
+        return Sweep(self, sweep_id, self.sweep_status(sweep_id))
+
+    def sweeps(self) -> list[dict]:
+        """The sweeps, newest first, as the service lists them."""
+        return self.get("/v1/sweeps")["sweeps"]
+
+    def sweep_status(self, sweep_id: str, retry: bool = False) -> dict:
+        """A sweep's state, leaderboard, best trial and trials by state."""
+        return self.get(f"/v1/sweeps/{sweep_id}", retry)
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        """Cancel a sweep and its queued and running trial jobs."""
+        return self.request("POST", f"/v1/sweeps/{sweep_id}/cancel").json()
 
     def health(self) -> dict:
         return self.get("/healthz")

@@ -1,4 +1,4 @@
-"""/ and /static/*: the dashboard, a page and its scripts and styles, served
+"""/, /sweeps and /static/*: the dashboard, its pages and their scripts and styles, served
 as they are from `service/static/` (no build step, nothing from a CDN). The
 files are read once, at import; only those names are served, so no path
 from a request ever reaches the file system. The page holds no data: it
@@ -16,7 +16,7 @@ TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=u
          ".css": "text/css; charset=utf-8"}
 FILES = {f.name: f.read_bytes() for f in resources.files("service").joinpath("static").iterdir()
          if f.is_file() and any(f.name.endswith(suffix) for suffix in TYPES)}
-PAGE = FILES["index.html"].decode()
+PAGE, SWEEPS_PAGE = FILES["index.html"].decode(), FILES["sweep.html"].decode()
 # Revalidated on every load: a page from a newer service never runs an older script.
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
@@ -24,6 +24,12 @@ HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 @router.get("/", response_class=HTMLResponse)
 def dashboard() -> HTMLResponse:
     return HTMLResponse(PAGE, headers=HEADERS)
+
+
+@router.get("/sweeps", response_class=HTMLResponse)
+def sweeps_page() -> HTMLResponse:
+    """A sweep's leaderboard and its trials' validation curves (?sweep=ID)."""
+    return HTMLResponse(SWEEPS_PAGE, headers=HEADERS)
 
 
 @router.get("/static/{name}")

@@ -1,0 +1,118 @@
+"""A job's driver on a namespace host (tests/test_multihost.py runs it there).
+
+    python tests/netns_driver.py ADDRESS SPEC.json RESULT.json [--pause STEP:NAME ...]
+        [--pause-placed NAME] [--servers-on IP]
+
+It runs one job through the Coordinator, attached to ADDRESS, and writes what
+the test checks: the trained parameters (an .npy beside RESULT), each step
+reported, each event with the time it came, every worker's location and the
+counters. The test's faults land where it asks, through files in RESULT's
+folder: at a pause the driver writes `at-NAME` and waits for `go-NAME`.
+
+- `--pause STEP:NAME`: after step STEP is reported;
+- `--pause-placed NAME`: once the first workers have started, before the
+  pool asks them where they are (a cut there is a cut during placement);
+- `--servers-on IP`: the parameter servers prefer the node at IP (a soft
+  node affinity, so a restore goes elsewhere once that node is dead): the
+  fault of a server's host, on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workers import pool as pool_module  # noqa: E402
+from workers import servers as servers_module  # noqa: E402
+from workers.coordinator import Coordinator  # noqa: E402
+from workers.runtime import connect_ray  # noqa: E402
+
+
+def pause(folder: Path, name: str) -> None:
+    (folder / f"at-{name}").write_text(str(time.time()))
+    while not (folder / f"go-{name}").exists():
+        time.sleep(0.1)
+
+
+def servers_preferring(ip: str):
+    """ParameterServer, its placement preferring the node at `ip`."""
+    node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ip)
+    actor_class = servers_module.ParameterServer
+
+    class Preferring:
+        @staticmethod
+        def options(**kw):
+            return actor_class.options(**kw, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+
+    return Preferring
+
+
+def pausing_at_placement(folder: Path, name: str, count: int):
+    """A start_worker that, once `count` workers have been asked for, waits
+    until they run and then pauses: the test cuts a host, and the pool's own
+    question (`location`) meets the cut."""
+    started = []
+
+    def start(spec, index, data_roots, cpus, limits):
+        actor = pool_module.start_gradient_worker(spec, index, data_roots, cpus, limits)
+        started.append(actor)
+        if len(started) == count:
+            ray.get([a.location.remote() for a in started])
+            pause(folder, name)
+        return actor
+
+    return start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("address")
+    ap.add_argument("spec")
+    ap.add_argument("result")
+    ap.add_argument("--pause", action="append", default=[])
+    ap.add_argument("--pause-placed")
+    ap.add_argument("--servers-on")
+    args = ap.parse_args()
+    result = Path(args.result)
+    folder = result.parent
+    pauses = {int(step): name for step, name in (p.split(":") for p in args.pause)}
+    raw = json.loads(Path(args.spec).read_text())
+    connect_ray(args.address)
+    if args.servers_on:
+        servers_module.ParameterServer = servers_preferring(args.servers_on)
+    steps, events = [], []
+
+    def on_step(record: dict) -> None:
+        steps.append(record["step"])
+        if record["step"] in pauses:
+            pause(folder, pauses[record["step"]])
+
+    def on_event(event) -> None:
+        events.append({"time": time.time(), "kind": event.kind, **asdict(event)})
+
+    extra = {}
+    if args.pause_placed:
+        extra["start_worker"] = pausing_at_placement(folder, args.pause_placed, raw["resources"]["workers"])
+    coordinator = Coordinator(raw, folder / "ckpt", on_step=on_step, on_event=on_event, **extra)
+    net = coordinator.run()
+    np.save(folder / "params.npy", net.params, allow_pickle=False)
+    nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes()}
+    result.write_text(json.dumps({
+        "steps": steps, "events": events, "locations": coordinator.locations,
+        "counters": asdict(coordinator.counters),
+        "nodes": nodes}, default=list))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Jobs on a real network: three namespace hosts (tests/netns_cluster.py),
+with links cut and shaped while a job runs.
+
+Every job ends with the single-process reference trainer's bits and each
+step reported exactly once, whatever is cut and when: a worker's host
+mid-run (noticed by Ray's node failure detection, not by the 600 s hang
+watchdog; the host used again once it rejoins), the host of the parameter
+server (restore and replay), a host during start-up placement, and a lossy,
+slow link for a whole run. The drivers run on host 0, Ray's head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.mlp import MLP
+from core.spec import parse_spec
+from core.trainer import train
+from tests.netns_cluster import ENV, ROOT, NetnsCluster, netem_unavailable_reason, unavailable_reason
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow,
+              pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")]
+
+STEPS = 30
+SPEC = {
+    "name": "multihost", "seed": 3,
+    "data": {"source": "synthetic", "samples": 600, "features": 8, "classes": 3, "validation_split": 0.0,
+             "shards": 6},
+    "model": {"hidden": [8]},
+    "training": {"steps": STEPS, "batch_size": 16, "eval_every": 0, "checkpoint_every": 5,
+                 "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+    # the watchdog's limit stays far beyond a test's length: a cut host must
+    # be noticed by Ray's failure detection, never by a hang
+    "resources": {"workers": 3, "worker_timeout_s": 600},
+}
+WORKER_HOST, SERVER_HOST = 2, 1
+
+
+@pytest.fixture(scope="session")
+def hosts():
+    """Three hosts of 1 CPU each; afterwards nothing of them is left."""
+    cluster = NetnsCluster([1, 1, 1])
+    with cluster:
+        yield cluster
+    assert cluster.leftovers() == []
+
+
+@pytest.fixture
+def three_hosts(hosts):
+    """The cluster with its three hosts up (a test that cuts one rejoins it)."""
+    hosts.wait_nodes(3)
+    return hosts
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train(parse_spec(SPEC))[0].params
+
+
+class Driver:
+    """tests/netns_driver.py running a job on host 0."""
+
+    def __init__(self, hosts: NetnsCluster, folder: Path, *args: str):
+        self.folder = folder
+        (folder / "job.json").write_text(json.dumps(SPEC))
+        cmd = [sys.executable, str(ROOT / "tests" / "netns_driver.py"), hosts.address, str(folder / "job.json"),
+               str(folder / "result.json"), *args]
+        self.log = open(folder / "driver.log", "wb")
+        self.proc = subprocess.Popen(hosts.prefix(0) + cmd, stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
+                                     cwd=ROOT, start_new_session=True)
+
+    def paused(self, name: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.folder / f"at-{name}").exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, f"never reached {name}: {self.tail()}"
+            time.sleep(0.1)
+
+    def go(self, name: str) -> None:
+        (self.folder / f"go-{name}").write_text("")
+
+    def result(self, timeout: float = 400) -> dict:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+        assert code == 0, self.tail()
+        result = json.loads((self.folder / "result.json").read_text())
+        result["params"] = np.load(self.folder / "params.npy", allow_pickle=False)
+        return result
+
+    def tail(self) -> str:
+        return (self.folder / "driver.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+def events(result: dict, kind: str) -> list[dict]:
+    return [e for e in result["events"] if e["kind"] == kind]
+
+
+def assert_reference_run(result: dict, reference: np.ndarray) -> None:
+    assert np.array_equal(result["params"], reference), "the trained bits differ from the reference trainer's"
+    assert result["steps"] == list(range(1, STEPS + 1)), "each step reported once, in order"
+
+
+def test_train_attached_across_three_hosts_gives_the_reference_bits(three_hosts, tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps(SPEC))
+    shardprop = str(Path(sys.executable).parent / "shardprop")
+    common = ["train", str(tmp_path / "job.json"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    attached = subprocess.run(three_hosts.prefix(0) + [shardprop, *common, "--address", three_hosts.address,
+                                                       "--out", str(tmp_path / "attached.npz")],
+                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=400)
+    assert attached.returncode == 0, attached.stderr[-3000:]
+    ref = subprocess.run([shardprop, *common, "--reference", "--out", str(tmp_path / "reference.npz")],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert np.array_equal(MLP.load(tmp_path / "attached.npz").params, MLP.load(tmp_path / "reference.npz").params)
+
+
+def test_worker_host_cut_mid_run_is_survived_and_used_again_after_it_rejoins(three_hosts, tmp_path, reference):
+    driver = Driver(three_hosts, tmp_path, "--pause", "5:cut", "--pause", "15:rejoin")
+    try:
+        driver.paused("cut")
+        three_hosts.cut(WORKER_HOST)
+        cut_at = time.time()
+        driver.go("cut")
+        driver.paused("rejoin")  # steps 6-15 ran without the cut host
+        three_hosts.rejoin(WORKER_HOST)
+        driver.go("rejoin")
+        result = driver.result()
+    finally:
+        driver.stop()
+    assert_reference_run(result, reference)
+    started = events(result, "workers")
+    assert len(started[0]["nodes"]) == 3, "the job began on all three hosts"
+    recovered = events(result, "recovery")
+    assert recovered and recovered[0]["workers"] == 2, "it went on with the two hosts left"
+    # noticed as a dead node (Ray's failure detection), not as a hang
+    assert result["counters"]["hung_workers"] == 0 and result["counters"]["worker_failures"] >= 1
+    print(f"cut noticed and healed {recovered[0]['time'] - cut_at:.1f} s after the cut")
+    rejoined = result["nodes"][three_hosts.ip(WORKER_HOST)]
+    assert any(loc["node_id"] == rejoined for loc in result["locations"].values()), \
+        "a worker ran on the host after it rejoined"
+    assert events(result, "resize")[-1]["after"] == 3
+
+
+def test_parameter_server_host_cut_is_restored_and_replayed(three_hosts, tmp_path, reference):
+    driver = Driver(three_hosts, tmp_path, "--servers-on", three_hosts.ip(SERVER_HOST), "--pause", "8:cut")
+    try:
+        driver.paused("cut")
+        three_hosts.cut(SERVER_HOST)
+        driver.go("cut")
+        result = driver.result()
+    finally:
+        driver.stop()
+        three_hosts.rejoin(SERVER_HOST)
+    assert_reference_run(result, reference)
+    recovered = events(result, "recovery")
+    assert any(r["servers"] for r in recovered), "the server's loss was seen and it was restored"
+    assert result["counters"]["server_failures"] >= 1 and result["counters"]["steps_replayed"] >= 1
+
+
+def test_host_cut_during_start_up_placement_is_survived(three_hosts, tmp_path, reference):
+    driver = Driver(three_hosts, tmp_path, "--pause-placed", "placed")
+    try:
+        driver.paused("placed")
+        three_hosts.cut(WORKER_HOST)
+        driver.go("placed")
+        result = driver.result()
+    finally:
+        driver.stop()
+        three_hosts.rejoin(WORKER_HOST)
+    assert_reference_run(result, reference)
+    assert len(events(result, "workers")[0]["nodes"]) == 2, "it started on the two hosts left"
+
+
+@pytest.mark.skipif(netem_unavailable_reason() is not None, reason=f"{netem_unavailable_reason()}")
+def test_lossy_slow_link_for_a_whole_run_gives_the_reference_bits(three_hosts, tmp_path, reference):
+    three_hosts.netem(WORKER_HOST, delay_ms=20, loss_pct=5)
+    try:
+        result = Driver(three_hosts, tmp_path).result()
+    finally:
+        three_hosts.clear_netem(WORKER_HOST)
+    assert_reference_run(result, reference)
+    assert len(events(result, "workers")[0]["nodes"]) == 3
