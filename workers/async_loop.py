@@ -112,7 +112,7 @@ class AsyncLoop:
             run.taken[c.shard] += 1
             run.turns[c.index] = run.turns.get(c.index, 0) + 1
             self.applied_batches.append((c.shard, c.batch))
-            self._finish(run, stats, c.index)
+            self._finish(run, stats)
         # The order matters: a RayTaskError caused by a dead worker is also a
         # RayActorError (Ray's as_instanceof_cause), a dead server's is not.
         except RayTaskError as err:  # the worker's computation failed
@@ -127,7 +127,7 @@ class AsyncLoop:
             making = run.version + 1
             self._recover(run, Loss(Work(("update", making), f"update {making}", making), (), servers=True))
 
-    def _finish(self, run: AsyncRun, stats: UpdateStats, worker: int) -> None:
+    def _finish(self, run: AsyncRun, stats: UpdateStats) -> None:
         reporter, step = self.job.reporter, run.version - 1
         fresh = step + 1 > reporter.reported  # else made again after a restore: already reported
         params = state = None
@@ -140,8 +140,8 @@ class AsyncLoop:
         # An update is one worker's: the others' times are None in it.
         slots = self.job.pool.indices
         compute, wait = [None] * len(slots), [None] * len(slots)
-        if worker in slots:
-            compute[slots.index(worker)], wait[slots.index(worker)] = stats.compute_s, stats.wait_s
+        if stats.worker in slots:
+            compute[slots.index(stats.worker)], wait[slots.index(stats.worker)] = stats.compute_s, stats.wait_s
         reporter.finish(Outcome(step, stats.loss, stats.count, stats.skipped == 0, stats.version,
                                 len(self.job.pool), {"compute": stats.compute_s, "reduce_apply": stats.reduce_apply_s},
                                 staleness=stats.staleness, health=stats.health, worker_compute_s=tuple(compute),

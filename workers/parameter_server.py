@@ -179,7 +179,7 @@ class ParameterServer:
         health = StepHealth.measure(mean, before, self.params, self.layers, self.start) if mean is not None else None
         return self.params, UpdateStats(True, staleness, self.version, loss, count, skipped,
                                         time.perf_counter() - began, result.compute_s,
-                                        result.wait_s + result.transfer_s, health)
+                                        result.wait_s + result.transfer_s, health, result.worker)
 
     def state(self) -> ServerState:
         """Parameters, optimizer state and version, for a checkpoint."""

@@ -129,6 +129,7 @@ class UpdateStats:
     compute_s: float = 0.0
     wait_s: float = 0.0  # the worker's: waiting for the parameters and fetching them
     health: StepHealth | None = None
+    worker: int | None = None  # the index of the worker whose gradients these were
 
 
 @dataclass(frozen=True)
