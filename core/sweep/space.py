@@ -58,39 +58,39 @@ class Dimension:
         return {self.kind: list(self.args)}
 
 
-def parse_space(raw: Any, base: dict) -> tuple[Dimension, ...]:
+def parse_space(raw: Any) -> tuple[Dimension, ...]:
     """The dimensions of `space`, sorted by path (the order never depends on
     how a document was written or stored), each checked against the job spec."""
     if not isinstance(raw, dict):
-        raise SweepError(f"space must be a mapping of dotted paths to distributions, got {_short(raw)}")
+        raise SweepError(f"space must be a mapping of dotted paths to distributions, got {shown(raw)}")
     if not raw:
         raise SweepError("space must name at least one path to search, got an empty mapping {}")
     if len(raw) > MAX_DIMENSIONS:
         raise SweepError(f"space has {len(raw)} paths, at most {MAX_DIMENSIONS} are allowed")
-    return tuple(_dimension(path, raw[path], base) for path in sorted(raw, key=str))
+    return tuple(_dimension(path, raw[path]) for path in sorted(raw, key=str))
 
 
-def _dimension(path: Any, raw: Any, base: dict) -> Dimension:
+def _dimension(path: Any, raw: Any) -> Dimension:
     if not isinstance(path, str):
-        raise SweepError(f"space: paths must be strings, got {_short(path)}")
+        raise SweepError(f"space: paths must be strings, got {shown(path)}")
     field = f"space.{path}"
     _check_path(path, field)
     if not isinstance(raw, dict) or len(raw) != 1:
-        raise SweepError(f"{field}: must be one of {{{', '.join(KINDS)}: ...}}, got {_short(raw)}")
+        raise SweepError(f"{field}: must be one of {{{', '.join(KINDS)}: ...}}, got {shown(raw)}")
     (kind, args), = raw.items()
     field = f"{field}.{kind}"
     if kind not in KINDS:
         raise SweepError(f"{field}: unknown distribution {kind!r}, expected one of {', '.join(KINDS)}")
     if kind in ("grid", "choice"):
         if not isinstance(args, list) or not args:
-            raise SweepError(f"{field}: must be a non-empty list of values, got {_short(args)}")
+            raise SweepError(f"{field}: must be a non-empty list of values, got {shown(args)}")
         if len(args) > MAX_VALUES:
             raise SweepError(f"{field}: has {len(args)} values, at most {MAX_VALUES} are allowed")
         try:
             json.dumps(args)
         except (TypeError, ValueError):
             raise SweepError(f"{field}: values must be JSON data (numbers, strings, lists, mappings), "
-                             f"got {_short(args)}") from None
+                             f"got {shown(args)}") from None
         return Dimension(path, kind, tuple(args))
     return Dimension(path, kind, _bounds(field, kind, args))
 
@@ -100,7 +100,7 @@ def _bounds(field: str, kind: str, args: Any) -> tuple:
     if (not isinstance(args, list) or len(args) != 2
             or not all(isinstance(a, numbers) and not isinstance(a, bool) for a in args)):
         what = "integers" if kind == "int_uniform" else "numbers"
-        raise SweepError(f"{field}: must be [low, high], two {what}, got {_short(args)}")
+        raise SweepError(f"{field}: must be [low, high], two {what}, got {shown(args)}")
     low, high = args
     if not all(math.isfinite(a) for a in args):
         raise SweepError(f"{field}: bounds must be finite, got {args!r}")
@@ -170,6 +170,7 @@ def _copy(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _short(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut at 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

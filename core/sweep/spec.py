@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from core.spec import NAME, JobSpec, SpecError, parse_spec
-from core.sweep.space import (Dimension, SweepError, _short, apply_values, grid_point, grid_size,
+from core.sweep.space import (Dimension, SweepError, shown, apply_values, grid_point, grid_size,
                               parse_space)
 
 METHODS = ("grid", "random", "halving")
@@ -109,9 +109,9 @@ def parse_sweep(raw: Any) -> SweepSpec:
     seed = _int("seed", raw.get("seed", 0), 0, 2**63 - 1)
     method = raw.get("method", "random")
     if method not in METHODS:
-        raise SweepError(f"method: must be one of {', '.join(METHODS)}, got {_short(method)}")
+        raise SweepError(f"method: must be one of {', '.join(METHODS)}, got {shown(method)}")
     base = _base(raw["base"])
-    space = parse_space(raw["space"], base)
+    space = parse_space(raw["space"])
     objective = _objective(raw.get("objective", {"metric": "val_loss"}), base)
     max_trials = None if raw.get("max_trials") is None else _int("max_trials", raw["max_trials"], 1, MAX_TRIALS)
     concurrent = _int("max_concurrent_trials", raw.get("max_concurrent_trials", DEFAULT_CONCURRENT), 1,
@@ -165,13 +165,13 @@ def _name(value: Any) -> str:
     # trial names append "-t<index>": keep room for it within a job name's 200 characters
     if not isinstance(value, str) or len(value) > 180 or not NAME.fullmatch(value):
         raise SweepError(f"name: must be 1-180 letters, digits, '.', '_' and '-', starting with a letter "
-                         f"or digit, got {_short(value)}")
+                         f"or digit, got {shown(value)}")
     return value
 
 
 def _int(field: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise SweepError(f"{field}: must be an integer in [{low}, {high}], got {_short(value)}")
+        raise SweepError(f"{field}: must be an integer in [{low}, {high}], got {shown(value)}")
     return value
 
 
@@ -187,14 +187,14 @@ def _base(raw: Any) -> dict:
 
 def _objective(raw: Any, base: dict) -> Objective:
     if not isinstance(raw, dict) or set(raw) - {"metric", "mode"} or "metric" not in raw:
-        raise SweepError(f"objective: must be {{metric: ..., mode: min|max}}, got {_short(raw)}")
+        raise SweepError(f"objective: must be {{metric: ..., mode: min|max}}, got {shown(raw)}")
     metric = raw["metric"]
     if metric not in METRICS:
         raise SweepError(f"objective.metric: must be a recorded metric, one of {', '.join(METRICS)}, "
-                         f"got {_short(metric)}")
+                         f"got {shown(metric)}")
     mode = raw.get("mode", METRICS[metric])
     if mode not in ("min", "max"):
-        raise SweepError(f"objective.mode: must be min or max, got {_short(mode)}")
+        raise SweepError(f"objective.mode: must be min or max, got {shown(mode)}")
     split = base["data"]["validation_split"]
     if metric.startswith("val_") and split == 0:
         raise SweepError(f"objective.metric: {metric!r} is not recorded with base.data.validation_split 0")
@@ -226,7 +226,7 @@ def _trial_count(method: str, space: tuple[Dimension, ...], max_trials: int | No
 
 def _halving(raw: Any, steps: int, space: tuple[Dimension, ...]) -> tuple[int, tuple[int, ...]]:
     if not isinstance(raw, dict) or set(raw) - {"reduction_factor", "rungs"}:
-        raise SweepError(f"halving: must be {{reduction_factor: N, rungs: [steps, ...]}}, got {_short(raw)}")
+        raise SweepError(f"halving: must be {{reduction_factor: N, rungs: [steps, ...]}}, got {shown(raw)}")
     if any(d.path == "training.steps" for d in space):
         raise SweepError("space.training.steps: halving's rungs decide how long trials train; "
                          "set base.training.steps instead")
@@ -240,7 +240,7 @@ def _halving(raw: Any, steps: int, space: tuple[Dimension, ...]) -> tuple[int, t
     rungs = raw["rungs"]
     if (not isinstance(rungs, list) or not rungs
             or not all(isinstance(r, int) and not isinstance(r, bool) for r in rungs)):
-        raise SweepError(f"halving.rungs: must be a list of step counts, got {_short(rungs)}")
+        raise SweepError(f"halving.rungs: must be a list of step counts, got {shown(rungs)}")
     if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[0] < 1:
         raise SweepError(f"halving.rungs: must be positive and strictly increasing, got {rungs!r}")
     if rungs[-1] != steps:
