@@ -305,10 +305,15 @@ def cmd_resize(client: Client, args) -> int:
 
 
 def cmd_model(client: Client, args) -> int:
+    return save_model(Job(client, args.id).model, args.output)
+
+
+def save_model(write, output: str) -> int:
+    """`write(output)` (a Job's or a Sweep's model download), and say what was written."""
     try:
-        out = Job(client, args.id).model(args.output)
+        out = write(output)
     except OSError as err:
-        raise CommandError(f"cannot write {args.output}: {err.strerror}") from None
+        raise CommandError(f"cannot write {output}: {err.strerror}") from None
     print(f"wrote {out} ({out.stat().st_size} bytes)")
     return 0
 

@@ -113,14 +113,9 @@ def cmd_cancel(client: Client, args) -> int:
 
 
 def cmd_best(client: Client, args) -> int:
-    from service.cli import CommandError
+    from service.cli import save_model  # the command's module, which imports this one
 
-    try:
-        out = client.sweep(args.id).best_model(args.output)
-    except OSError as err:
-        raise CommandError(f"cannot write {args.output}: {err.strerror}") from None
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
-    return 0
+    return save_model(client.sweep(args.id).best_model, args.output)
 
 
 COMMANDS = {"submit": cmd_submit, "list": cmd_list, "status": cmd_status, "cancel": cmd_cancel, "best": cmd_best}

@@ -17,6 +17,7 @@ from core.sweep import parse_sweep
 from service import sweep_command
 from service_helpers import service, tiny_spec, wait_for
 
+http = httpx.Client(timeout=60)  # a loaded machine can stall a service for seconds
 LRS = [0.05, 0.1, 0.2, 0.4]
 
 
@@ -68,7 +69,7 @@ BAD = [  # (case, changes, words the detail names)
 def test_a_bad_sweep_is_a_422_naming_field_and_value_with_nothing_stored(paused, case, changes, words):
     url, app = paused
     before = app.state.store.snapshot()
-    r = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(**changes))
+    r = http.post(f"{url}/v1/sweeps", json=sweep_doc(**changes))
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     for word in words:
@@ -80,7 +81,7 @@ def test_a_bad_sweep_is_a_422_naming_field_and_value_with_nothing_stored(paused,
 def test_a_body_that_is_not_a_sweep_document_stores_nothing(paused, body):
     url, app = paused
     before = app.state.store.snapshot()
-    r = httpx.post(f"{url}/v1/sweeps", content=body, headers={"Content-Type": "application/json"})
+    r = http.post(f"{url}/v1/sweeps", content=body, headers={"Content-Type": "application/json"})
     assert 400 <= r.status_code < 500 and isinstance(r.json()["detail"], str), r.text
     assert app.state.store.snapshot() == before
 
@@ -88,7 +89,7 @@ def test_a_body_that_is_not_a_sweep_document_stores_nothing(paused, body):
 def test_a_sweep_queues_its_trials_as_jobs_fifo_and_cancels_them(paused):
     url, app = paused
     doc = sweep_doc()
-    r = httpx.post(f"{url}/v1/sweeps", json=doc, headers={"Idempotency-Key": "k1"})
+    r = http.post(f"{url}/v1/sweeps", json=doc, headers={"Idempotency-Key": "k1"})
     assert r.status_code == 201, r.text
     sweep = r.json()
     expected = parse_sweep(copy.deepcopy(doc))  # the core, independently: the trials' values
@@ -96,53 +97,53 @@ def test_a_sweep_queues_its_trials_as_jobs_fifo_and_cancels_them(paused):
     assert sorted(row["values"]["training.optimizer.lr"] for row in sweep["leaderboard"]) == sorted(LRS)
     assert {row["trial"]: row["values"] for row in sweep["leaderboard"]} == {
         t: expected.values(t) for t in range(expected.n_trials)}
-    again = httpx.post(f"{url}/v1/sweeps", json=doc, headers={"Idempotency-Key": "k1"})
+    again = http.post(f"{url}/v1/sweeps", json=doc, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.json()["id"] == sweep["id"]
-    conflict = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(seed=4), headers={"Idempotency-Key": "k1"})
+    conflict = http.post(f"{url}/v1/sweeps", json=sweep_doc(seed=4), headers={"Idempotency-Key": "k1"})
     assert conflict.status_code == 409 and "k1" in conflict.json()["detail"]
-    assert [s["id"] for s in httpx.get(f"{url}/v1/sweeps").json()["sweeps"]] == [sweep["id"]]
+    assert [s["id"] for s in http.get(f"{url}/v1/sweeps").json()["sweeps"]] == [sweep["id"]]
 
     # the runner queues max_concurrent_trials (2) trial jobs: trials 0 and 1, rung 0, named for the sweep
     def trial_jobs():
-        jobs = [j for j in httpx.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == sweep["id"]]
+        jobs = [j for j in http.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == sweep["id"]]
         return jobs if len(jobs) == 2 else None
 
-    jobs = wait_for(trial_jobs, 30, what="two trial jobs")
+    jobs = wait_for(trial_jobs, 90, what="two trial jobs")
     app.state.scheduler.sweeps.advance()  # asked again: the same two jobs, no more
-    assert [j["id"] for j in httpx.get(f"{url}/v1/jobs").json()["jobs"]] == [j["id"] for j in jobs]
-    got = httpx.get(f"{url}/v1/sweeps/{sweep['id']}").json()
+    assert [j["id"] for j in http.get(f"{url}/v1/jobs").json()["jobs"]] == [j["id"] for j in jobs]
+    got = http.get(f"{url}/v1/sweeps/{sweep['id']}").json()
     first = {row["trial"]: row for row in got["leaderboard"]}
     assert sorted(t for t, row in first.items() if row["jobs"]) == [0, 1]
     for trial in (0, 1):
-        job = httpx.get(f"{url}/v1/jobs/{first[trial]['jobs'][0]}").json()
+        job = http.get(f"{url}/v1/jobs/{first[trial]['jobs'][0]}").json()
         assert job["name"] == f"sw-t{trial}" and job["steps"] == 10 and job["state"] == "queued"
         assert job["spec"]["training"]["stop_at"] == 10 and job["spec"]["training"]["steps"] == 20
         assert job["spec"]["training"]["optimizer"]["lr"] == expected.values(trial)["training.optimizer.lr"]
     assert got["trial_states"]["queued"] == 4 and got["best"] is None and got["promotions"] == []
 
     # a job submitted now is in the queue ahead of every trial job launched later
-    later = httpx.post(f"{url}/v1/jobs", json=tiny_spec()).json()
+    later = http.post(f"{url}/v1/jobs", json=tiny_spec()).json()
     queued = [j["id"] for j in app.state.store.jobs_in_state("queued")]
     assert queued == [jobs[1]["id"], jobs[0]["id"], later["id"]]
 
-    cancelled = httpx.post(f"{url}/v1/sweeps/{sweep['id']}/cancel")
+    cancelled = http.post(f"{url}/v1/sweeps/{sweep['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
-    assert {httpx.get(f"{url}/v1/jobs/{j['id']}").json()["state"] for j in jobs} == {"cancelled"}
-    assert httpx.get(f"{url}/v1/jobs/{later['id']}").json()["state"] == "queued"  # not the sweep's
+    assert {http.get(f"{url}/v1/jobs/{j['id']}").json()["state"] for j in jobs} == {"cancelled"}
+    assert http.get(f"{url}/v1/jobs/{later['id']}").json()["state"] == "queued"  # not the sweep's
     app.state.scheduler.sweeps.advance()  # a cancelled sweep launches nothing more
-    assert len([j for j in httpx.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == sweep["id"]]) == 2
-    assert httpx.post(f"{url}/v1/sweeps/{sweep['id']}/cancel").status_code == 200  # again: no change
+    assert len([j for j in http.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == sweep["id"]]) == 2
+    assert http.post(f"{url}/v1/sweeps/{sweep['id']}/cancel").status_code == 200  # again: no change
 
     # a sweep cancelled in the store only (the service killed before its jobs were): the runner finishes it
-    other = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(seed=5)).json()
-    left = wait_for(lambda: [j["id"] for j in httpx.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == other["id"]]
-                    if app.state.store.sweep_runs(other["id"]) else None, 30, what="the other sweep's jobs")
+    other = http.post(f"{url}/v1/sweeps", json=sweep_doc(seed=5)).json()
+    left = wait_for(lambda: [j["id"] for j in http.get(f"{url}/v1/jobs").json()["jobs"] if j["sweep"] == other["id"]]
+                    if app.state.store.sweep_runs(other["id"]) else None, 90, what="the other sweep's jobs")
     app.state.store.sweep_transition(other["id"], "cancelled")
-    wait_for(lambda: {httpx.get(f"{url}/v1/jobs/{j}").json()["state"] for j in left} == {"cancelled"}, 30,
+    wait_for(lambda: {http.get(f"{url}/v1/jobs/{j}").json()["state"] for j in left} == {"cancelled"}, 90,
              what="the runner to cancel the jobs the sweep left")
-    assert httpx.get(f"{url}/v1/sweeps/nope").status_code == 404
-    assert httpx.post(f"{url}/v1/sweeps/nope/cancel").status_code == 404
-    cancelled = json.loads(httpx.get(f"{url}/v1/sweeps", params={"state": "cancelled"}).text)["sweeps"]
+    assert http.get(f"{url}/v1/sweeps/nope").status_code == 404
+    assert http.post(f"{url}/v1/sweeps/nope/cancel").status_code == 404
+    cancelled = json.loads(http.get(f"{url}/v1/sweeps", params={"state": "cancelled"}).text)["sweeps"]
     assert [s["id"] for s in cancelled] == [other["id"], sweep["id"]]
 
 
@@ -173,15 +174,15 @@ def test_the_sweep_commands(paused, tmp_path, capsys):
 def test_a_stored_sweep_that_no_longer_parses_fails_alone(paused):
     url, app = paused
     store = app.state.store
-    broken = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="broken")).json()
+    broken = http.post(f"{url}/v1/sweeps", json=sweep_doc(name="broken")).json()
     with store._tx() as db:  # as if written by a version whose rules this one refuses
         db.execute("UPDATE sweeps SET document = json_set(document, '$.method', 'bayes') WHERE id = ?",
                    (broken["id"],))
-    fine = httpx.post(f"{url}/v1/sweeps", json=sweep_doc(name="fine")).json()
-    failed = wait_for(lambda: (s := store.get_sweep(broken["id"]))["state"] == "failed" and s, 30,
+    fine = http.post(f"{url}/v1/sweeps", json=sweep_doc(name="fine")).json()
+    failed = wait_for(lambda: (s := store.get_sweep(broken["id"]))["state"] == "failed" and s, 90,
                       what="the broken sweep to fail")
     assert "no longer valid" in failed["error"] and "bayes" in failed["error"]
-    wait_for(lambda: len(store.sweep_runs(fine["id"])) == 2, 30, what="the other sweep's trial jobs")
+    wait_for(lambda: len(store.sweep_runs(fine["id"])) == 2, 90, what="the other sweep's trial jobs")
     # trial jobs it queued before it was found broken are cancelled, as a failed sweep's
-    wait_for(lambda: {r["state"] for r in store.sweep_runs(broken["id"])} <= {"cancelled"}, 30,
+    wait_for(lambda: {r["state"] for r in store.sweep_runs(broken["id"])} <= {"cancelled"}, 90,
              what="the broken sweep's jobs to be cancelled")

@@ -41,14 +41,18 @@ def json_safe(value):
     return value
 
 
+def check_idempotency_key(key: str | None) -> None:
+    """A 422 for an Idempotency-Key header that is empty or too long (jobs' and sweeps')."""
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}")
+
+
 @router.post("", status_code=201,
              summary="Submit a job (body: the job spec as JSON)")
 async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
     # raw is any JSON: parse_spec says what is wrong with it
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
-                                 f"got {len(idempotency_key)}")
+    check_idempotency_key(idempotency_key)
     # validation, admission and SQLite off the event loop
     job, created = await run_in_threadpool(_create, settings, store, raw, idempotency_key)
     if created:

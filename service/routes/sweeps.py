@@ -16,7 +16,7 @@ from core.spec import SpecError
 from service.admission import Refused
 from service.bodies import OptionalJSON, RawJSON
 from service.deps import SchedulerDep, SettingsDep, StoreDep, require_token
-from service.routes.jobs import MAX_IDEMPOTENCY_KEY, json_safe
+from service.routes.jobs import check_idempotency_key, json_safe
 from service.states import STATES
 from service.store import IdempotencyConflict, IllegalTransition, NotFound
 from service.sweeps import create_sweep, sweep_view
@@ -27,9 +27,7 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[Depends(r
 @router.post("", status_code=201, summary="Submit a sweep (body: the sweep document as JSON, its base spec inline)")
 async def submit(raw: RawJSON, settings: SettingsDep, store: StoreDep, scheduler: SchedulerDep,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-        raise HTTPException(422, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
-                                 f"got {len(idempotency_key)}")
+    check_idempotency_key(idempotency_key)
     sweep, created = await run_in_threadpool(_create, settings, store, raw, idempotency_key)
     if created:
         scheduler.wake()
