@@ -289,6 +289,9 @@ def bench_workers(args) -> str:
 
     import ray
 
+    # This Ray is the benchmark's alone: no token (one shared in the home
+    # folder, replaced by another user's Ray meanwhile, locked the children out).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     work = Path(tempfile.mkdtemp(prefix="shardprop-bench-workers-", dir=args.dir))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     address = start_ray()
