@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,8 +201,9 @@ def source_sha256(path: Path) -> str:
         raise DataError(f"{path}: a folder without .parquet files")
     digest = _file_digest(files, path)[0].hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-    tmp.write_text(digest)
+    fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=f".{memo.name}.")  # one of its own per thread and process
+    with os.fdopen(fd, "w") as fh:
+        fh.write(digest)
     os.replace(tmp, memo)
     return digest
 
