@@ -82,7 +82,9 @@ function changed() {
 function metricText(v, percent = false) {
   if (v == null) return "–";
   if (percent) return (100 * v).toFixed(1) + "%";
-  return Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : v.toPrecision(4);
+  // at most 7 characters, so a diverged run's loss fits its column
+  const a = Math.abs(v);
+  return (a < 1e-3 && v !== 0) || a >= 1e4 ? v.toExponential(1).replace("e+", "e") : v.toPrecision(4);
 }
 
 function cell(tr, cls) {
