@@ -17,7 +17,7 @@ from core.trainer import TrainingError, train
 from workers.checkpoint import list_checkpoints, latest_checkpoint, read_checkpoint
 from workers.coordinator import Coordinator, JobCancelled
 from workers.gradient_worker import GradientWorker
-from workers.parameter_server import ParameterServer, StaleStep
+from workers.parameter_server import ParameterServer
 from workers.async_loop import AsyncLoop
 from workers.protocol import StepPlan
 from run_helpers import by_kind, fault_plan

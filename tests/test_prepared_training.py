@@ -21,7 +21,6 @@ from core.prepared import prepare
 from core.trainer import DataFault, train
 from service.cli import main
 from workers.coordinator import Coordinator, JobCancelled
-from workers.checkpoint import list_checkpoints
 from run_helpers import by_kind
 
 SEED = 3

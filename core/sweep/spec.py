@@ -199,7 +199,7 @@ def _objective(raw: Any, base: dict) -> Objective:
     if metric.startswith("val_") and split == 0:
         raise SweepError(f"objective.metric: {metric!r} is not recorded with base.data.validation_split 0")
     if metric == "val_accuracy" and base["model"]["output"] == "identity":
-        raise SweepError(f"objective.metric: 'val_accuracy' is not recorded for a regression "
+        raise SweepError("objective.metric: 'val_accuracy' is not recorded for a regression "
                          f"(base.model.output 'identity')")
     return Objective(metric, mode)
 
