@@ -200,7 +200,7 @@ def _objective(raw: Any, base: dict) -> Objective:
         raise SweepError(f"objective.metric: {metric!r} is not recorded with base.data.validation_split 0")
     if metric == "val_accuracy" and base["model"]["output"] == "identity":
         raise SweepError("objective.metric: 'val_accuracy' is not recorded for a regression "
-                         f"(base.model.output 'identity')")
+                         "(base.model.output 'identity')")
     return Objective(metric, mode)
 
 
