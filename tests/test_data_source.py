@@ -258,3 +258,36 @@ def test_shardprop_train_refuses_a_contradicting_split_naming_both_values(tmp_pa
     err = capsys.readouterr().err
     assert "data.split_seed is 5 in the spec, 3 in its manifest" in err and "Traceback" not in err
     assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_workers_reading_s3_train_the_bits_of_the_local_copy(tmp_path, data_csv, s3_server):
+    """`shardprop train --workers 2` on s3://... (its own Ray, whose workers
+    each fetch and check only their shards from the S3 server, found through
+    the environment every node is given) writes the model `--reference`
+    writes from the local prepared directory."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from core.mlp import MLP
+
+    prepare(data_csv, tmp_path / "set", seed=2, block_rows=32)
+    upload(s3_filesystem(allow_bucket_creation=True), tmp_path / "set", "bucket/sets/w")
+    models = {}
+    for name, source, how in (("local", str(tmp_path / "set"), ["--reference"]),
+                              ("remote", "s3://bucket/sets/w", ["--workers", "2"])):
+        spec = {"name": name, "seed": 2, "data": {"source": source, "shards": 4}, "model": {"hidden": [8]},
+                "training": {"steps": 8, "batch_size": 32, "eval_every": 4}, "resources": {"workers": 2}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        out = tmp_path / f"{name}.npz"
+        done = subprocess.run([sys.executable, "-m", "service.cli", "train", str(tmp_path / f"{name}.yaml"),
+                               "--out", str(out), "--checkpoint-dir", str(tmp_path / f"ck-{name}"), *how],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        models[name] = MLP.load(out).params
+    np.testing.assert_array_equal(models["remote"], models["local"])
+    assert any((tmp_path / "cache").rglob("*.npy"))  # the rows came from S3, through the download cache
