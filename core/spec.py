@@ -400,13 +400,17 @@ def load_spec(source: str | Path | dict | JobSpec) -> JobSpec:
         return source
     if isinstance(source, dict):
         return parse_spec(source)
-    path = Path(source)
+    return parse_spec(read_document(Path(source), "spec", SpecError))
+
+
+def read_document(path: Path, what: str, error: type[Exception]):
+    """The YAML (or, for a .json file, JSON) document in `path`, as loaded;
+    `error` naming the `what` file when it cannot be read or parsed."""
     try:
         text = path.read_text()
     except OSError as err:
-        raise SpecError(f"cannot read spec file {str(path)!r}: {err.strerror}") from None
+        raise error(f"cannot read {what} file {str(path)!r}: {err.strerror}") from None
     try:
-        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise SpecError(f"spec file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
-    return parse_spec(raw)
+        raise error(f"{what} file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None

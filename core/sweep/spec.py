@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core.spec import NAME, JobSpec, SpecError, parse_spec
+from core.spec import NAME, JobSpec, SpecError, parse_spec, read_document
 from core.sweep.space import (Dimension, SweepError, shown, apply_values, grid_point, grid_size,
                               parse_space)
 
@@ -139,16 +137,7 @@ def load_sweep(source: str | Path | dict | SweepSpec) -> SweepSpec:
         return source
     if isinstance(source, dict):
         return parse_sweep(source)
-    path = Path(source)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SweepError(f"cannot read sweep file {str(path)!r}: {err.strerror}") from None
-    try:
-        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise SweepError(f"sweep file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
-    return parse_sweep(raw)
+    return parse_sweep(read_document(Path(source), "sweep", SweepError))
 
 
 def _trial(sweep: SweepSpec, trial: int) -> JobSpec:
