@@ -19,3 +19,22 @@ export async function getJSON(url) {
   if (!r.ok) throw new HttpError(url, r.status);
   return r.json();
 }
+
+/** Run a page: `refresh()` now and again `pollMs` after each one ends; at
+ *  once when a token is typed into the page's #auth form; and after a
+ *  resize, `redraw()` (forget what was drawn) then `refresh()`. */
+export function runPage(refresh, redraw, pollMs) {
+  const byId = id => document.getElementById(id);
+  byId("auth").addEventListener("submit", event => {
+    event.preventDefault();
+    setToken(byId("token").value);
+    refresh();
+  });
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => { redraw(); refresh(); }, 150);
+  });
+  const loop = async () => { await refresh(); setTimeout(loop, pollMs); };
+  loop();
+}

@@ -4,7 +4,7 @@
 // selected jobs' specs. What the page shows is kept in its URL
 // (?jobs=a,b&focus=b&state=&name=&scale=), so a view can be shared.
 
-import { getJSON, setToken, Unauthorized } from "./api.js";
+import { getJSON, runPage, Unauthorized } from "./api.js";
 import { barChart, legend, lineChart } from "./charts.js";
 import { eventClass, eventStep, JobHistory, MARKED, phaseBreakdown, replaySpan, service, straggler,
          workerBreakdown } from "./history.js";
@@ -337,18 +337,8 @@ async function refresh() {
   }
 }
 
-async function loop() {
-  await refresh();
-  setTimeout(loop, POLL_MS);
-}
-
 // ---------------------------------------------------------------- controls
 
-$("auth").addEventListener("submit", event => {
-  event.preventDefault();
-  setToken($("token").value);
-  refresh();
-});
 $("filters").addEventListener("submit", event => event.preventDefault());
 $("filter-state").value = ui.state;
 $("filter-state").addEventListener("change", e => { ui.state = e.target.value; ui.rows = ROWS_STEP; changed(); });
@@ -364,6 +354,4 @@ for (const input of document.querySelectorAll("input[name=scale]")) {
 }
 $("diff-a").addEventListener("change", e => { ui.diff[0] = e.target.value; drawn = ""; refresh(); });
 $("diff-b").addEventListener("change", e => { ui.diff[1] = e.target.value; drawn = ""; refresh(); });
-let resizing = null;
-window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(() => { drawn = ""; refresh(); }, 150); });
-loop();
+runPage(refresh, () => { drawn = ""; }, POLL_MS);

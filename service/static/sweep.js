@@ -4,7 +4,7 @@
 // promoted trial's next rung resumes where the last one stopped, so the
 // steps follow on.
 
-import { getJSON, setToken, Unauthorized } from "./api.js";
+import { getJSON, runPage, Unauthorized } from "./api.js";
 import { legend, lineChart } from "./charts.js";
 import { JobHistory } from "./history.js";
 
@@ -107,16 +107,4 @@ async function refresh() {
   }
 }
 
-async function loop() {
-  await refresh();
-  setTimeout(loop, POLL_MS);
-}
-
-$("auth").addEventListener("submit", event => {
-  event.preventDefault();
-  setToken($("token").value);
-  refresh();
-});
-let resizing = null;
-window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(() => { drawn = ""; refresh(); }, 150); });
-loop();
+runPage(refresh, () => { drawn = ""; }, POLL_MS);
