@@ -161,16 +161,22 @@ def test_worker_host_cut_mid_run_is_survived_and_used_again_after_it_rejoins(thr
     assert events(result, "resize")[-1]["after"] == 3
 
 
-def test_parameter_server_host_cut_is_restored_and_replayed(three_hosts, tmp_path, reference):
-    driver = Driver(three_hosts, tmp_path, "--servers-on", three_hosts.ip(SERVER_HOST), "--pause", "8:cut")
+def run_with_cut(driver, hosts, host: int, pause: str) -> dict:
+    """The driver's result when `host` is cut while the driver waits at
+    `pause`; the host rejoins after the job, whatever happened."""
     try:
-        driver.paused("cut")
-        three_hosts.cut(SERVER_HOST)
-        driver.go("cut")
-        result = driver.result()
+        driver.paused(pause)
+        hosts.cut(host)
+        driver.go(pause)
+        return driver.result()
     finally:
         driver.stop()
-        three_hosts.rejoin(SERVER_HOST)
+        hosts.rejoin(host)
+
+
+def test_parameter_server_host_cut_is_restored_and_replayed(three_hosts, tmp_path, reference):
+    driver = Driver(three_hosts, tmp_path, "--servers-on", three_hosts.ip(SERVER_HOST), "--pause", "8:cut")
+    result = run_with_cut(driver, three_hosts, SERVER_HOST, "cut")
     assert_reference_run(result, reference)
     recovered = events(result, "recovery")
     assert any(r["servers"] for r in recovered), "the server's loss was seen and it was restored"
@@ -181,15 +187,8 @@ def test_parameter_server_host_cut_is_restored_and_replayed(three_hosts, tmp_pat
 
 
 def test_host_cut_during_start_up_placement_is_survived(three_hosts, tmp_path, reference):
-    driver = Driver(three_hosts, tmp_path, "--pause-placed", "placed")
-    try:
-        driver.paused("placed")
-        three_hosts.cut(WORKER_HOST)
-        driver.go("placed")
-        result = driver.result()
-    finally:
-        driver.stop()
-        three_hosts.rejoin(WORKER_HOST)
+    result = run_with_cut(Driver(three_hosts, tmp_path, "--pause-placed", "placed"), three_hosts, WORKER_HOST,
+                          "placed")
     assert_reference_run(result, reference)
     assert len(events(result, "workers")[0]["nodes"]) == 2, "it started on the two hosts left"
 
