@@ -19,6 +19,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from service.jsonable import finite, json_safe
 from service.states import LEGAL, STATES
 from service.store_db import (WRITE_WAIT_S, Connections, IdempotencyConflict, IllegalTransition, NotFound, StoreBusy,
                               StoreError, StoreUnavailable, now)
@@ -110,13 +111,6 @@ EXTRA_FIELDS = ("gradient_norm", "update_ratio", "worker_compute_s", "worker_wai
                 "params_sha256", "goodput")
 _PHASES = json.JSONDecoder(parse_constant=lambda _: None)  # a NaN or Infinity becomes null
 _RECORD = json.JSONEncoder(separators=(",", ":"))  # made once: one per record is not free
-
-
-def _finite(x):
-    if x is None:
-        return None
-    x = float(x)
-    return x if x == x and abs(x) != float("inf") else None
 
 
 def _integer(x):
@@ -355,7 +349,7 @@ class Store(SweepTables):
         """Append a coordinator's event to the job's timeline (a training
         thread's write: never refused for a lock, see `_write_soon`)."""
         self._write_soon((INSERT_EVENT, (job_id, kind, _integer(step), time.time(),
-                                         _RECORD.encode(_json_safe(detail)))))
+                                         _RECORD.encode(json_safe(detail)))))
 
     def events(self, job_id: str, since: int = 0, limit: int | None = None) -> list[dict]:
         """The job's events numbered after `since`, in order; at most `limit`."""
@@ -378,25 +372,14 @@ def _metric_row(job_id: str, record: dict) -> tuple:
     """The row stored for a step: its columns, then the record as the API
     shows it (JSON, every number finite or null)."""
     phases = record.get("phases")
-    values = (int(record["step"]), _finite(record.get("loss")), _finite(record.get("val_loss")),
-              _finite(record.get("val_accuracy")), _finite(record.get("samples_per_s")),
-              _integer(record.get("workers")), _finite(record.get("lr")),
-              {k: _finite(v) for k, v in phases.items()} if phases is not None else None, now())
+    values = (int(record["step"]), finite(record.get("loss")), finite(record.get("val_loss")),
+              finite(record.get("val_accuracy")), finite(record.get("samples_per_s")),
+              _integer(record.get("workers")), finite(record.get("lr")),
+              {k: finite(v) for k, v in phases.items()} if phases is not None else None, now())
     shown = dict(zip(METRIC_COLUMNS, values))
-    shown.update({k: _json_safe(record[k]) for k in EXTRA_FIELDS if k in record})
+    shown.update({k: json_safe(record[k]) for k in EXTRA_FIELDS if k in record})
     return (job_id, *values[:7], _RECORD.encode(values[7]) if values[7] is not None else None, values[8],
             _RECORD.encode(shown))
-
-
-def _json_safe(value):
-    """Non-finite floats as null, tuples as lists, in nested lists and dicts too: what JSON can hold."""
-    if isinstance(value, float):
-        return _finite(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _state_event(job_id: str, before: str | None, to: str, reason: str, step: int | None) -> tuple:

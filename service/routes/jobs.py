@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
@@ -15,6 +14,7 @@ from core.spec import SpecError, parse_spec
 from service.admission import Refused, admit
 from service.bodies import OptionalJSON, RawJSON, Resize, documented, validated
 from service.deps import JobDep, SchedulerDep, SettingsDep, StoreDep, find_job, require_token, with_waiting
+from service.jsonable import json_safe
 from service.provenance import job_provenance, spec_sha256
 from service.scheduler import NotRunning
 from service.settings import Settings
@@ -28,17 +28,6 @@ EVENTS_PAGE, MAX_EVENTS_PAGE = 1000, 10_000  # events per GET .../events, by def
 CANCEL_WAIT_S = 2.0  # a running job stops within a step or two; clients time out after 5 s or more
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
-
-
-def json_safe(value):
-    """Non-finite floats become null (a diverged loss is NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def check_idempotency_key(key: str | None) -> None:

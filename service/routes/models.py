@@ -15,7 +15,7 @@ from core.mlp import MLP
 from core.trainer import predicted_labels
 from service.bodies import Predict, RawJSON, documented, validated
 from service.deps import JobDep, SettingsDep, require_token
-from service.routes.jobs import json_safe
+from service.jsonable import json_safe
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["models"], dependencies=[Depends(require_token)])

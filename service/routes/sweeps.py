@@ -16,7 +16,8 @@ from core.spec import SpecError
 from service.admission import Refused
 from service.bodies import OptionalJSON, RawJSON
 from service.deps import SchedulerDep, SettingsDep, StoreDep, require_token
-from service.routes.jobs import check_idempotency_key, json_safe
+from service.jsonable import json_safe
+from service.routes.jobs import check_idempotency_key
 from service.states import STATES
 from service.store import IdempotencyConflict, IllegalTransition, NotFound
 from service.sweeps import create_sweep, sweep_view
