@@ -134,7 +134,8 @@ class ArrayService:
         self._generation = 0  # bumped whenever the offered arrays change
         self._sock = self._bind(host, ports if ports is not None else data_ports(os.environ.get(PORTS_ENV)))
         self.port = self._sock.getsockname()[1]
-        self._closed = False
+        self.closed = False
+        self._conns: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True).start()
 
     @staticmethod
@@ -171,15 +172,25 @@ class ArrayService:
             self._step, self._arrays = None, {}
 
     def close(self) -> None:
-        self._closed = True
+        """Stop listening and cut every connection."""
+        self.closed = True
         self._sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept(self) -> None:
-        while not self._closed:
+        while not self.closed:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            with self._lock:
+                self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
 
     def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int):
@@ -225,6 +236,9 @@ class ArrayService:
                     conn.sendall(INTACT if intact else TORN)
             except OSError:
                 return
+            finally:
+                with self._lock:
+                    self._conns.discard(conn)
 
 
 class ArrayClient:
@@ -316,7 +330,7 @@ class ArrayPeer:
         """Start this actor's array service (once) for the job's `token`,
         on its node's IP: a handle that reaches it (a ping), None when no
         port is free. A malformed SHARDPROP_DATA_PORTS raises ValueError."""
-        if self._array_service is None:
+        if self._array_service is None or self._array_service.closed:
             import ray
 
             try:
