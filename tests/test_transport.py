@@ -144,6 +144,7 @@ def test_a_peer_killed_after_a_pull_is_peer_lost_on_the_same_connection():
 def test_the_data_ports_are_a_range_or_ephemeral():
     assert data_ports(None) == range(0, 1) and data_ports("") == range(0, 1)
     assert data_ports("47100-47102") == range(47100, 47103) and data_ports("47100") == range(47100, 47101)
+    assert not data_ports("off")
     for bad in ("abc", "47102-47100", "0-10", "1-70000"):
         with pytest.raises(ValueError, match=f"SHARDPROP_DATA_PORTS='{bad}'"):
             data_ports(bad)
@@ -158,5 +159,7 @@ def test_services_take_the_free_ports_of_the_range_in_order():
         assert first.port == port
         with pytest.raises(OSError, match=f"no port of {port}-{port} free"):
             ArrayService("127.0.0.1", range(port, port + 1), TOKEN)
+        with pytest.raises(OSError, match="SHARDPROP_DATA_PORTS=off"):
+            ArrayService("127.0.0.1", data_ports("off"), TOKEN)
     finally:
         first.close()

@@ -89,3 +89,12 @@ def test_a_cut_array_connection_with_every_actor_alive_makes_the_step_again(ray_
     assert np.array_equal(net.params, train(job_spec)[0].params)
     assert coordinator.counters.recoveries == 1 and coordinator.counters.worker_failures == 0
     assert [g["transport"] for g in graphs] == ["tcp", "tcp"]
+
+
+def test_with_the_transport_off_on_the_driver_the_arrays_go_through_the_object_store(ray_cluster, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("SHARDPROP_DATA_PORTS", "off")
+    job_spec = spec()
+    net, _, graphs, _, _ = run(job_spec, tmp_path)
+    assert np.array_equal(net.params, train(job_spec)[0].params)
+    assert [(g["transport"], g["zero_copy"]) for g in graphs] == [("object store", False)]

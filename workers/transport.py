@@ -86,16 +86,20 @@ class NetArray:
 
 def data_ports(value: str | None) -> range:
     """The ports a service may listen on, from `SHARDPROP_DATA_PORTS`
-    (`lo-hi`, or one port); unset or empty: an ephemeral port (0)."""
+    (`lo-hi`, or one port); unset or empty: an ephemeral port (0); `off`:
+    none (the arrays go through Ray's object store)."""
     if not value or not value.strip():
         return range(0, 1)
+    if value.strip() == "off":
+        return range(0)
     lo, sep, hi = value.strip().partition("-")
     try:
         first, last = int(lo), int(hi if sep else lo)
     except ValueError:
         first = last = -1
     if not 1 <= first <= last <= 65535:
-        raise ValueError(f"{PORTS_ENV}={value!r}: expected a port range lo-hi within 1-65535, e.g. 47100-47199")
+        raise ValueError(f"{PORTS_ENV}={value!r}: expected a port range lo-hi within 1-65535 "
+                         "(e.g. 10200-10299), or off")
     return range(first, last + 1)
 
 
@@ -140,6 +144,8 @@ class ArrayService:
 
     @staticmethod
     def _bind(host: str, ports: range) -> socket.socket:
+        if not ports:
+            raise OSError(f"{PORTS_ENV}=off: no array service")
         last: OSError | None = None
         for port in ports:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -375,6 +381,8 @@ def open_transport(servers: list, workers: list, timeout_s: float) -> str | None
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+    if not data_ports(os.environ.get(PORTS_ENV)):  # off on the driver's machine: off for its jobs
+        return None
     token = secrets.token_hex(16)
     try:
         opened = ray.get([a.open_arrays.remote(token) for a in servers + workers], timeout=timeout_s)
