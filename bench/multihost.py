@@ -14,7 +14,11 @@ setups interleaved within each round. Rows:
   in one and `ray start --address` in the other, 1 CPU each, on the fixed
   ports of docs/deploy.md (tests/netns_cluster.py, the multihost tests'
   cluster, under this benchmark's own names and subnet); the driver runs in
-  the head's namespace.
+  the head's namespace. The arrays go over the TCP array transport
+  (workers/transport.py);
+- 2 hosts, object store: the same cluster, the driver run with
+  `SHARDPROP_DATA_PORTS=off`, so the arrays go through Ray's object store
+  (the path before the transport), for comparison in the same run.
 
 Then one in-process run per setup (`--phase-steps` steps) reports the median
 phases of a step from the job's records: compute (slowest worker), transfer
@@ -88,8 +92,10 @@ def free_port() -> int:
 class Setup:
     """How to run a driver: a command prefix (a namespace) and a Ray address."""
 
-    def __init__(self, name: str, address: str | None = None, prefix: list[str] | None = None):
+    def __init__(self, name: str, address: str | None = None, prefix: list[str] | None = None,
+                 env: dict | None = None):
         self.name, self.address, self.prefix = name, address, prefix or []
+        self.env = {**ENV, **(env or {})}
         self.procs: list[subprocess.Popen] = []
 
     def train(self, steps: int, work: Path) -> float:
@@ -101,7 +107,7 @@ class Setup:
                "--checkpoint-dir", str(job / "ckpt")]
         cmd += ["--address", self.address] if self.address else ["--workers", "2"]
         began = time.perf_counter()
-        done = subprocess.run(self.prefix + cmd, capture_output=True, text=True, env=ENV, cwd=job, timeout=3600)
+        done = subprocess.run(self.prefix + cmd, capture_output=True, text=True, env=self.env, cwd=job, timeout=3600)
         seconds = time.perf_counter() - began
         if done.returncode != 0:
             raise RuntimeError(f"{self.name}: shardprop train failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -112,7 +118,7 @@ class Setup:
         job = work / f"{self.name}-phases"
         raw = {**SPEC, "training": {**SPEC["training"], "steps": steps}}
         done = subprocess.run(self.prefix + [sys.executable, "-c", PHASES, self.address or "", json.dumps(raw), str(job)],
-                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=3600)
+                              capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"{self.name}: phase run failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.splitlines()[-1])
@@ -159,10 +165,12 @@ def attached(work: Path) -> Setup:
     return setup
 
 
-def two_hosts() -> tuple[Setup, NetnsCluster]:
-    """Two namespace hosts of 1 CPU (tests/netns_cluster.py, under the bench's own names)."""
+def two_hosts() -> tuple[list[Setup], NetnsCluster]:
+    """Two namespace hosts of 1 CPU (tests/netns_cluster.py, under the bench's
+    own names): arrays over TCP, and through the object store."""
     nets = NetnsCluster([1, 1], BENCH, system_config={}).__enter__()
-    return Setup("2 hosts x 1 CPU", nets.address, nets.prefix(0)), nets
+    return [Setup("2 hosts x 1 CPU", nets.address, nets.prefix(0)),
+            Setup("2 hosts x 1 CPU, object store", nets.address, nets.prefix(0), {"SHARDPROP_DATA_PORTS": "off"})], nets
 
 
 def main() -> int:
@@ -187,8 +195,8 @@ def main() -> int:
             if unavailable_reason():
                 skipped["2 hosts x 1 CPU"] = unavailable_reason()
             else:
-                setup, nets = two_hosts()
-                setups.append(setup)
+                pair, nets = two_hosts()
+                setups.extend(pair)
         times: dict[str, list[float]] = {s.name: [] for s in setups}
         for r in range(args.rounds):
             for s in (setups if r % 2 == 0 else setups[::-1]):

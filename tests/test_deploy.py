@@ -24,6 +24,7 @@ from service.cli import build_parser
 from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
 from tests.netns_cluster import HEAD_PORTS, RAY_PORTS
+from workers.transport import data_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,12 @@ def test_compose_services_run_commands_the_cli_has():
         assert flag in head_start, f"ray-head: {flag}"
     for flag in RAY_PORTS:
         assert flag in services["ray-worker"]["command"], f"ray-worker: {flag}"
+    # every node's actors serve their arrays on the range docs/deploy.md says to open
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
+    for name in ("ray-head", "ray-worker"):
+        ports = data_ports(services[name]["environment"]["SHARDPROP_DATA_PORTS"])
+        assert f"SHARDPROP_DATA_PORTS={ports.start}-{ports.stop - 1}" in deploy_doc, name
+        assert len(ports) >= 64, f"{name}: one port per actor on a node"
     # Prometheus scrapes the service by its compose name, with the service's token
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
     target_host, _, target_port = scrape["static_configs"][0]["targets"][0].partition(":")

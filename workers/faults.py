@@ -30,6 +30,8 @@ class Faults:
     fail_at: tuple[int, int] | None = None  # (shard, step): raise while computing it
     nan_rows_at: tuple[int, int] | None = None  # (shard, step): the loaded rows go bad under the running job
     delay_s: float = 0.0  # sleep in every computation: a straggler, or with a long delay a hung worker
+    cut_arrays_at: int | None = None  # step: once its gradients are offered, close the worker's array
+    # service (workers.transport) and its connections, as a cut link would, the worker alive
 
 
 class FaultyGradientWorker(GradientWorker.__ray_actor_class__):
@@ -38,6 +40,7 @@ class FaultyGradientWorker(GradientWorker.__ray_actor_class__):
     def __init__(self, spec, index, data_roots=None, threads=1, limits=DataLimits(), faults: Faults = Faults()):
         super().__init__(spec, index, data_roots, threads, limits)
         self.faults = faults
+        self._cut = False
 
     def _shard_gradient(self, net, shard, step, out):
         if self.faults.fail_at == (shard, step):
@@ -45,6 +48,13 @@ class FaultyGradientWorker(GradientWorker.__ray_actor_class__):
         if self.faults.nan_rows_at == (shard, step):
             self.data.dataset.X_train[self.data.shards[shard].batch(step)[0], 0] = np.nan
         return super()._shard_gradient(net, shard, step, out)
+
+    def _offered(self, plan, grads):
+        handles = super()._offered(plan, grads)
+        if self.faults.cut_arrays_at == plan.step and not self._cut:
+            self._cut = True
+            self._array_service.close()
+        return handles
 
     def _gradients(self, step, shards, params, rows):
         grads = super()._gradients(step, shards, params, rows)

@@ -24,7 +24,7 @@ from core.datafiles import DataLimits
 from core.mlp import MLP
 from core.spec import JobSpec
 from core.trainer import ShardGradient, ShardedData, batch_gradient, build_network, eval_block
-from workers import shared
+from workers import shared, transport
 from workers.cores import claim_cores
 from workers.protocol import StepPlan, WorkerLocation, WorkerResult
 
@@ -41,7 +41,7 @@ def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
 
 
 @ray.remote(concurrency_groups={"probe": 1})
-class GradientWorker:
+class GradientWorker(transport.ArrayPeer):
     def __init__(self, spec: JobSpec, index: int, data_roots: list[str] | None = None, threads: int = 1,
                  limits: DataLimits = DataLimits()):
         # One BLAS thread for the life of the process: see core.trainer.one_blas_thread.
@@ -141,6 +141,25 @@ class GradientWorker:
         return [ShardGradient(g.shard, g.step, shared.SharedArray(self._grads_file.path, dtype.str, g.grad_sum.size, i),
                               g.count, g.loss_sum) for i, g in enumerate(grads)]
 
+    def _parameters(self, param_slices: tuple) -> np.ndarray:
+        """The whole vector from the servers' slices as sent: arrays, views
+        of their shared files, or handles to pull from their array
+        services (straight into one vector)."""
+        if param_slices and all(isinstance(p, transport.NetArray) for p in param_slices):
+            flat = np.empty(sum(p.length for p in param_slices), np.dtype(param_slices[0].dtype))
+            cuts = np.cumsum([0] + [p.length for p in param_slices])
+            self._pulls().pull([(p, flat[a:b], 0) for p, a, b in zip(param_slices, cuts[:-1], cuts[1:])])
+            return flat
+        slices = [shared.resolve(p, self._views) for p in param_slices]
+        self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
+        return slices[0] if len(slices) == 1 else np.concatenate(slices)
+
+    def _offered(self, plan: StepPlan, grads: list[ShardGradient]) -> list[ShardGradient]:
+        """The shard gradients as handles to this worker's array service,
+        which serves them until its next step."""
+        handles = self._offer(plan.net_token, plan.step, {f"shard-{g.shard}": g.grad_sum for g in grads})
+        return [ShardGradient(g.shard, g.step, handles[f"shard-{g.shard}"], g.count, g.loss_sum) for g in grads]
+
     def step(self, plan: StepPlan, *param_slices) -> WorkerResult:
         """Sync mode, a node of the job's step graph: the gradient sums of
         this worker's shards for `plan.step`, at the parameters the servers
@@ -156,9 +175,7 @@ class GradientWorker:
             # worker's process can outlive its replacement's start by a moment).
             self._cores = claim_cores(self.threads)
             self._next_claim_at = time.monotonic() + 1.0
-        slices = [shared.resolve(p, self._views) for p in param_slices]
-        self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
-        params = slices[0] if len(slices) == 1 else np.concatenate(slices)
+        params = self._parameters(param_slices)
         shards = plan.assignment[self.index]
         if shards != self._owned:
             self.own(shards)
@@ -168,5 +185,7 @@ class GradientWorker:
         grads, compute_s = self._timed(plan.step, shards, params, rows)
         if rows is not None:
             grads = self._handles(grads, params.dtype)
+        elif plan.net_token:
+            grads = self._offered(plan, grads)
         self._returned_at = time.perf_counter()
         return WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle)

@@ -31,7 +31,7 @@ from core.health import Bounds, StepHealth
 from core.optim import make_optimizer
 from core.spec import JobSpec
 from core.trainer import ShardGradient, reduce_gradients
-from workers import shared
+from workers import shared, transport
 from workers.protocol import ServerLocation, ServerState, StepPlan, StepStats, UpdateStats, WorkerResult
 
 
@@ -56,7 +56,7 @@ class _Reduced:
 
 
 @ray.remote(num_cpus=0)
-class ParameterServer:
+class ParameterServer(transport.ArrayPeer):
     def __init__(self, spec: JobSpec, index: int, params: np.ndarray, start: int, stop: int,
                  version: int, optimizer_state: dict | None = None, layers: Bounds = ()):
         t = spec.training
@@ -92,6 +92,8 @@ class ParameterServer:
         parameter file there instead (made on first use; from then on the
         optimizer updates the file in place)."""
         self._expect(plan.step, "asked for")
+        if plan.net_token:  # served over TCP until this step's commit
+            return self._offer(plan.net_token, plan.step, {"params": self.params})["params"]
         if not plan.shared_dir:
             return self.params
         # A server started after a failure makes a new file; the dead one's goes.
@@ -115,9 +117,8 @@ class ParameterServer:
         if list(shards) != sorted(set(shards)) or any(g.step != step for g in grads):
             raise StaleStep(f"parameter server {self.index}: step {step + 1} got shards {list(shards)} "
                             f"of steps {sorted({g.step + 1 for g in grads})}")
-        sliced = [ShardGradient(g.shard, g.step, shared.resolve(g.grad_sum, self._views)[self.start:self.stop],
-                                g.count, g.loss_sum) for g in grads]
-        self._views.forget_except({g.grad_sum.path for g in grads if isinstance(g.grad_sum, shared.SharedArray)})
+        sliced = [ShardGradient(g.shard, g.step, part, g.count, g.loss_sum)
+                  for g, part in zip(grads, self._gradient_slices(grads))]
         mean, loss, count = reduce_gradients(sliced)
         finite = bool(np.isfinite(mean).all())
         slowest = max(results, key=lambda r: r.compute_s)
@@ -126,6 +127,20 @@ class ParameterServer:
                           tuple(r.compute_s for r in results), tuple(r.idle_s for r in results))
         self.pending = _Reduced(stats, mean, finite, time.perf_counter() - began)
         return finite
+
+    def _gradient_slices(self, grads: list[ShardGradient]) -> list[np.ndarray]:
+        """This slice of each shard gradient as sent: an array, a view of a
+        worker's shared file, or pulled from the worker's array service."""
+        parts = [shared.resolve(g.grad_sum, self._views)[self.start:self.stop]
+                 if not isinstance(g.grad_sum, transport.NetArray) else None for g in grads]
+        self._views.forget_except({g.grad_sum.path for g in grads if isinstance(g.grad_sum, shared.SharedArray)})
+        pulls = [(g.grad_sum, np.empty(self.stop - self.start, np.dtype(g.grad_sum.dtype)), self.start)
+                 for g in grads if isinstance(g.grad_sum, transport.NetArray)]
+        if pulls:
+            self._pulls().pull(pulls)
+            pulled = iter(out for _, out, _ in pulls)
+            parts = [p if p is not None else next(pulled) for p in parts]
+        return parts
 
     def commit(self, plan: StepPlan, *finite: bool) -> StepStats:
         """Apply the reduced step if every slice was finite. Returns the step's
@@ -136,6 +151,7 @@ class ParameterServer:
         if pending is None or pending.stats.step != step:
             raise StaleStep(f"parameter server {self.index}: commit for step {step + 1} without its reduce")
         applied = pending.finite and all(finite)
+        self._withdraw()  # the parameters change in place below: no worker may read them now
         began = time.perf_counter()
         before = self.params.copy() if applied else self.params
         if applied:

@@ -26,13 +26,15 @@ class StepPlan:
     `step` become version `step + 1`), which shards each worker computes, and
     whether the servers return parameters (to evaluate) or their state (to
     checkpoint) with the step's statistics. `shared_dir` names the job's
-    directory for zero-copy arrays (workers.shared), None to send arrays."""
+    directory for zero-copy arrays (workers.shared), `net_token` the job's
+    token for arrays over TCP (workers.transport); both None: send arrays."""
 
     step: int
     assignment: Mapping[int, tuple[int, ...]]  # worker index -> its shards, in order
     want_params: bool = False
     want_state: bool = False
     shared_dir: str | None = None
+    net_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class WorkersStarted(Event):
 @dataclass(frozen=True)
 class GraphBuilt(Event):
     kind = "graph"
-    transport: str  # "shared memory" (compiled) or "object store"
+    transport: str  # "shared memory" (compiled), "object store" or "tcp" (arrays over workers.transport)
     nodes: int
     step: int
     zero_copy: bool

@@ -14,8 +14,10 @@ finite). Two executors of it, behind one interface (`execute`, `result`,
 - `InterpretedStep`: ordinary actor calls chained by object refs; Ray hands
   each call its inputs once they exist, so a step still needs no driver
   round trip. When every actor and the driver share one node (an attached
-  one-machine cluster) the arrays go through the same shared files and only
-  handles through the object store (workers.sync_loop decides).
+  one-machine cluster) the arrays go through the same shared files, and
+  when they span nodes over the actors' own TCP services (workers.transport);
+  either way only handles go through the object store (workers.sync_loop
+  decides).
 
 `build_step_graph` compiles only when every actor of the job is on one node
 of the private Ray instance this process started (a local run, the embedded

@@ -6,6 +6,11 @@ the reporter. A cancel or a resize waits for a step boundary: the steps in
 flight are finished first. When a result fails, the graph is torn down,
 what died is found, and the job recovers (workers.recovery) and goes on from
 the step it names, with a new graph over the actors it has then.
+
+The step's arrays (parameters out, gradients back) go through shared files
+when the job and its driver share one node (workers.shared), over the
+actors' own TCP services when they span nodes (workers.transport), and
+through Ray itself when neither can be had.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from ray.exceptions import RayActorError, RayChannelError, RayTaskError
 
 from core.spec import stop_step
 from core.trainer import TrainingError
+from workers import transport
 from workers.job import JobParts
 from workers.pool import JobCancelled
 from workers.protocol import GraphBuilt, ServerState, StepPlan, StepStats
 from workers.recovery import ActorLost, Loss, Work, job_error
 from workers.reporting import Outcome
+from workers.runtime import ALIVE_TIMEOUT_S
 from workers.step_graph import StepGraph, build_step_graph
 
 
@@ -31,6 +38,7 @@ class SyncLoop:
         job.watchdog.find_hung = self.find_hung
         self.graph: StepGraph | None = None
         self.shared_dir: str | None = None  # the current graph's (None: arrays go through it)
+        self.net_token: str | None = None  # the current graph's, when arrays go over TCP
         self.first_step = 0  # the first step the current graph makes
 
     def run(self, start: int) -> list:
@@ -78,7 +86,7 @@ class SyncLoop:
     def _plan(self, step: int) -> StepPlan:
         reporter = self.job.reporter
         return StepPlan(step, self.job.pool.assignment(), reporter.should_evaluate(step),
-                        reporter.should_checkpoint(step), self.shared_dir)
+                        reporter.should_checkpoint(step), self.shared_dir, net_token=self.net_token)
 
     def _build(self, step: int) -> StepGraph:
         job, self.first_step = self.job, step
@@ -94,8 +102,16 @@ class SyncLoop:
         # executor runs the step: only handles then go through Ray (its
         # channels, or its object store when attached to a cluster).
         self.shared_dir = job.files.directory() if len(nodes) == 1 else None
-        job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
-                                self.shared_dir is not None))
+        # Across nodes, over the actors' own TCP services when they all start
+        # and reach each other (else through Ray's object store).
+        self.net_token = None
+        if len(nodes) > 1:
+            try:
+                self.net_token = transport.open_transport(job.servers.actors, job.pool.actors, ALIVE_TIMEOUT_S)
+            except ValueError as err:  # a node's SHARDPROP_DATA_PORTS is malformed
+                raise TrainingError(f"the array transport cannot start: {err}") from None
+        job.on_event(GraphBuilt("tcp" if self.net_token else self.graph.transport, len(nodes),
+                                job.reporter.reported, self.shared_dir is not None))
         job.reporter.restart_clock()  # the build is the work of the pause that needed it
         return self.graph
 
@@ -145,7 +161,7 @@ class SyncLoop:
             raise
         except RayTaskError as err:
             cause = err.cause if err.cause is not None else err
-            if not isinstance(cause, (RayActorError, RayChannelError)):
+            if not isinstance(cause, (RayActorError, RayChannelError, transport.PeerLost)):
                 raise job_error(cause) from None
             raise self._lost(work, err) from None
         except (RayActorError, RayChannelError, ValueError) as err:
@@ -158,6 +174,9 @@ class SyncLoop:
         job.check_going_on()
         servers = not job.servers.alive()
         dead = job.pool.dead()
-        if servers or dead:
+        # A peer's array service that stopped answering while every actor
+        # still answers Ray (a link cut and back, say) is a loss too: the
+        # step is made again, up to the policy's limit.
+        if servers or dead or isinstance(getattr(err, "cause", err), transport.PeerLost):
             return ActorLost(Loss(work, dead, servers))
         return TrainingError(f"{work.name} failed: {err}")

@@ -1,0 +1,165 @@
+"""The TCP array transport on loopback (workers.transport): bytes arrive
+exactly as offered, a wrong token, instance or step is refused, and a dead
+peer is PeerLost, never other bits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.transport import ArrayClient, ArrayService, NetArray, PeerLost, Refused, data_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "ab" * 16
+
+
+def odd_floats(n: int, seed: int = 0) -> np.ndarray:
+    """Every kind of float32 bit pattern: random bits (NaN payloads and
+    denormals among them), -0.0, infinities."""
+    bits = np.random.default_rng(seed).integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    out = bits.view(np.float32)
+    out[:4] = [-0.0, np.inf, -np.inf, np.float32(1e-45)]
+    return out
+
+
+@pytest.fixture
+def service():
+    s = ArrayService("127.0.0.1", token=TOKEN)
+    yield s
+    s.close()
+
+
+def pull(handle: NetArray, start: int = 0, stop: int | None = None, client: ArrayClient | None = None) -> np.ndarray:
+    out = np.empty((stop if stop is not None else handle.length) - start, np.dtype(handle.dtype))
+    (client or ArrayClient()).pull([(handle, out, start)])
+    return out
+
+
+def test_round_trip_is_bit_exact_whole_and_in_ranges(service):
+    params = odd_floats(262_147)
+    grads = np.random.default_rng(1).integers(0, 2**63, 1000, dtype=np.int64).view(np.float64)
+    handles = service.offer(3, {"params": params, "shard-2": grads})
+    client = ArrayClient()
+    assert pull(handles["params"], client=client).tobytes() == params.tobytes()
+    assert pull(handles["params"], 1000, 200_000, client).tobytes() == params[1000:200_000].tobytes()
+    assert pull(handles["shard-2"], client=client).tobytes() == grads.tobytes()
+    assert handles["params"].step == 3 and handles["params"].length == params.size
+
+
+def test_one_pull_from_several_services_fills_each_output(service):
+    other = ArrayService("127.0.0.1", token=TOKEN)
+    try:
+        a, b = odd_floats(5000), odd_floats(7000, seed=2)
+        ha, hb = service.offer(0, {"params": a})["params"], other.offer(0, {"params": b})["params"]
+        flat = np.empty(a.size + b.size, np.float32)  # one vector, each slice pulled into its place
+        ArrayClient().pull([(ha, flat[:a.size], 0), (hb, flat[a.size:], 0)])
+        assert flat.tobytes() == np.concatenate([a, b]).tobytes()
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("change, refusal", [
+    ({"token": "cd" * 16}, "wrong token"),
+    ({"step": 4}, "step 5 asked for, step 4 held"),
+    ({"service": "00" * 16}, "the peer was replaced"),
+    ({"key": "shard-9"}, "'shard-9' of step 4 asked for"),
+])
+def test_a_request_not_for_what_is_held_is_refused(service, change, refusal):
+    handle = service.offer(3, {"params": odd_floats(64)})["params"]
+    client = ArrayClient()
+    with pytest.raises(Refused, match=refusal):
+        pull(NetArray(**{**handle.__dict__, **change}), client=client)
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()  # and the service goes on
+
+
+def test_a_withdrawn_or_replaced_step_is_refused(service):
+    old = service.offer(3, {"params": odd_floats(64)})["params"]
+    service.withdraw()
+    with pytest.raises(Refused, match="nothing held"):
+        pull(old)
+    service.offer(4, {"params": odd_floats(64, seed=5)})
+    with pytest.raises(Refused, match="step 4 asked for, step 5 held"):
+        pull(old)
+
+
+def test_an_array_withdrawn_while_it_is_sent_is_refused_as_torn():
+    class WithdrawnMidSend(ArrayService):
+        def _refusal(self, *args):  # the owner withdraws between the lookup and the end of the send
+            found = super()._refusal(*args)
+            self.withdraw()
+            return found
+
+    s = WithdrawnMidSend("127.0.0.1", token=TOKEN)
+    try:
+        with pytest.raises(Refused, match="changed while it was sent"):
+            pull(s.offer(0, {"params": odd_floats(64)})["params"])
+    finally:
+        s.close()
+
+
+def test_a_service_that_never_ran_or_died_is_peer_lost(service):
+    handle = service.offer(0, {"params": odd_floats(8)})["params"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(PeerLost, match=f"127.0.0.1:{free}"):
+        pull(NetArray(**{**handle.__dict__, "port": free}))
+
+
+PEER = """
+import json, sys, time
+import numpy as np
+from workers.transport import ArrayService
+s = ArrayService("127.0.0.1", token=sys.argv[1])
+h = s.offer(0, {"params": np.arange(100_000, dtype=np.float32)})["params"]
+print(json.dumps(h.__dict__), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_peer_killed_after_a_pull_is_peer_lost_on_the_same_connection():
+    proc = subprocess.Popen([sys.executable, "-c", PEER, TOKEN], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        handle = NetArray(**json.loads(proc.stdout.readline()))
+        client = ArrayClient(timeout_s=10)
+        assert pull(handle, client=client).tobytes() == np.arange(100_000, dtype=np.float32).tobytes()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(PeerLost):
+            pull(handle, client=client)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_the_data_ports_are_a_range_or_ephemeral():
+    assert data_ports(None) == range(0, 1) and data_ports("") == range(0, 1)
+    assert data_ports("47100-47102") == range(47100, 47103) and data_ports("47100") == range(47100, 47101)
+    assert not data_ports("off")
+    for bad in ("abc", "47102-47100", "0-10", "1-70000"):
+        with pytest.raises(ValueError, match=f"SHARDPROP_DATA_PORTS='{bad}'"):
+            data_ports(bad)
+
+
+def test_services_take_the_free_ports_of_the_range_in_order():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = ArrayService("127.0.0.1", range(port, port + 1), TOKEN)
+    try:
+        assert first.port == port
+        with pytest.raises(OSError, match=f"no port of {port}-{port} free"):
+            ArrayService("127.0.0.1", range(port, port + 1), TOKEN)
+        with pytest.raises(OSError, match="SHARDPROP_DATA_PORTS=off"):
+            ArrayService("127.0.0.1", data_ports("off"), TOKEN)
+    finally:
+        first.close()

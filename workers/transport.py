@@ -1,0 +1,400 @@
+"""Parameters and gradients between actors on different machines, over TCP.
+
+On one node the arrays go through shared files (workers.shared). Across
+nodes Ray's object store would move them, and measured across two
+network-namespace hosts that cost ~42 ms a step for 1 MB of parameters
+(docs/benchmarks.md). So each actor of a job that spans nodes serves its
+own arrays from a small service of its own, and only handles go through Ray
+(small enough for Ray to inline them in the task's message):
+
+- a parameter server offers its slice of the parameters for the step it
+  holds; `publish_step` sends a `NetArray` handle, and each worker pulls the
+  bytes straight into its parameter vector;
+- a worker offers its shard gradients for the step it computed and sends
+  handles; each server pulls only its slice of every row.
+
+The service is a daemon thread, started on first use, listening on the
+node's IP on a port of `SHARDPROP_DATA_PORTS` (`lo-hi`; unset: an
+ephemeral port), one thread per connection; a reader keeps one connection
+per peer. A request names the job's random token, the serving instance,
+the array, its step and a range of items, all fixed-size binary fields
+(nothing is unpickled). The service refuses a wrong token or instance, an
+array it does not hold, and a step other than the one it holds, so a stale
+read fails loudly (`Refused`) and never returns other bits; and an array
+withdrawn while it was being sent (a server applying the next step to its
+parameters in place) is marked torn by a trailing byte, and refused by the
+reader. A connection that fails is `PeerLost`: the step's recovery treats
+it as the peer's death (workers.sync_loop).
+
+Only bytes move: the reader gets exactly the bits the owner offered.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socket
+import struct
+import threading
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+PORTS_ENV = "SHARDPROP_DATA_PORTS"
+TIMEOUT_S = 30.0  # a peer that answers nothing for this long is lost (as workers.runtime.ALIVE_TIMEOUT_S)
+REACH_TIMEOUT_S = 5.0  # connecting to a peer when checking the transport before a step graph
+MAX_KEY = 256
+
+MAGIC = b"SPA1"
+# magic, token, service instance, step, start item, stop item, key length
+REQUEST = struct.Struct("!4s16s16sqQQH")
+# status, bytes that follow (the payload, or the refusal's message)
+RESPONSE = struct.Struct("!BQ")
+OK, REFUSED = 0, 1
+INTACT, TORN = b"\x00", b"\x01"
+
+
+class TransportError(RuntimeError):
+    """The array transport failed."""
+
+
+class PeerLost(TransportError):
+    """A peer's array service could not be reached or stopped answering:
+    treated as the peer's death."""
+
+
+class Refused(TransportError):
+    """A peer's array service refused a request (wrong token, instance, step
+    or array, or the array changed while sent): a stale read, never served."""
+
+
+@dataclass(frozen=True)
+class NetArray:
+    """A handle to array `key` of step `step` (`length` items of `dtype`),
+    served at host:port by service instance `service` to holders of `token`."""
+
+    host: str
+    port: int
+    service: str
+    key: str
+    step: int
+    dtype: str
+    length: int
+    token: str
+
+
+def data_ports(value: str | None) -> range:
+    """The ports a service may listen on, from `SHARDPROP_DATA_PORTS`
+    (`lo-hi`, or one port); unset or empty: an ephemeral port (0); `off`:
+    none (the arrays go through Ray's object store)."""
+    if not value or not value.strip():
+        return range(0, 1)
+    if value.strip() == "off":
+        return range(0)
+    lo, sep, hi = value.strip().partition("-")
+    try:
+        first, last = int(lo), int(hi if sep else lo)
+    except ValueError:
+        first = last = -1
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"{PORTS_ENV}={value!r}: expected a port range lo-hi within 1-65535 "
+                         "(e.g. 10200-10299), or off")
+    return range(first, last + 1)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    """`size` bytes, or None at a clean end of stream before the first."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            if got == 0:
+                return None
+            raise ConnectionError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return bytes(buf)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError(f"connection closed after {got} of {len(view)} bytes")
+        got += n
+
+
+class ArrayService:
+    """Serves the arrays its owner offers for one step at a time."""
+
+    def __init__(self, host: str, ports: range | None = None, token: str = ""):
+        self.host, self.token = host, token
+        self.instance = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._step: int | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+        self._generation = 0  # bumped whenever the offered arrays change
+        self._sock = self._bind(host, ports if ports is not None else data_ports(os.environ.get(PORTS_ENV)))
+        self.port = self._sock.getsockname()[1]
+        self.closed = False
+        self._conns: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True).start()
+
+    @staticmethod
+    def _bind(host: str, ports: range) -> socket.socket:
+        if not ports:
+            raise OSError(f"{PORTS_ENV}=off: no array service")
+        last: OSError | None = None
+        for port in ports:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                sock.listen(64)
+                return sock
+            except OSError as err:
+                sock.close()
+                last = err
+        raise OSError(f"no port of {ports.start}-{ports.stop - 1} free on {host} for the array service "
+                      f"({PORTS_ENV}): {last}")
+
+    def offer(self, step: int, arrays: dict[str, np.ndarray]) -> dict[str, NetArray]:
+        """Serve `arrays` (1-D, contiguous; not copied: the owner leaves them
+        unchanged until `withdraw` or the next offer) as those of `step`,
+        instead of any offered before. Returns a handle to each."""
+        with self._lock:
+            self._generation += 1
+            self._step, self._arrays = step, {k: np.ascontiguousarray(a).reshape(-1) for k, a in arrays.items()}
+            return {k: NetArray(self.host, self.port, self.instance, k, step, a.dtype.str, a.size, self.token)
+                    for k, a in self._arrays.items()}
+
+    def withdraw(self) -> None:
+        """Serve nothing until the next offer (before the owner changes an
+        offered array in place: a send under way is then marked torn)."""
+        with self._lock:
+            self._generation += 1
+            self._step, self._arrays = None, {}
+
+    def close(self) -> None:
+        """Stop listening and cut every connection."""
+        self.closed = True
+        self._sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
+
+    def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int):
+        """(reason, None, 0) or (None, the bytes to send, their generation)."""
+        with self._lock:
+            if not self.token or not hmac.compare_digest(token, bytes.fromhex(self.token)):
+                return "wrong token", None, 0
+            if instance != bytes.fromhex(self.instance):
+                return f"not service {instance.hex()[:8]} (this is {self.instance[:8]}): the peer was replaced", None, 0
+            if key == "":  # a ping (reach)
+                return None, b"", self._generation
+            array = self._arrays.get(key)
+            if array is None or step != self._step:
+                held = "nothing" if self._step is None else f"step {self._step + 1}"
+                return f"{key!r} of step {step + 1} asked for, {held} held", None, 0
+            if not start <= stop <= array.size:
+                return f"{key!r}: items [{start}, {stop}) asked for, it has {array.size}", None, 0
+            return None, memoryview(array[start:stop]).cast("B"), self._generation
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                while True:
+                    head = _recv_exact(conn, REQUEST.size)
+                    if head is None:
+                        return
+                    magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
+                    if magic != MAGIC or key_len > MAX_KEY:
+                        return  # not our protocol: hang up
+                    key = (_recv_exact(conn, key_len) or b"").decode("utf-8", "replace")
+                    reason, payload, generation = self._refusal(token, instance, step, key, start, stop)
+                    if reason is not None:
+                        message = reason.encode()
+                        conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
+                        continue
+                    conn.sendall(RESPONSE.pack(OK, len(payload)))
+                    conn.sendall(payload)
+                    # Everything sent was copied to the kernel before this check:
+                    # unchanged generation, unchanged bits.
+                    with self._lock:
+                        intact = generation == self._generation
+                    conn.sendall(INTACT if intact else TORN)
+            except OSError:
+                return
+            finally:
+                with self._lock:
+                    self._conns.discard(conn)
+
+
+class ArrayClient:
+    """Pulls arrays from peers' services, over one connection per peer."""
+
+    def __init__(self, timeout_s: float = TIMEOUT_S):
+        self.timeout_s = timeout_s
+        self._conns: dict[tuple[str, int, str], socket.socket] = {}
+
+    def _conn(self, h: NetArray, timeout_s: float) -> socket.socket:
+        key = (h.host, h.port, h.service)
+        conn = self._conns.get(key)
+        if conn is None:
+            conn = socket.create_connection((h.host, h.port), timeout=timeout_s)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self.timeout_s)
+            self._conns[key] = conn
+        return conn
+
+    def _drop(self, keys) -> None:
+        for key in list(keys):
+            conn = self._conns.pop(key, None)
+            if conn is not None:
+                conn.close()
+
+    def pull(self, parts: list[tuple[NetArray, np.ndarray, int]], timeout_s: float | None = None) -> None:
+        """Fill each `out` with items [start, start + out.size) of its
+        handle's array. Every request is sent before any answer is read, so
+        the peers send at once. Raises PeerLost when a peer cannot be
+        reached, Refused when one refuses."""
+        keys = {(h.host, h.port, h.service) for h, _, _ in parts}
+        try:
+            for h, out, start in parts:
+                if out.dtype.str != h.dtype or not out.flags.c_contiguous or start + out.size > h.length:
+                    raise ValueError(f"{h.key}: {out.size} items of {out.dtype.str} from item {start} "
+                                     f"do not fit {h.length} of {h.dtype}")
+                self._conn(h, timeout_s or self.timeout_s).sendall(self._request(h, start, start + out.size))
+            for h, out, _ in parts:
+                self._answer(self._conns[(h.host, h.port, h.service)], h, memoryview(out.reshape(-1)).cast("B"))
+        except (Refused, ValueError):
+            self._drop(keys)  # answers may be left unread on them
+            raise
+        except OSError as err:  # ConnectionError and socket.timeout among them
+            self._drop(keys)
+            peers = ", ".join(sorted(f"{host}:{port}" for host, port, _ in keys))
+            raise PeerLost(f"the array service of a peer ({peers}) is unreachable: "
+                           f"{type(err).__name__}: {err}") from None
+
+    def reach(self, h: NetArray, timeout_s: float = REACH_TIMEOUT_S) -> None:
+        """A round trip to `h`'s service (a ping, key ""), or PeerLost/Refused."""
+        self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)],
+                  timeout_s)
+
+    @staticmethod
+    def _request(h: NetArray, start: int, stop: int) -> bytes:
+        key = h.key.encode()
+        return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start, stop,
+                            len(key)) + key
+
+    @staticmethod
+    def _answer(conn: socket.socket, h: NetArray, into: memoryview) -> None:
+        head = _recv_exact(conn, RESPONSE.size)
+        if head is None:
+            raise ConnectionError("connection closed by the peer")
+        status, size = RESPONSE.unpack(head)
+        if status != OK:
+            message = (_recv_exact(conn, size) or b"").decode("utf-8", "replace") if size <= 4096 else "?"
+            raise Refused(f"the array service at {h.host}:{h.port} refused {h.key!r} of step {h.step + 1}: {message}")
+        if size != len(into):
+            raise Refused(f"the array service at {h.host}:{h.port} sent {size} bytes of {h.key!r}, "
+                          f"{len(into)} were asked for")
+        _recv_into(conn, into)
+        if _recv_exact(conn, 1) != INTACT:
+            raise Refused(f"the array service at {h.host}:{h.port}: {h.key!r} of step {h.step + 1} "
+                          "changed while it was sent")
+
+    def close(self) -> None:
+        self._drop(self._conns)
+
+
+class ArrayPeer:
+    """The part of a parameter server or gradient worker that serves its
+    arrays and pulls its peers' (a base class of both actor classes)."""
+
+    _array_service: ArrayService | None = None
+    _array_client: ArrayClient | None = None
+
+    def open_arrays(self, token: str) -> NetArray | None:
+        """Start this actor's array service (once) for the job's `token`,
+        on its node's IP: a handle that reaches it (a ping), None when no
+        port is free. A malformed SHARDPROP_DATA_PORTS raises ValueError."""
+        if self._array_service is None or self._array_service.closed:
+            import ray
+
+            try:
+                self._array_service = ArrayService(ray.util.get_node_ip_address())
+            except OSError:
+                return None
+        self._array_service.token = token
+        s = self._array_service
+        return NetArray(s.host, s.port, s.instance, "", 0, "|u1", 0, token)
+
+    def reach_arrays(self, peers: list[NetArray]) -> str | None:
+        """None when every peer's service answers, else why not."""
+        for peer in peers:
+            try:
+                self._pulls().reach(peer)
+            except TransportError as err:
+                return str(err)
+        return None
+
+    def _offer(self, token: str, step: int, arrays: dict[str, np.ndarray]) -> dict[str, NetArray]:
+        if self._array_service is None or self._array_service.token != token:
+            raise Refused("this actor's array service was not opened for the job's token (workers.transport)")
+        return self._array_service.offer(step, arrays)
+
+    def _withdraw(self) -> None:
+        if self._array_service is not None:
+            self._array_service.withdraw()
+
+    def _pulls(self) -> ArrayClient:
+        if self._array_client is None:
+            self._array_client = ArrayClient()
+        return self._array_client
+
+
+def open_transport(servers: list, workers: list, timeout_s: float) -> str | None:
+    """A new random token when every server's and worker's array service
+    started and each reaches the other side's; None when one could not
+    (no free port, or a peer unreachable: the arrays go through Ray then).
+    A malformed SHARDPROP_DATA_PORTS on a node raises its ValueError."""
+    import secrets
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    if not data_ports(os.environ.get(PORTS_ENV)):  # off on the driver's machine: off for its jobs
+        return None
+    token = secrets.token_hex(16)
+    try:
+        opened = ray.get([a.open_arrays.remote(token) for a in servers + workers], timeout=timeout_s)
+        if None in opened:
+            return None
+        at_servers, at_workers = opened[:len(servers)], opened[len(servers):]
+        why = ray.get([w.reach_arrays.remote(at_servers) for w in workers]
+                      + [s.reach_arrays.remote(at_workers) for s in servers], timeout=timeout_s)
+    except RayTaskError as err:
+        if isinstance(err.cause, ValueError):
+            raise err.cause from None
+        return None
+    except (RayActorError, GetTimeoutError):  # an actor died: the step finds it, the next graph tries again
+        return None
+    return token if all(w is None for w in why) else None
