@@ -168,6 +168,9 @@ class NetnsCluster:
 
     def _make_network(self) -> None:
         n = self.naming
+        if subprocess.run(["ip", "link", "show", n.bridge], capture_output=True).returncode == 0:
+            raise RuntimeError(f"bridge {n.bridge!r} exists: another cluster of names {n.prefix}* runs (or was "
+                               f"left behind); this one touches none of it")
         _ip("link", "add", n.bridge, "type", "bridge")
         self._made.append(("link", n.bridge))
         _ip("link", "set", n.bridge, "up")
@@ -331,8 +334,9 @@ class NetnsCluster:
         """End every process of ours and remove every namespace and link made."""
         for i in sorted(self._ray, reverse=True):
             self.stop_ray(i)
-        for ns in self.names:
-            _end_pids(_netns_pids(ns))
+        for kind, ns in self._made:  # only namespaces we made: another cluster's of the same names is not ours
+            if kind == "netns":
+                _end_pids(_netns_pids(ns))
         for i in sorted(self._relays):
             end_group(self._relays.pop(i))
         _end_pids(self._stray_pids())

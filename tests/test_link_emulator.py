@@ -277,3 +277,18 @@ def test_each_direction_loses_its_own_share(two_hosts):
     assert low <= count - received_in <= high
     low, high = binomial_bound(count, from_host)
     assert low <= count - received_out <= high
+
+
+@pytest.mark.multihost
+@needs_netns
+def test_a_second_cluster_of_the_same_names_refuses_and_leaves_the_first_alone(two_hosts):
+    echo = serve(two_hosts, EMULATED, "echo", "9102")  # a process in the first cluster's namespace
+    try:
+        with pytest.raises(RuntimeError, match="bridge 'sptestlbr' exists"):
+            NetnsCluster([0, 0], LINK_TESTS, emulated=[EMULATED]).open_network()
+        assert echo.poll() is None, "the first cluster's process lives on"
+        times = json.loads(two_hosts.run(0, PROBE, "rtt", two_hosts.ip(EMULATED), "9102", "3"))
+        assert len(times) == 3, "and its emulated link still carries frames"
+    finally:
+        echo.kill()
+        echo.wait()
