@@ -5,9 +5,15 @@ bench/multihost.py's names: `spbench-h<i>`, bridge `spbenchbr`,
 10.251.77.0/24), each running one `ray start` with 1 CPU; the driver runs in host 0's namespace. Every host's
 link is shaped in both directions with `tc ... tbf` (on the bridge side of
 its veth for traffic to it, on its own side for traffic from it), GSO off so
-that tbf sees MTU-sized packets. This kernel has no `netem`
-(CONFIG_NET_SCH_NETEM is not set), so latency is not shaped: the links keep
-the veths' own round trip (probed by TCP connects; the hosts have no ping).
+that tbf sees MTU-sized packets. With `--latency-ms L [L ...]` every host
+is joined through our link emulator instead of a veth (tests/link_emulator.py:
+this kernel has no `netem`) and each point is measured at each latency: a
+frame leaving a host waits L ms, so node to node is L one way (plus the
+link's own); the round trip is probed by TCP connects (the hosts have no
+ping) after each change and recorded. Without it the links are veths and
+keep their own round trip. The emulator is a Python process per link: it
+adds its own ~0.1 ms and bounds the rate it can carry, so compare emulated
+points with emulated points.
 
 A point is (workers N, link rate, hidden widths). Its job: N workers (Ray's
 SPREAD puts them on N hosts), N shards of `--shard-rows` rows, float32, sgd
@@ -23,7 +29,7 @@ The machine has 2 cores and is shared: with 3 or 4 hosts of 1 CPU each the
 workers share 2 cores, so the model's compute term is stretched by
 max(1, N / 2) here (`contention`); projections assume cores of their own.
 
-    .venv/bin/python bench/scaling.py [--hosts 4] [--rounds 3] [--steps 25] [--json scaling.json]
+    .venv/bin/python bench/scaling.py [--hosts 4] [--rounds 3] [--steps 25] [--latency-ms 0.1 1] [--json scaling.json]
     .venv/bin/python bench/scaling.py --rows scaling.json     # fit again, no measuring
 
 Do not run it beside bench/multihost.py: they use the same namespace names.
@@ -49,6 +55,7 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from tests.link_emulator import LinkShape  # noqa: E402
 from tests.netns_cluster import BENCH, ENV, GCS_PORT, NetnsCluster  # noqa: E402
 
 from core.scaling import FITTED, Calibration, JobShape, Network, bytes_per_step, parameter_server_step  # noqa: E402
@@ -158,16 +165,19 @@ class Cluster:
     """`hosts` namespace hosts of tests/netns_cluster.py under the bench's
     names, 1 CPU each, and a driver in host 0. A job of N workers lands
     them on N hosts (Ray's SPREAD); its servers go where Ray puts them, and
-    each point records where that was."""
+    each point records where that was. With `emulated`, every host's link
+    goes through the link emulator, so that `set_latency` can delay it."""
 
-    def __init__(self, hosts: int, work: Path):
+    def __init__(self, hosts: int, work: Path, emulated: bool = False):
         self.hosts, self.work = hosts, work
         work.mkdir(parents=True, exist_ok=True)
-        self.nets = NetnsCluster([1] * hosts, BENCH, system_config={}).__enter__()
+        self.nets = NetnsCluster([1] * hosts, BENCH, system_config={},
+                                 emulated=range(hosts) if emulated else ()).__enter__()
         self.driver = None
+        self.latency_ms: float | None = None
         try:
             no_gso(self.nets)
-            self.rtt_ms = rtt_ms(self.nets)
+            self.rtt_ms = {None: rtt_ms(self.nets)}
             self.driver = subprocess.Popen(self.nets.prefix(0) + [sys.executable, "-c", DRIVER, self.nets.address],
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
                                            cwd=ROOT, start_new_session=True)
@@ -181,6 +191,16 @@ class Cluster:
         if not line:
             raise RuntimeError(f"the driver ended ({self.driver.wait()})")
         return json.loads(line)
+
+    def set_latency(self, latency_ms: float | None) -> None:
+        """Every frame leaving a host waits `latency_ms` (None: the links
+        as made); the round trip is probed again."""
+        if latency_ms == self.latency_ms:
+            return
+        for i in range(self.hosts):
+            self.nets.shape(i, LinkShape(), LinkShape(delay_ms=latency_ms or 0.0))
+        self.latency_ms = latency_ms
+        self.rtt_ms[latency_ms] = rtt_ms(self.nets)
 
     def run(self, workers: int, rate: str, model: str, steps: int, shard_rows: int, warmup: int) -> dict:
         shape_links(self.nets, rate)
@@ -264,6 +284,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=6, help="steps left out of the step time")
     ap.add_argument("--shard-rows", type=int, default=256)
     ap.add_argument("--hosts", type=int, default=HOSTS, help="namespace hosts (points of more workers are left out)")
+    ap.add_argument("--latency-ms", type=float, nargs="+", metavar="L",
+                    help="measure every point at each of these one-way latencies, through the link emulator")
     ap.add_argument("--json", help="write the points and the fit here")
     ap.add_argument("--rows", help="fit again the points of an earlier --json, without measuring")
     args = ap.parse_args()
@@ -285,17 +307,22 @@ def main() -> int:
 
 
 def measure(args, work: Path) -> list[dict]:
-    """Every point's median step and phases, the points interleaved."""
-    cluster = Cluster(args.hosts, work)
-    runs: dict[int, list[dict]] = {i: [] for i in range(len(POINTS))}
+    """Every point's median step and phases, at each latency, the runs interleaved."""
+    if args.latency_ms and any(lat < 0 for lat in args.latency_ms):
+        raise SystemExit(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    latencies = args.latency_ms or [None]
+    cluster = Cluster(args.hosts, work, emulated=bool(args.latency_ms))
+    runs: dict[tuple[int, float | None], list[dict]] = {}
     try:
         for rnd in range(args.rounds):
-            order = [i for i, p in enumerate(POINTS) if p[0] <= args.hosts]
-            for i in (order if rnd % 2 == 0 else order[::-1]):
+            order = [(i, lat) for lat in latencies for i, p in enumerate(POINTS) if p[0] <= args.hosts]
+            for i, lat in (order if rnd % 2 == 0 else order[::-1]):
                 workers, rate, model, _ = POINTS[i]
+                cluster.set_latency(lat)
                 got = cluster.run(workers, rate, model, args.steps, args.shard_rows, args.warmup)
-                runs[i].append(got)
-                print(f"{workers} workers {rate} {model} round {rnd + 1}: {got['step_s'] * 1e3:.1f} ms, "
+                runs.setdefault((i, lat), []).append(got)
+                shaped = "" if lat is None else f" +{lat} ms"
+                print(f"{workers} workers {rate}{shaped} {model} round {rnd + 1}: {got['step_s'] * 1e3:.1f} ms, "
                       f"{got['remote']} remote, {got['nodes']} nodes; load {os.getloadavg()[0]:.0f}",
                       file=sys.stderr, flush=True)
                 if args.json:  # the points so far, in case the run is cut short
@@ -305,16 +332,16 @@ def measure(args, work: Path) -> list[dict]:
     return _rows(runs, cluster.rtt_ms)
 
 
-def _rows(runs: dict[int, list[dict]], rtt: float | None) -> list[dict]:
+def _rows(runs: dict[tuple[int, float | None], list[dict]], rtts: dict[float | None, float | None]) -> list[dict]:
     rows = []
-    for i, (workers, rate, model, use) in enumerate(POINTS):
-        got = runs[i]
-        if not got:
-            continue
+    for (i, lat), got in sorted(runs.items(), key=lambda kv: (kv[0][1] or 0.0, kv[0][0])):
+        workers, rate, model, use = POINTS[i]
+        rtt = rtts.get(lat)
         # The servers' node varies from run to run: keep the runs of the commonest placement.
         remote = statistics.mode(g["remote"] for g in got)
         same = [g for g in got if g["remote"] == remote]
         rows.append({"workers": workers, "rate": rate, "model": model, "use": use, "remote": remote,
+                     "shaped_latency_ms": lat,
                      "runs_kept": len(same), "rate_bytes_s": RATES[rate], "latency_s": (rtt or 0.0) / 2e3,
                      "rtt_ms": rtt, "step_s": statistics.median(g["step_s"] for g in same),
                      "rounds_s": [g["step_s"] for g in got], "remote_by_round": [g["remote"] for g in got],
@@ -325,14 +352,16 @@ def _rows(runs: dict[int, list[dict]], rtt: float | None) -> list[dict]:
 def report(rows: list[dict], args) -> None:
     cal = calibrate(rows, args.shard_rows)
     print(f"\nfitted: {json.dumps(asdict(cal))}\n")
-    print("| workers | remote | link | parameters | used to | measured (ms) | rounds (ms) | model, compute as "
+    print("| workers | remote | link | latency (RTT ms) | parameters | used to | measured (ms) | rounds (ms) | model, compute as "
           "measured (ms) | error | model, compute from FLOPs (ms) | error | compute | transfer | reduce+apply |")
-    print("|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         r["model_s"], r["model_flops_s"] = predict(r, cal, args.shard_rows)
         r["error"], r["error_flops"] = r["model_s"] / r["step_s"] - 1, r["model_flops_s"] / r["step_s"] - 1
         ph = r["phases"]
-        print(f"| {r['workers']} | {r['remote']} | {r['rate']} | {r['model']} | {r['use']} | {r['step_s'] * 1e3:.1f} | "
+        shaped = "veth" if r.get("shaped_latency_ms") is None else f"+{r['shaped_latency_ms']} ms"
+        print(f"| {r['workers']} | {r['remote']} | {r['rate']} | {shaped} ({r['rtt_ms'] or 0:.2f}) | {r['model']} | "
+              f"{r['use']} | {r['step_s'] * 1e3:.1f} | "
               f"{' / '.join(f'{t * 1e3:.1f}' for t in r['rounds_s'])} | {r['model_s'] * 1e3:.1f} | "
               f"{r['error'] * 100:+.0f}% | {r['model_flops_s'] * 1e3:.1f} | {r['error_flops'] * 100:+.0f}% | "
               f"{ph['compute'] * 1e3:.1f} | {ph['transfer'] * 1e3:.1f} | {ph['reduce_apply'] * 1e3:.1f} |")
@@ -340,7 +369,8 @@ def report(rows: list[dict], args) -> None:
     if checks:
         print(f"\nheld-out points, compute as measured: median |error| {statistics.median(checks) * 100:.0f}%, "
               f"largest {max(checks) * 100:.0f}%")
-    print(f"ping RTT host 1 -> host 0: {rows[0].get('rtt_ms')} ms; load average now: {os.getloadavg()}")
+    rtts = {r.get("shaped_latency_ms"): r.get("rtt_ms") for r in rows}
+    print(f"RTT host 1 -> host 0 (TCP connect), by shaped latency: {rtts} ms; load average now: {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"calibration": asdict(cal), "rows": rows}, indent=1))
 

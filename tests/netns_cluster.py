@@ -1,19 +1,24 @@
 """A Ray cluster of network-namespace "hosts" on one machine: a real network to fail.
 
 Each host is a network namespace with its own address in a private subnet,
-joined to the others by a veth pair on one bridge. `ray start --head` runs
-in host 0 and `ray start --address` in the others, each with its own CPUs and
-the fixed ports of docs/deploy.md; drivers and the service run inside a host
+joined to the others by a veth pair on one bridge, or, for the hosts named
+in `emulated`, by a pair of TAP devices with our own link emulator between
+them (tests/link_emulator.py: delay, jitter and loss per direction, as netem
+would, which this kernel lacks). `ray start --head` runs in host 0 and
+`ray start --address` in the others, each with its own CPUs and the fixed
+ports of docs/deploy.md; drivers and the service run inside a host
 (`prefix(i)` + a command). Faults are made on the host's link: `cut` and
-`heal` (the bridge end of its veth down or up), `netem` (tc delay and loss),
-and `rejoin` (its Ray started again, as an operator would after a partition).
+`heal` (the bridge end of its link down or up), `shape` (an emulated
+host's delay, jitter and loss), and `rejoin` (its Ray started again, as an
+operator would after a partition).
 
-Everything is ours by name (a prefix for namespaces and links, one bridge)
-and by pid (the `ray start` process groups, and whatever still runs in our
-namespaces): `close` ends only that, never `ray stop`, and `leftovers` says
+Everything is ours by name (a prefix for namespaces and links, TAP devices
+included, one bridge) and by pid (the `ray start` process groups, the link
+emulators, and whatever still runs in our namespaces or names our work
+folder): `close` ends only that, never `ray stop`, and `leftovers` says
 what, if anything, is still there. Tests (tests/test_multihost.py) and the
 benchmark (bench/multihost.py) use one instance each, with different names
-and subnets, so they never collide. Needs root and `ip`.
+and subnets, so they never collide. Needs root and `ip` (and /dev/net/tun for an emulated host).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tests.link_emulator import LinkShape, control
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +55,10 @@ FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 1000, "health_check_p
 
 START_NICENESS = -10  # of a host's session while its Ray starts (see NetnsCluster._await_start)
 START_TIMEOUT_S = 90.0
+# A link emulator is a wire: it runs at a raised priority, so that the
+# machine's load stretches its delays as little as it can.
+RELAY_NICENESS = -10
+LINK_MTU = 1500  # of every host's link, veth or TAP
 
 ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
        "RAY_USAGE_STATS_ENABLED": "0",
@@ -65,25 +77,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def netem_unavailable_reason() -> str | None:
-    """Why `tc qdisc ... netem` cannot shape a link here, if it cannot."""
-    if not shutil.which("tc"):
-        return "`tc` (iproute2) is not installed"
-    probe = f"spnetem{os.getpid() % 100000}"
-    try:
-        _ip("link", "add", probe, "type", "veth", "peer", "name", f"{probe}p")
-    except subprocess.CalledProcessError as err:
-        return f"cannot make a probe link: {err.stderr.strip()}"
-    try:
-        done = subprocess.run(["tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            return f"this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): tc says {done.stderr.strip()!r}"
-        return None
-    finally:
-        subprocess.run(["ip", "link", "del", probe], capture_output=True)
-
-
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
@@ -93,7 +86,7 @@ class Naming:
     """Names of one cluster's namespaces, links and subnet (tests and bench differ)."""
 
     prefix: str  # namespace i is f"{prefix}{i}"
-    link: str  # veth i is f"{link}v{i}" (bridge side) and f"{link}p{i}" (inside); at most 10 chars
+    link: str  # host i's link is f"{link}v{i}" (bridge side) and f"{link}p{i}" (inside); at most 10 chars
     bridge: str
     subnet: str  # the first three octets: host i is f"{subnet}.{i + 1}"
 
@@ -103,15 +96,22 @@ BENCH = Naming("spbench-h", "spbch", "spbenchbr", "10.251.77")
 
 
 class NetnsCluster:
-    """`len(cpus)` hosts, host i with `cpus[i]` CPUs; host 0 is Ray's head."""
+    """`len(cpus)` hosts, host i with `cpus[i]` CPUs; host 0 is Ray's head.
+    The hosts in `emulated` are joined through the link emulator, unshaped
+    until `shape` says otherwise."""
 
-    def __init__(self, cpus: list[int], naming: Naming = TESTS, system_config: dict | None = None):
+    def __init__(self, cpus: list[int], naming: Naming = TESTS, system_config: dict | None = None,
+                 emulated: Iterable[int] = ()):
         self.cpus, self.naming = list(cpus), naming
+        self.emulated = sorted(set(emulated))
+        if any(not 0 <= i < len(self.cpus) for i in self.emulated):
+            raise ValueError(f"emulated hosts must be among 0..{len(self.cpus) - 1}, got {self.emulated}")
         self.system_config = dict(FAST_FAILURE_DETECTION if system_config is None else system_config)
         self.names = [f"{naming.prefix}{i}" for i in range(len(cpus))]
         self.work = Path("/nonexistent")  # made on entering: a short path, Ray's sockets live under it
-        self._made: list[str] = []
+        self._made: list[tuple[str, str]] = []  # (kind, name): "netns", or "link" (the bridge, a bridge end)
         self._ray: dict[int, subprocess.Popen] = {}
+        self._relays: dict[int, subprocess.Popen] = {}
 
     # ------------------------------------------------------------ addresses
 
@@ -127,17 +127,20 @@ class NetnsCluster:
         return ["ip", "netns", "exec", self.names[i]]
 
     def _veth(self, i: int) -> str:
+        """Host i's link at the bridge (a veth end, or the emulator's TAP)."""
         return f"{self.naming.link}v{i}"
+
+    def _inside(self, i: int) -> str:
+        return f"{self.naming.link}p{i}"
+
+    def _control(self, i: int) -> str:
+        return str(self.work / f"link{i}.sock")
 
     # ------------------------------------------------------------ the network
 
     def __enter__(self) -> "NetnsCluster":
-        reason = unavailable_reason()
-        if reason:
-            raise NetnsUnavailable(reason)
-        self.work = Path(tempfile.mkdtemp(prefix="spns-"))
+        self.open_network()
         try:
-            self._make_network()
             self.start_ray(0)
             self.start_ray(*range(1, len(self.cpus)))
             self.wait_nodes(len(self.cpus))
@@ -149,25 +152,69 @@ class NetnsCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def open_network(self) -> "NetnsCluster":
+        """The hosts and their links, without Ray (`__enter__` starts it
+        too); `close` undoes it."""
+        reason = unavailable_reason()
+        if reason:
+            raise NetnsUnavailable(reason)
+        self.work = Path(tempfile.mkdtemp(prefix="spns-"))
+        try:
+            self._make_network()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def _make_network(self) -> None:
         n = self.naming
+        if subprocess.run(["ip", "link", "show", n.bridge], capture_output=True).returncode == 0:
+            raise RuntimeError(f"bridge {n.bridge!r} exists: another cluster of names {n.prefix}* runs (or was "
+                               f"left behind); this one touches none of it")
         _ip("link", "add", n.bridge, "type", "bridge")
-        self._made.append(n.bridge)
+        self._made.append(("link", n.bridge))
         _ip("link", "set", n.bridge, "up")
         for i, ns in enumerate(self.names):
             _ip("netns", "add", ns)
-            self._made.append(ns)
-            outside, inside = self._veth(i), f"{n.link}p{i}"
-            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            _ip("link", "set", outside, "master", n.bridge, "up")
-            _ip("link", "set", inside, "netns", ns)
+            self._made.append(("netns", ns))
+            outside, inside = self._veth(i), self._inside(i)
+            if i in self.emulated:
+                _ip("tuntap", "add", "dev", outside, "mode", "tap")
+                self._made.append(("link", outside))
+                _ip("-n", ns, "tuntap", "add", "dev", inside, "mode", "tap")
+            else:
+                _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+                self._made.append(("link", outside))
+                _ip("link", "set", inside, "netns", ns)
+            _ip("link", "set", outside, "mtu", str(LINK_MTU), "master", n.bridge, "up")
             _ip("-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", inside)
-            _ip("-n", ns, "link", "set", inside, "up")
+            _ip("-n", ns, "link", "set", inside, "mtu", str(LINK_MTU), "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             # A default route on the host's own link lets Ray find the host's
             # address the usual way (the source address towards a public IP);
             # nothing on the bridge forwards, so no packet leaves the subnet.
             _ip("-n", ns, "route", "add", "default", "dev", inside)
+            if i in self.emulated:
+                self._start_relay(i)
+
+    def _start_relay(self, i: int) -> None:
+        """Host i's link emulator, until it answers on its control socket."""
+        log = open(self.work / f"link{i}.log", "wb")
+        with log:
+            self._relays[i] = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "link_emulator.py"), self._veth(i), self.names[i],
+                 self._inside(i), self._control(i)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _set_session_niceness(self._relays[i].pid, RELAY_NICENESS)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                control(self._control(i), {}, timeout=1.0)
+                return
+            except OSError:  # not bound yet (FileNotFoundError), or not answering yet (a timeout)
+                if self._relays[i].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the link emulator of host {i} did not start: "
+                                       f"{(self.work / f'link{i}.log').read_text(errors='replace')[-2000:]}")
+                time.sleep(0.1)
 
     def cut(self, i: int) -> None:
         """Host i's link down: no packet in or out (its processes keep running)."""
@@ -176,13 +223,20 @@ class NetnsCluster:
     def heal(self, i: int) -> None:
         _ip("link", "set", self._veth(i), "up")
 
-    def netem(self, i: int, delay_ms: float, loss_pct: float) -> None:
-        """Delay and drop packets leaving host i (tc netem on its own end of the link)."""
-        _ip("netns", "exec", self.names[i], "tc", "qdisc", "replace", "dev", f"{self.naming.link}p{i}", "root",
-            "netem", "delay", f"{delay_ms}ms", "loss", f"{loss_pct}%")
+    def shape(self, i: int, to_host: LinkShape = LinkShape(), from_host: LinkShape | None = None,
+              seed: int = 0) -> dict:
+        """Delay, jitter and loss on emulated host i's link, frames to it and
+        from it (the same both ways unless `from_host` is given; all zero:
+        unshaped); returns the emulator's counters so far."""
+        if i not in self._relays:
+            raise ValueError(f"host {i} is not emulated (emulated: {self.emulated})")
+        shapes = {"to_host": asdict(to_host), "from_host": asdict(to_host if from_host is None else from_host)}
+        return control(self._control(i), {"shape": shapes, "seed": seed})
 
-    def clear_netem(self, i: int) -> None:
-        _ip("netns", "exec", self.names[i], "tc", "qdisc", "del", "dev", f"{self.naming.link}p{i}", "root")
+    def link_counts(self, i: int) -> dict:
+        """Emulated host i's link: per direction its shape and frames passed,
+        dropped (loss), overflowed (queue full) and undelivered (far side down)."""
+        return control(self._control(i), {})
 
     # ------------------------------------------------------------ Ray
 
@@ -280,19 +334,25 @@ class NetnsCluster:
         """End every process of ours and remove every namespace and link made."""
         for i in sorted(self._ray, reverse=True):
             self.stop_ray(i)
-        for ns in self.names:
-            _end_pids(_netns_pids(ns))
+        for kind, ns in self._made:  # only namespaces we made: another cluster's of the same names is not ours
+            if kind == "netns":
+                _end_pids(_netns_pids(ns))
+        for i in sorted(self._relays):
+            end_group(self._relays.pop(i))
         _end_pids(self._stray_pids())
-        for name in reversed(self._made):  # deleting a namespace deletes its veth pair
-            if name == self.naming.bridge:
-                subprocess.run(["ip", "link", "del", name], capture_output=True)
-            else:
+        # Each link by name before its namespace: a namespace's own links go
+        # with it, but a veth pair only some time after `ip netns del` returns.
+        for kind, name in reversed(self._made):
+            if kind == "netns":
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            else:
+                subprocess.run(["ip", "link", "del", name], capture_output=True)
         self._made.clear()
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _stray_pids(self) -> list[int]:
-        """Processes whose command line names our work folder (Ray's session dir is under it)."""
+        """Processes whose command line names our work folder (Ray's session
+        dir is under it, and the link emulators' control sockets)."""
         found = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():

@@ -6,7 +6,9 @@ step reported exactly once, whatever is cut and when: a worker's host
 mid-run (noticed by Ray's node failure detection, not by the 600 s hang
 watchdog; the host used again once it rejoins), the host of the parameter
 server (restore and replay), a host during start-up placement, and a lossy,
-slow link for a whole run. The drivers run on host 0, Ray's head.
+slow link for a whole run. The worker host is joined through our link
+emulator (tests/link_emulator.py: this kernel has no netem), unshaped but
+for that last test. The drivers run on host 0, Ray's head.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import pytest
 from core.mlp import MLP
 from core.spec import parse_spec
 from core.trainer import train
-from tests.netns_cluster import ENV, ROOT, NetnsCluster, end_group, netem_unavailable_reason, unavailable_reason
+from tests.link_emulator import LinkShape
+from tests.netns_cluster import ENV, ROOT, NetnsCluster, end_group, unavailable_reason
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow,
               pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")]
@@ -47,8 +50,9 @@ WORKER_HOST, SERVER_HOST = 2, 1
 
 @pytest.fixture(scope="session")
 def hosts():
-    """Three hosts of 1 CPU each; afterwards nothing of them is left."""
-    cluster = NetnsCluster([1, 1, 1])
+    """Three hosts of 1 CPU each, the worker host's link emulated; afterwards
+    nothing of them is left (namespaces, links, TAPs, Ray, the emulator)."""
+    cluster = NetnsCluster([1, 1, 1], emulated=[WORKER_HOST])
     with cluster:
         yield cluster
     assert cluster.leftovers() == []
@@ -193,15 +197,22 @@ def test_host_cut_during_start_up_placement_is_survived(three_hosts, tmp_path, r
     assert len(events(result, "workers")[0]["nodes"]) == 2, "it started on the two hosts left"
 
 
-@pytest.mark.skipif(netem_unavailable_reason() is not None, reason=f"{netem_unavailable_reason()}")
 def test_lossy_slow_link_for_a_whole_run_gives_the_reference_bits(three_hosts, tmp_path, reference):
-    three_hosts.netem(WORKER_HOST, delay_ms=20, loss_pct=5)
+    """5% of frames lost and 20 ms of delay, each way, on the worker host's
+    link from before the job starts until it ends."""
+    lossy = LinkShape(delay_ms=20, loss=0.05)
+    before = three_hosts.shape(WORKER_HOST, lossy, seed=15)
     try:
         result = Driver(three_hosts, tmp_path).result()
+        after = three_hosts.link_counts(WORKER_HOST)
     finally:
-        three_hosts.clear_netem(WORKER_HOST)
+        three_hosts.shape(WORKER_HOST)
     assert_reference_run(result, reference)
-    assert len(events(result, "workers")[0]["nodes"]) == 3
+    assert len(events(result, "workers")[0]["nodes"]) == 3, "the job ran on all three hosts"
+    lost = {way: after[way]["dropped"] - before[way]["dropped"] for way in ("to_host", "from_host")}
+    passed = {way: after[way]["passed"] - before[way]["passed"] for way in ("to_host", "from_host")}
+    print(f"frames through the lossy link: passed {passed}, lost {lost}; counters {result['counters']}")
+    assert all(lost.values()), "frames were lost both ways while the job ran"
 
 
 SERVICE_HOST = 1
