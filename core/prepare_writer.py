@@ -42,6 +42,7 @@ SHARD_ORDER_KEY = 0x54A2D  # core.shards.shard_rows's permutation key
 BLOCK_BYTES = 16 << 20  # a block's features, as stored, when block_rows is not given
 ROUTE_BYTES = 64 << 20  # rows read at a time in pass 2
 INDEX_CHUNK = 1 << 20
+WRITE_PIECE = 256 << 10  # bytes a write() at most: measured, one of tens of MB costs the kernel ~10x the CPU
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
 
     # pass 1: source order
     n, lowest, highest, integral = 0, math.inf, -math.inf, True
-    with open(work / "rows", "wb") as fh:
+    with open(work / "rows", "wb", buffering=0) as fh:
         for rows in src.batches:
-            rows.tofile(fh)
+            _write_all(fh, rows)
             n += len(rows)
             if src.vector_labels:
                 y = rows[:, F]
@@ -234,9 +235,10 @@ def _route(work: Path, dest: np.ndarray, n_train: int, nb_train: int, blocks: in
             a = 0
             for k in np.flatnonzero(counts):
                 b = a + int(counts[k])
-                with open(work / f"{k}.rows", "ab") as r, open(work / f"{k}.at", "ab") as p:
-                    r.write(memoryview(grouped[a:b]).cast("B"))
-                    p.write(memoryview(pos[a:b]).cast("B"))
+                with open(work / f"{k}.rows", "ab", buffering=0) as r, \
+                        open(work / f"{k}.at", "ab", buffering=0) as p:
+                    _write_all(r, grouped[a:b])
+                    _write_all(p, pos[a:b])
                 a = b
 
 
@@ -247,9 +249,18 @@ def _float64_copy(tmp: Path, work: Path, X_name: str, k: int, X: np.ndarray, sto
     if stored is X or np.array_equal(stored[:1], X[:1]) and np.array_equal(stored, X):
         return tmp / X_name, _npy_header_bytes(stored), stored.dtype
     spill = work / f"{k}.float64"
-    with open(spill, "wb") as fh:
-        fh.write(memoryview(X).cast("B"))
+    with open(spill, "wb", buffering=0) as fh:
+        _write_all(fh, X)
     return spill, 0, np.dtype(np.float64)
+
+
+def _write_all(fh, data) -> None:
+    """`data` (bytes or a C-contiguous array) to an unbuffered file, WRITE_PIECE bytes a call."""
+    view = memoryview(data).cast("B")
+    for a in range(0, len(view), WRITE_PIECE):
+        piece = view[a:a + WRITE_PIECE]
+        while piece:
+            piece = piece[fh.write(piece):]
 
 
 def _read_into(fh, array: np.ndarray) -> None:
@@ -288,15 +299,13 @@ def _npy_header_bytes(array: np.ndarray) -> int:
 
 
 def _write_npy(root: Path, name: str, array: np.ndarray) -> dict:
-    """`array` (C-contiguous) as the .npy file np.save writes, in two writes, hashed as written."""
+    """`array` (C-contiguous) as the .npy file np.save writes, hashed as written."""
     path = root / name
     path.parent.mkdir(exist_ok=True)
     header, data = _npy_header(array), memoryview(array).cast("B")
     digest = hashlib.sha256(header)
     digest.update(data)
     with open(path, "wb", buffering=0) as fh:
-        for part in (header, data):
-            view = memoryview(part)
-            while view:
-                view = view[fh.write(view):]
+        _write_all(fh, header)
+        _write_all(fh, data)
     return {"path": name, "bytes": len(header) + len(data), "sha256": digest.hexdigest()}
