@@ -6,16 +6,21 @@ row goes, and the split's permutations while they are computed):
 
 1. the source's checked float64 rows are appended, in source order, to a
    work file (the row count is known only at its end);
-2. once the split is known, that file is read in chunks and each row is
-   appended to the work file of the block it belongs to, with its position;
-3. each block is assembled in memory from its work file, in stored order,
-   and written as `.npy` (hashed as it is written).
+2. once the split is known, that file is read in chunks; each chunk's rows
+   are grouped by block (a radix sort) and appended to their blocks' work
+   files, with their positions in the block;
+3. each block is assembled once, in memory, from its work file, in stored
+   order, and written as `.npy` (hashed as it is written).
 
-The standardization statistics are two passes over the training blocks in
+The standardization statistics are two sums over the training blocks in
 stored order, each a sequential float64 sum row after row (the order numpy's
 own axis-0 sum takes, so mean and std equal numpy's of the stored rows to the
-bit). Everything is written under OUT.tmp-<random> beside OUT and renamed
-into place: OUT is never a half-written set.
+bit): the first as each block is assembled, the second over the same float64
+rows read again from the written block when it holds them exactly (float64,
+or float32 that round-trips), else from a float64 copy written beside it.
+Work files are read into buffers reused from block to block and written a
+WRITE_PIECE at a time. Everything is written under OUT.tmp-<random> beside
+OUT and renamed into place: OUT is never a half-written set.
 """
 
 from __future__ import annotations
@@ -129,20 +134,19 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
 
     # pass 2: each row to its block's work file
     dest = _destinations(n, n_train, validation_split, seed)
-    _route(work, dest, n_train, nb_train, nb_train + nb_val, B, width)
+    _route(work, dest, n_train, nb_train, nb_train + nb_val, B, width, _position_dtype(B))
     del dest
     (work / "rows").unlink()
 
     # pass 3: blocks in stored order, and the statistics of the training rows
-    plan = [("train", i, i * B, min(B, n_train - i * B)) for i in range(nb_train)]
-    plan += [("val", nb_train + i, i * B, min(B, n_val - i * B)) for i in range(nb_val)]
+    plan = [("train", i, i, min(B, n_train - i * B)) for i in range(nb_train)]
+    plan += [("val", i, nb_train + i, min(B, n_val - i * B)) for i in range(nb_val)]
     files, total, again = [], None, []
     X64 = np.empty((min(B, max(n_train, n_val)) + 1, F))  # row 0 holds the running sum
     rows = np.empty((len(X64) - 1, width))
-    at = np.empty(len(rows), dtype=np.int32)
+    at = np.empty(len(rows), dtype=_position_dtype(B))
     narrow = np.empty((len(rows), F), dtype=dtype) if dtype != np.float64 else None
-    for number, (split, k, first, count) in enumerate(plan):
-        i = k if split == "train" else k - nb_train
+    for number, (split, i, k, count) in enumerate(plan):
         _read_exactly(work / f"{k}.rows", rows[:count])
         _read_exactly(work / f"{k}.at", at[:count])
         (work / f"{k}.rows").unlink()
@@ -170,7 +174,7 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
         report(Progress("write", n, src.bytes, src.bytes, number + 1, len(plan)))
     mean = total / n_train
     squares = None
-    for (_, k, first, count), (path, offset, kind) in zip(plan, again):
+    for (_, _, _, count), (path, offset, kind) in zip(plan, again):
         X = X64[1:count + 1]
         _read_exactly(path, X if kind == np.float64 else narrow[:count], offset)
         if kind != np.float64:
@@ -212,10 +216,15 @@ def _destinations(n: int, n_train: int, validation_split: float, seed: int) -> n
     return dest
 
 
-def _route(work: Path, dest: np.ndarray, n_train: int, nb_train: int, blocks: int, B: int, width: int) -> None:
+def _position_dtype(B: int) -> np.dtype:
+    return np.dtype(np.int32 if B <= np.iinfo(np.int32).max else np.int64)
+
+
+def _route(work: Path, dest: np.ndarray, n_train: int, nb_train: int, blocks: int, B: int, width: int,
+           position: np.dtype) -> None:
     """Pass 2: the rows file read in chunks, each chunk's rows grouped by block
     (a stable sort, so a block's rows stay in source order) and appended to
-    that block's work file, with their positions in the block (int32)."""
+    that block's work file, with their positions in the block."""
     n = len(dest)
     chunk = min(n, max(1, ROUTE_BYTES // (width * 8)))
     rows, grouped = np.empty((chunk, width)), np.empty((chunk, width))
@@ -230,7 +239,7 @@ def _route(work: Path, dest: np.ndarray, n_train: int, nb_train: int, blocks: in
             block += val * nb_train
             by_block = np.argsort(block.astype(small), kind="stable")
             np.take(rows[:m], by_block, axis=0, out=grouped[:m], mode="clip")  # "raise" copies out first
-            pos = pos[by_block].astype(np.int32)
+            pos = pos[by_block].astype(position)
             counts = np.bincount(block, minlength=blocks)
             a = 0
             for k in np.flatnonzero(counts):
@@ -246,8 +255,8 @@ def _float64_copy(tmp: Path, work: Path, X_name: str, k: int, X: np.ndarray, sto
     """Where the squares pass reads a training block's float64 rows again: its
     written block when that holds them exactly (float64, or float32 that
     round-trips), else a float64 work file. (path, byte offset, dtype there)."""
-    if stored is X or np.array_equal(stored[:1], X[:1]) and np.array_equal(stored, X):
-        return tmp / X_name, _npy_header_bytes(stored), stored.dtype
+    if stored is X or (np.array_equal(stored[:1], X[:1]) and np.array_equal(stored, X)):
+        return tmp / X_name, len(_npy_header(stored)), stored.dtype
     spill = work / f"{k}.float64"
     with open(spill, "wb", buffering=0) as fh:
         _write_all(fh, X)
@@ -292,10 +301,6 @@ def _npy_header(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
     return out.getvalue()
-
-
-def _npy_header_bytes(array: np.ndarray) -> int:
-    return len(_npy_header(array))
 
 
 def _write_npy(root: Path, name: str, array: np.ndarray) -> dict:
