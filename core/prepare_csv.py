@@ -117,13 +117,16 @@ def csv_source(path: Path, label_column, limits: DataLimits) -> RowSource:
                                                      null_values=[], strings_can_be_null=False,
                                                      quoted_strings_can_be_null=False))
 
-        def checked(batch, start, convert):
+        def checked(rows, start):
             if ragged:
                 raise DataError(_ragged_message(path, width, skip, ragged, csv_stream))
+            check_finite(str(path), rows, start, lambda c: shown(stored[c]))
+            return rows
+
+        def as_text_rows(batch, start):
             rows = np.empty((batch.num_rows, width))
             for c, j in enumerate(stored):
-                rows[:, c] = convert(batch.column(j), j)
-            check_finite(str(path), rows, start, lambda c: shown(stored[c]))
+                rows[:, c] = _numbers(batch.column(j), path, start, shown(j))
             return rows
 
         # Fast: pyarrow converts the cells. On the first cell it cannot (a bad
@@ -134,7 +137,8 @@ def csv_source(path: Path, label_column, limits: DataLimits) -> RowSource:
         try:
             try:
                 for batch in csv_stream(pa.float64(), True, reader):
-                    rows = checked(batch, start, lambda column, j: column.to_numpy(zero_copy_only=False))
+                    # one row-major copy in pyarrow, the label column moved last
+                    rows = checked(np.asarray(batch.select(stored).to_tensor(row_major=True)), start)
                     start += len(rows)
                     yield rows
             except pa.ArrowInvalid:
@@ -148,8 +152,7 @@ def csv_source(path: Path, label_column, limits: DataLimits) -> RowSource:
                             done += batch.num_rows
                             continue
                         batch, done = batch.slice(start - 1 - done), start - 1
-                        rows = checked(batch, start,
-                                       lambda column, j: _numbers(column, path, start, shown(j)))
+                        rows = checked(as_text_rows(batch, start), start)
                         start += len(rows)
                         done += len(rows)
                         yield rows

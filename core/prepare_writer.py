@@ -6,21 +6,27 @@ row goes, and the split's permutations while they are computed):
 
 1. the source's checked float64 rows are appended, in source order, to a
    work file (the row count is known only at its end);
-2. once the split is known, that file is read in chunks and each row is
-   appended to the work file of the block it belongs to, with its position;
-3. each block is assembled in memory from its work file, in stored order,
-   and written as `.npy` (hashed as it is written).
+2. once the split is known, that file is read in chunks; each chunk's rows
+   are grouped by block (a radix sort) and appended to their blocks' work
+   files, with their positions in the block;
+3. each block is assembled once, in memory, from its work file, in stored
+   order, and written as `.npy` (hashed as it is written).
 
-The standardization statistics are two passes over the training blocks in
+The standardization statistics are two sums over the training blocks in
 stored order, each a sequential float64 sum row after row (the order numpy's
 own axis-0 sum takes, so mean and std equal numpy's of the stored rows to the
-bit). Everything is written under OUT.tmp-<random> beside OUT and renamed
-into place: OUT is never a half-written set.
+bit): the first as each block is assembled, the second over the same float64
+rows read again from the written block when it holds them exactly (float64,
+or float32 that round-trips), else from a float64 copy written beside it.
+Work files are read into buffers reused from block to block and written a
+WRITE_PIECE at a time. Everything is written under OUT.tmp-<random> beside
+OUT and renamed into place: OUT is never a half-written set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,6 +47,7 @@ SHARD_ORDER_KEY = 0x54A2D  # core.shards.shard_rows's permutation key
 BLOCK_BYTES = 16 << 20  # a block's features, as stored, when block_rows is not given
 ROUTE_BYTES = 64 << 20  # rows read at a time in pass 2
 INDEX_CHUNK = 1 << 20
+WRITE_PIECE = 256 << 10  # bytes a write() at most: measured, one of tens of MB costs the kernel ~10x the CPU
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,9 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
 
     # pass 1: source order
     n, lowest, highest, integral = 0, math.inf, -math.inf, True
-    with open(work / "rows", "wb") as fh:
+    with open(work / "rows", "wb", buffering=0) as fh:
         for rows in src.batches:
-            rows.tofile(fh)
+            _write_all(fh, rows)
             n += len(rows)
             if src.vector_labels:
                 y = rows[:, F]
@@ -126,55 +133,55 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
     nb_train, nb_val = math.ceil(n_train / B), math.ceil(n_val / B)
 
     # pass 2: each row to its block's work file
-    train, val = split_rows(n, validation_split, seed)
-    dest = np.empty(n, dtype=np.int64)
-    order = np.random.default_rng([seed, SHARD_ORDER_KEY]).permutation(n_train)
-    for a in range(0, n, INDEX_CHUNK):  # in chunks: no temporary of 8 bytes a row beside the three
-        dest[train[order[a:a + INDEX_CHUNK]]] = np.arange(a, min(a + INDEX_CHUNK, n_train))
-        dest[val[a:a + INDEX_CHUNK]] = n_train + np.arange(a, min(a + INDEX_CHUNK, n_val))
-    del train, val, order
-    chunk = max(1, ROUTE_BYTES // (width * 8))
-    with open(work / "rows", "rb") as fh:
-        for r0 in range(0, n, chunk):
-            rows = np.fromfile(fh, dtype=np.float64, count=min(chunk, n - r0) * width).reshape(-1, width)
-            at = dest[r0:r0 + len(rows)]
-            blocks = np.where(at < n_train, at // B, nb_train + (at - n_train) // B)
-            by_block = np.argsort(blocks, kind="stable")
-            ids, starts = np.unique(blocks[by_block], return_index=True)
-            for k, a, b in zip(ids, starts, list(starts[1:]) + [len(rows)]):
-                picked = by_block[a:b]
-                with open(work / f"{k}.rows", "ab") as r, open(work / f"{k}.at", "ab") as p:
-                    rows[picked].tofile(r)
-                    at[picked].tofile(p)
+    dest = _destinations(n, n_train, validation_split, seed)
+    _route(work, dest, n_train, nb_train, nb_train + nb_val, B, width, _position_dtype(B))
     del dest
     (work / "rows").unlink()
 
     # pass 3: blocks in stored order, and the statistics of the training rows
-    def assemble(k: int, first: int, count: int) -> np.ndarray:
-        rows = np.fromfile(work / f"{k}.rows", dtype=np.float64).reshape(-1, width)
-        at = np.fromfile(work / f"{k}.at", dtype=np.int64)
-        assert len(rows) == count == len(at), (k, len(rows), count)
-        block = np.empty_like(rows)
-        block[at - first] = rows
-        return block
-
-    plan = [("train", i, i, i * B, min(B, n_train - i * B)) for i in range(nb_train)]
-    plan += [("val", i, nb_train + i, n_train + i * B, min(B, n_val - i * B)) for i in range(nb_val)]
-    files, total = [], None
-    for number, (split, i, k, first, count) in enumerate(plan):
-        block = assemble(k, first, count)
-        X = np.ascontiguousarray(block[:, :F])
+    plan = [("train", i, i, min(B, n_train - i * B)) for i in range(nb_train)]
+    plan += [("val", i, nb_train + i, min(B, n_val - i * B)) for i in range(nb_val)]
+    files, total, again = [], None, []
+    X64 = np.empty((min(B, max(n_train, n_val)) + 1, F))  # row 0 holds the running sum
+    rows = np.empty((len(X64) - 1, width))
+    at = np.empty(len(rows), dtype=_position_dtype(B))
+    narrow = np.empty((len(rows), F), dtype=dtype) if dtype != np.float64 else None
+    for number, (split, i, k, count) in enumerate(plan):
+        _read_exactly(work / f"{k}.rows", rows[:count])
+        _read_exactly(work / f"{k}.at", at[:count])
+        (work / f"{k}.rows").unlink()
+        (work / f"{k}.at").unlink()
+        pos = at[:count]
+        X = X64[1:count + 1]
+        X[pos] = rows[:count, :F]
+        if classes is not None:
+            y = np.empty(count, dtype=np.int64)
+            y[pos] = rows[:count, F]
+        else:
+            y = np.empty((count, T))
+            y[pos] = rows[:count, F:]
         if split == "train":
-            total = _running_sum(total, X)
-        y = block[:, F].astype(np.int64) if classes is not None else np.ascontiguousarray(block[:, F:])
-        files.append(_write_npy(tmp, block_name(split, "X", i), X.astype(dtype)))
+            total = _running_sum(total, X64, count)
+        stored = X
+        if narrow is not None:
+            stored = narrow[:count]
+            np.copyto(stored, X, casting="same_kind")  # as astype: rounded to nearest
+        X_name = block_name(split, "X", i)
+        files.append(_write_npy(tmp, X_name, stored))
         files.append(_write_npy(tmp, block_name(split, "y", i), y))
+        if split == "train":
+            again.append(_float64_copy(tmp, work, X_name, k, X, stored))
         report(Progress("write", n, src.bytes, src.bytes, number + 1, len(plan)))
     mean = total / n_train
     squares = None
-    for split, i, k, first, count in plan[:nb_train]:
-        d = assemble(k, first, count)[:, :F] - mean
-        squares = _running_sum(squares, np.multiply(d, d, out=d))
+    for (_, _, _, count), (path, offset, kind) in zip(plan, again):
+        X = X64[1:count + 1]
+        _read_exactly(path, X if kind == np.float64 else narrow[:count], offset)
+        if kind != np.float64:
+            np.copyto(X, narrow[:count])
+        np.subtract(X, mean, out=X)
+        np.multiply(X, X, out=X)
+        squares = _running_sum(squares, X64, count)
     scale = np.sqrt(squares / n_train)
     scale[scale == 0] = 1.0  # as core.data: a constant column is only centred
     shutil.rmtree(work)
@@ -197,28 +204,113 @@ def _write(src, tmp: Path, dtype: np.dtype, block_rows, validation_split: float,
     }
 
 
-def _running_sum(total: np.ndarray | None, X: np.ndarray) -> np.ndarray:
-    """total + X[0] + X[1] + ... in that order (numpy's axis-0 sum of a C array is sequential)."""
+def _destinations(n: int, n_train: int, validation_split: float, seed: int) -> np.ndarray:
+    """Each source row's stored position: training rows first, in shard order, then validation rows."""
+    train, val = split_rows(n, validation_split, seed)
+    dest = np.empty(n, dtype=np.int64)
+    order = np.random.default_rng([seed, SHARD_ORDER_KEY]).permutation(n_train)
+    n_val = n - n_train
+    for a in range(0, n, INDEX_CHUNK):  # in chunks: no temporary of 8 bytes a row beside the three
+        dest[train[order[a:a + INDEX_CHUNK]]] = np.arange(a, min(a + INDEX_CHUNK, n_train))
+        dest[val[a:a + INDEX_CHUNK]] = n_train + np.arange(a, min(a + INDEX_CHUNK, n_val))
+    return dest
+
+
+def _position_dtype(B: int) -> np.dtype:
+    return np.dtype(np.int32 if B <= np.iinfo(np.int32).max else np.int64)
+
+
+def _route(work: Path, dest: np.ndarray, n_train: int, nb_train: int, blocks: int, B: int, width: int,
+           position: np.dtype) -> None:
+    """Pass 2: the rows file read in chunks, each chunk's rows grouped by block
+    (a stable sort, so a block's rows stay in source order) and appended to
+    that block's work file, with their positions in the block."""
+    n = len(dest)
+    chunk = min(n, max(1, ROUTE_BYTES // (width * 8)))
+    rows, grouped = np.empty((chunk, width)), np.empty((chunk, width))
+    small = np.int16 if blocks < 1 << 15 else np.int64  # numpy's stable sort of int16 is a radix sort
+    with open(work / "rows", "rb", buffering=0) as fh:
+        for r0 in range(0, n, chunk):
+            m = min(chunk, n - r0)
+            _read_into(fh, rows[:m])
+            at = dest[r0:r0 + m]
+            val = at >= n_train
+            block, pos = np.divmod(at - val * n_train, B)  # a validation row's block counts from nb_train
+            block += val * nb_train
+            by_block = np.argsort(block.astype(small), kind="stable")
+            np.take(rows[:m], by_block, axis=0, out=grouped[:m], mode="clip")  # "raise" copies out first
+            pos = pos[by_block].astype(position)
+            counts = np.bincount(block, minlength=blocks)
+            a = 0
+            for k in np.flatnonzero(counts):
+                b = a + int(counts[k])
+                with open(work / f"{k}.rows", "ab", buffering=0) as r, \
+                        open(work / f"{k}.at", "ab", buffering=0) as p:
+                    _write_all(r, grouped[a:b])
+                    _write_all(p, pos[a:b])
+                a = b
+
+
+def _float64_copy(tmp: Path, work: Path, X_name: str, k: int, X: np.ndarray, stored: np.ndarray):
+    """Where the squares pass reads a training block's float64 rows again: its
+    written block when that holds them exactly (float64, or float32 that
+    round-trips), else a float64 work file. (path, byte offset, dtype there)."""
+    if stored is X or (np.array_equal(stored[:1], X[:1]) and np.array_equal(stored, X)):
+        return tmp / X_name, len(_npy_header(stored)), stored.dtype
+    spill = work / f"{k}.float64"
+    with open(spill, "wb", buffering=0) as fh:
+        _write_all(fh, X)
+    return spill, 0, np.dtype(np.float64)
+
+
+def _write_all(fh, data) -> None:
+    """`data` (bytes or a C-contiguous array) to an unbuffered file, WRITE_PIECE bytes a call."""
+    view = memoryview(data).cast("B")
+    for a in range(0, len(view), WRITE_PIECE):
+        piece = view[a:a + WRITE_PIECE]
+        while piece:
+            piece = piece[fh.write(piece):]
+
+
+def _read_into(fh, array: np.ndarray) -> None:
+    view, done = memoryview(array).cast("B"), 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise DataError(f"{fh.name}: a work file is shorter than written (was it changed meanwhile?)")
+        done += got
+
+
+def _read_exactly(path: Path, array: np.ndarray, offset: int = 0) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        _read_into(fh, array)
+
+
+def _running_sum(total: np.ndarray | None, rows: np.ndarray, count: int) -> np.ndarray:
+    """total + X[0] + X[1] + ... in that order, X being rows[1:count + 1]; rows[0]
+    is overwritten with total (numpy's axis-0 sum of a C array is sequential)."""
     if total is None:
-        return np.add.reduce(X, axis=0)
-    return np.add.reduce(np.concatenate([total[None, :], X]), axis=0)
+        return np.add.reduce(rows[1:count + 1], axis=0)
+    rows[0] = total
+    return np.add.reduce(rows[:count + 1], axis=0)
 
 
-class _HashingWriter:
-    def __init__(self, fh):
-        self.fh, self.digest, self.bytes = fh, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.digest.update(view)
-        self.bytes += len(view)
-        return self.fh.write(view)
+def _npy_header(array: np.ndarray) -> bytes:
+    """The .npy header np.save writes for `array` (format 1.0: our headers are short)."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+    return out.getvalue()
 
 
 def _write_npy(root: Path, name: str, array: np.ndarray) -> dict:
+    """`array` (C-contiguous) as the .npy file np.save writes, hashed as written."""
     path = root / name
     path.parent.mkdir(exist_ok=True)
-    with open(path, "wb") as fh:
-        out = _HashingWriter(fh)
-        np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
-    return {"path": name, "bytes": out.bytes, "sha256": out.digest.hexdigest()}
+    header, data = _npy_header(array), memoryview(array).cast("B")
+    digest = hashlib.sha256(header)
+    digest.update(data)
+    with open(path, "wb", buffering=0) as fh:
+        _write_all(fh, header)
+        _write_all(fh, data)
+    return {"path": name, "bytes": len(header) + len(data), "sha256": digest.hexdigest()}

@@ -113,6 +113,24 @@ def test_float32_stores_the_source_values_rounded_and_stats_of_float64(tmp_path)
     assert p.mean.tobytes() == X[train].mean(axis=0).tobytes()
 
 
+@pytest.mark.parametrize("dtype, rounded", [("float64", False), ("float32", False), ("float32", True)])
+def test_statistics_are_numpys_however_the_training_rows_are_read_again(tmp_path, dtype, rounded):
+    # the squares pass reads float64 blocks back, float32 blocks that hold the
+    # values exactly (rounded source), or a float64 work file (float32 blocks
+    # that do not)
+    X, y = make_data(n=230, f=4)
+    if rounded:
+        X = X.astype(np.float32).astype(np.float64)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    p = prepare(tmp_path / "d.npz", tmp_path / "out", seed=3, dtype=dtype, block_rows=40)
+    train, _ = stored_order(230, 0.2, 3)
+    scale = X[train].std(axis=0)
+    scale[scale == 0] = 1.0
+    assert p.mean.tobytes() == X[train].mean(axis=0).tobytes()
+    assert p.scale.tobytes() == scale.tobytes()
+    np.testing.assert_array_equal(p.read_train(0, p.n_train)[0], X[train].astype(dtype))
+
+
 def test_preparing_twice_gives_the_same_manifest_bytes(tmp_path):
     X, y = make_data(n=300)
     csv = write_csv(tmp_path / "d.csv", X, y)
@@ -421,6 +439,7 @@ def test_where_rows_go_is_computed_in_chunks_without_changing_it(tmp_path, monke
     np.savez(tmp_path / "d.npz", X=X, y=y)
     whole = prepare(tmp_path / "d.npz", tmp_path / "a", dtype="float64", block_rows=10, validation_split=0.3)
     monkeypatch.setattr(core.prepare_writer, "INDEX_CHUNK", 7)
+    monkeypatch.setattr(core.prepare_writer, "ROUTE_BYTES", 5 * 4 * 8)  # pass 2 reads 5 rows at a time
     chunked = prepare(tmp_path / "d.npz", tmp_path / "b", dtype="float64", block_rows=10, validation_split=0.3)
     assert whole.manifest["files"] == chunked.manifest["files"]
     train, val = stored_order(103, 0.3, 0)
