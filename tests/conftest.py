@@ -7,8 +7,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,35 @@ def ray_cluster(ray_cluster_session):
 def ray_local(ray_cluster):
     """The session's Ray address (a string for `ray.init(address=...)`)."""
     yield ray_cluster.address
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # host:port of its GCS
+    log: Path  # what `ray start` printed
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A one-machine `ray start --head` cluster with 2 CPUs on loopback, the
+    bare-machine command of docs/deploy.md, shared by the tests that attach
+    to one (tests/test_attached.py, tests/test_deploy.py). Its port and
+    --temp-dir are its own, and it is ended by its process group, never
+    `ray stop` (which would end every Ray here)."""
+    from tests.service_helpers import stop_process_group
+    from tests.test_dashboard import free_port
+
+    tmp = tmp_path_factory.mktemp("head")
+    port, log = free_port(), tmp / "head.log"
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={tmp / 'ray'}", "--block"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tmp)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+        yield RayHead(f"127.0.0.1:{port}", log)
+    finally:
+        stop_process_group(proc)

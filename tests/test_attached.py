@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ import pytest
 
 from core.spec import parse_spec
 from core.trainer import train
-from tests.service_helpers import stop_process_group
-from tests.test_dashboard import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -61,25 +58,6 @@ print(json.dumps(graphs))
 """
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A one-machine `ray start --head` cluster with 2 CPUs, on loopback."""
-    tmp = tmp_path_factory.mktemp("head")
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir={tmp / 'ray'}", "--block"],
-        stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tmp)
-    try:
-        time.sleep(3)
-        assert proc.poll() is None, (tmp / "head.log").read_text()[-2000:]
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_process_group(proc)
-
-
 def run_attached(address: str, where: Path, **extra) -> tuple[list, np.ndarray]:
     where.mkdir()
     done = subprocess.run([sys.executable, "-c", DRIVER, address, str(where), json.dumps(SPEC), json.dumps(extra)],
@@ -89,17 +67,17 @@ def run_attached(address: str, where: Path, **extra) -> tuple[list, np.ndarray]:
     return json.loads(done.stdout.splitlines()[-1]), np.load(where / "params.npy", allow_pickle=False)
 
 
-def test_an_attached_driver_shares_files_on_one_node_and_gives_the_reference_bits(head, tmp_path):
+def test_an_attached_driver_shares_files_on_one_node_and_gives_the_reference_bits(ray_head, tmp_path):
     reference, _ = train(parse_spec(SPEC))
     for servers in (1, 2):
-        graphs, params = run_attached(head, tmp_path / f"ps{servers}", resources={"parameter_servers": servers})
+        graphs, params = run_attached(ray_head.address, tmp_path / f"ps{servers}", resources={"parameter_servers": servers})
         assert graphs == [{"transport": "object store", "nodes": 1, "zero_copy": True}]
         assert params.dtype == reference.params.dtype
         assert np.array_equal(params, reference.params), f"{servers} servers differ from the reference"
 
 
-def test_an_attached_driver_recovers_a_killed_worker_with_the_reference_bits(head, tmp_path):
+def test_an_attached_driver_recovers_a_killed_worker_with_the_reference_bits(ray_head, tmp_path):
     reference, _ = train(parse_spec(SPEC))
-    graphs, params = run_attached(head, tmp_path / "killed", kill_at=6)
+    graphs, params = run_attached(ray_head.address, tmp_path / "killed", kill_at=6)
     assert len(graphs) >= 2 and all(g == {"transport": "object store", "nodes": 1, "zero_copy": True} for g in graphs)
     assert np.array_equal(params, reference.params)

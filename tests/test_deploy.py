@@ -10,8 +10,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import yaml
 
 from promql_names import HEALTH_SERIES, defined_names, metric_names
 from service.cli import build_parser
-from tests.service_helpers import stop_process_group
 from tests.test_dashboard import JOB, free_port, service, wait_for  # noqa: F401  (the live service fixture)
 from tests.netns_cluster import HEAD_PORTS, RAY_PORTS
 from workers.transport import data_ports
@@ -194,55 +191,23 @@ def test_a_real_prometheus_scrapes_a_service_with_a_token_only_with_its_credenti
             assert wait_for(up, timeout=90, every=0.5) == {"with-token": "1", "without": "0"}
 
 
-ATTACHED_TRANSPORT = """
-import json, sys
-from core.spec import parse_spec
-from workers.coordinator import Coordinator
-from workers.runtime import connect_ray, started_here
-connect_ray(sys.argv[1])
-assert not started_here()
-graphs = []
-spec = parse_spec({"name": "attached", "seed": 0, "data": {"source": "digits", "shards": 2},
-                   "training": {"batch_size": 64, "steps": 3}, "resources": {"workers": 2}})
-Coordinator(spec, sys.argv[2] + "/attached-run", on_event=lambda e: graphs.append(
-    {"transport": e.transport, "nodes": e.nodes}) if e.kind == "graph" else None).run()
-print(json.dumps(graphs))
-"""
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(tmp_path):
-    """The bare-machine commands of docs/deploy.md, on loopback; the head is
-    ended by its pid (never `ray stop`, which would end every Ray here)."""
+def test_a_service_attached_to_a_ray_start_head_cluster_runs_a_job(ray_head, tmp_path):
+    """The bare-machine commands of docs/deploy.md, on loopback: a service
+    attached to a `ray start --head` (tests/conftest.py's `ray_head`; that an
+    attached driver's step goes through the object store with shared files
+    is tests/test_attached.py's)."""
     from tests.service_helpers import ServiceProcess, wait_state
 
-    gcs = free_port()
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", "--block"],
-        stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}, cwd=tmp_path)
-    server = None
+    server = ServiceProcess(tmp_path / "store.db", "--ray-address", ray_head.address,
+                            "--data-root", str(tmp_path), env={"RAY_AUTH_MODE": "disabled"}).start()
     try:
-        time.sleep(3)
-        assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
-        server = ServiceProcess(tmp_path / "store.db", "--ray-address", f"127.0.0.1:{gcs}",
-                                "--data-root", str(tmp_path), env={"RAY_AUTH_MODE": "disabled"}).start()
         small = {**JOB, "training": {**JOB["training"], "steps": 30}}
         job = httpx.post(f"{server.url}/v1/jobs", json=small, timeout=10).json()
         done = wait_state(server.url, job["id"], timeout=180, diagnose=lambda: (
-            f"{server.diagnose()}\nray head log:\n{(tmp_path / 'head.log').read_text(errors='replace')[-3000:]}"))
+            f"{server.diagnose()}\nray head log:\n{ray_head.log.read_text(errors='replace')[-3000:]}"))
         assert done["state"] == "succeeded", done
         assert done["step"] == 30
-        # A driver attached to this one-node cluster runs the step graph as
-        # actor calls on object refs: compiled graphs only in a Ray of its own.
-        probe = subprocess.run([sys.executable, "-c", ATTACHED_TRANSPORT, f"127.0.0.1:{gcs}", str(tmp_path)],
-                               capture_output=True, text=True, timeout=120, cwd=ROOT,
-                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        assert json.loads(probe.stdout.splitlines()[-1]) == [{"transport": "object store", "nodes": 1}]
     finally:
-        if server is not None:
-            server.stop()
-        stop_process_group(head)
+        server.stop()
