@@ -20,11 +20,11 @@ import time
 
 import pytest
 
-from service.store import Store
-from tests.netns_cluster import Naming, NetnsCluster, unavailable_reason
-from tests.test_multihost import SPEC, STEPS, WORKER_HOST, Driver, assert_reference_run, events
 from core.spec import parse_spec
 from core.trainer import train
+from service.store import Store
+from tests.netns_cluster import Naming, NetnsCluster, unavailable_reason
+from tests.test_multihost import SPEC, STEPS, WORKER_HOST, Driver, assert_reference_run
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow,
               pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")]
