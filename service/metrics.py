@@ -33,6 +33,7 @@ FAILURE_COUNTERS = {
     "steps_replayed": "steps_replayed",
     "nonfinite_skipped": "nonfinite_skipped",
     "hung_workers": "hung_workers",
+    "fenced": "stale_refused",
 }
 
 
@@ -63,6 +64,8 @@ class ServiceMetrics:
                                       job, registry=r)
         self.hung_workers = Counter("shardprop_hung_workers", "Gradient workers killed and replaced for "
                                     "exceeding resources.worker_timeout_s", job, registry=r)
+        self.stale_refused = Counter("shardprop_stale_refused", "Plans and worker results refused as of another "
+                                     "membership epoch (workers/fencing.py)", job, registry=r)
         self.nonfinite_skipped = Counter("shardprop_nonfinite_steps_skipped", "Steps skipped for a non-finite "
                                          "gradient", job, registry=r)
         self.staleness = Histogram("shardprop_staleness", "Versions between computing and applying a gradient "

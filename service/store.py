@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     phases TEXT,
     at TEXT NOT NULL,
     record TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, step)
 );
 """
@@ -83,7 +84,9 @@ JOB_FIELDS = ("id", "name", "state", "step", "steps", "checkpoint_step", "error"
 # columns added since the first schema, with their definitions, for stores made before them
 ADDED_COLUMNS = {"jobs": {"resumes": "INTEGER NOT NULL DEFAULT 0", "provenance": "TEXT",
                           "sweep": "TEXT"},  # the sweep a trial's job belongs to (service/store_sweeps.py)
-                 "metrics": {"record": "TEXT"}}
+                 "metrics": {"record": "TEXT",
+                             # the job's run that wrote the row: jobs.resumes then (a resume is a new run)
+                             "attempt": "INTEGER NOT NULL DEFAULT 0"}}
 # A job's timeline: its state transitions and the coordinator's typed events,
 # numbered 1, 2, ... per job. A number is given inside the transaction that
 # writes the event (one writer, in order), so it never repeats or goes back,
@@ -102,10 +105,23 @@ INSERT_EVENT = ("INSERT INTO events (job, seq, kind, step, time, detail) VALUES 
                 "(?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job = ?1), ?2, ?3, ?4, ?5)")
 LAST_METRICS = ("loss", "val_loss", "val_accuracy")  # what the job list shows of each job's history
 METRIC_COLUMNS = ("step", "loss", "val_loss", "val_accuracy", "samples_per_s", "workers", "lr", "phases", "at")
+# A step's row is written once per run of the job (its attempt: jobs.resumes):
+# a second record of a step in the same run is refused, and leaves a
+# `record_refused` event; a later run's (a resumed job replaying the steps
+# since its checkpoint, with the same bits) replaces it. So the history
+# holds each step exactly once, the newest run's.
+_ATTEMPT = "COALESCE((SELECT resumes FROM jobs WHERE id = ?), 0)"
 UPSERT_METRIC = (
-    f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record) VALUES (?, {', '.join('?' * 10)}) "
+    f"INSERT INTO metrics (job, {', '.join(METRIC_COLUMNS)}, record, attempt) "
+    f"VALUES (?, {', '.join('?' * 10)}, {_ATTEMPT}) "
     "ON CONFLICT(job, step) DO UPDATE SET "
-    + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record")))
+    + ", ".join(f"{c}=excluded.{c}" for c in (*METRIC_COLUMNS[1:], "record", "attempt"))
+    + " WHERE metrics.attempt < excluded.attempt")
+REFUSED_METRIC = (
+    "INSERT INTO events (job, seq, kind, step, time, detail) "
+    "SELECT m.job, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job = m.job), 'record_refused', m.step, ?, "
+    "json_object('step', m.step, 'attempt', m.attempt) "
+    f"FROM metrics m WHERE m.job = ? AND m.step = ? AND m.attempt >= {_ATTEMPT}")
 # what a step record holds besides the columns, kept in its JSON (docs/service.md, the step record)
 EXTRA_FIELDS = ("gradient_norm", "update_ratio", "worker_compute_s", "worker_wait_s", "finished_at",
                 "params_sha256", "goodput")
@@ -297,10 +313,14 @@ class Store(SweepTables):
     # ------------------------------------------------------------ metrics
 
     def record_metric(self, job_id: str, record: dict) -> None:
-        """Upsert one step's record (a replayed step is reported again)."""
+        """Store one step's record, once per run of the job: a second one
+        of this run is refused (a `record_refused` event says so), one of a
+        later run (a resumed job replays the steps since its checkpoint)
+        replaces it."""
         row = _metric_row(job_id, record)
         step, at = row[1], row[9]
-        self._write_soon((UPSERT_METRIC, row),
+        self._write_soon((REFUSED_METRIC, (time.time(), job_id, step, job_id)),
+                         (UPSERT_METRIC, (*row, job_id)),
                          ("UPDATE jobs SET step = MAX(step, ?), updated_at = ? WHERE id = ?", (step, at, job_id)))
 
     def _write_soon(self, *statements: tuple[str, tuple]) -> None:
@@ -324,7 +344,8 @@ class Store(SweepTables):
     def missing_steps(self, job_id: str) -> int:
         """Steps from 1 to the highest recorded that the job's history lacks:
         every step is recorded once, so 0 (a step is one row: (job, step) is
-        the key, and a replayed step replaces its row)."""
+        the key; a second record of it in the same run is refused, a later
+        run's replaces it)."""
         with self._read() as db:
             return int(db.execute("SELECT COALESCE(MAX(step), 0) - COUNT(*) FROM metrics WHERE job = ?",
                                   (job_id,)).fetchone()[0])

@@ -1,7 +1,7 @@
 """A job's driver on a namespace host (tests/test_multihost.py runs it there).
 
     python tests/netns_driver.py ADDRESS SPEC.json RESULT.json [--pause STEP:NAME ...]
-        [--pause-placed NAME] [--servers-on IP]
+        [--pause-placed NAME] [--servers-on IP] [--store STORE.db]
 
 It runs one job through the Coordinator, attached to ADDRESS, and writes what
 the test checks: the trained parameters (an .npy beside RESULT), each step
@@ -15,6 +15,8 @@ folder: at a pause the driver writes `at-NAME` and waits for `go-NAME`.
 - `--servers-on IP`: the parameter servers start on the node at IP while
   it is alive (a restore goes elsewhere once Ray has declared it dead): the
   fault of a server's host, on purpose.
+- `--store STORE.db`: the job's step records and events also go to a job
+  store (service/store.py), as the service's scheduler writes them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from workers import pool as pool_module  # noqa: E402
 from workers import servers as servers_module  # noqa: E402
 from workers.coordinator import Coordinator  # noqa: E402
 from workers.runtime import connect_ray  # noqa: E402
+from service.store import Store  # noqa: E402
 
 
 def pause(folder: Path, name: str) -> None:
@@ -86,6 +89,7 @@ def main() -> int:
     ap.add_argument("--pause", action="append", default=[])
     ap.add_argument("--pause-placed")
     ap.add_argument("--servers-on")
+    ap.add_argument("--store")
     args = ap.parse_args()
     result = Path(args.result)
     folder = result.parent
@@ -95,9 +99,13 @@ def main() -> int:
     if args.servers_on:
         servers_module.ParameterServer = servers_preferring(args.servers_on)
     steps, events, first_servers = [], [], []
+    store = Store(args.store) if args.store else None
+    job_id = store.create_job(raw)[0]["id"] if store else None
 
     def on_step(record: dict) -> None:
         steps.append(record["step"])
+        if store:
+            store.record_metric(job_id, record)
         if len(steps) == 1:
             first_servers.extend(coordinator.server_locations)
         if record["step"] in pauses:
@@ -105,19 +113,23 @@ def main() -> int:
 
     def on_event(event) -> None:
         events.append({"time": time.time(), "kind": event.kind, **asdict(event)})
+        if store:
+            store.record_event(job_id, event.kind, getattr(event, "step", None), event.detail())
 
     extra = {}
     if args.pause_placed:
         extra["start_worker"] = pausing_at_placement(folder, args.pause_placed, raw["resources"]["workers"])
     coordinator = Coordinator(raw, folder / "ckpt", on_step=on_step, on_event=on_event, **extra)
     net = coordinator.run()
+    if store:
+        store.close()
     np.save(folder / "params.npy", net.params, allow_pickle=False)
     nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes()}
     result.write_text(json.dumps({
         "steps": steps, "events": events, "locations": coordinator.locations,
         "servers": {"first": first_servers, "last": coordinator.server_locations},
         "counters": asdict(coordinator.counters),
-        "nodes": nodes}, default=list))
+        "nodes": nodes, "job_id": job_id}, default=list))
     return 0
 
 

@@ -28,6 +28,7 @@ EXPECTED = {  # name as parsed (counters lose _total) -> (type, labels beyond jo
     "shardprop_steps_replayed": ("counter", set()),
     "shardprop_nonfinite_steps_skipped": ("counter", set()),
     "shardprop_hung_workers": ("counter", set()),
+    "shardprop_stale_refused": ("counter", set()),
     "shardprop_staleness": ("histogram", {"le"}),
     "shardprop_gradient_norm": ("gauge", set()),
     "shardprop_update_to_weight_ratio": ("gauge", {"layer"}),
@@ -70,7 +71,8 @@ def test_every_metric_has_its_type_and_labels():
     m.job_started("j1")
     for step in (1, 2, 3):
         m.observe_step("j1", record(step))
-    m.observe_counters("j1", SimpleNamespace(worker_failures=1, recoveries=1, steps_replayed=3, nonfinite_skipped=0))
+    m.observe_counters("j1", SimpleNamespace(worker_failures=1, recoveries=1, steps_replayed=3, nonfinite_skipped=0,
+                                             fenced=2))
     m.set_job_states({"running": 1, "queued": 2})
     found = families(m)
     for name, (kind, labels) in EXPECTED.items():
@@ -85,6 +87,7 @@ def test_every_metric_has_its_type_and_labels():
     assert value[("shardprop_step_seconds_count", (("job_id", "j1"), ("phase", "compute")))] == 3
     assert value[("shardprop_jobs", (("state", "queued"),))] == 2
     assert value[("shardprop_steps_replayed_total", (("job_id", "j1"),))] == 3
+    assert value[("shardprop_stale_refused_total", (("job_id", "j1"),))] == 2
 
 
 def sample(metrics, name, job_id):

@@ -50,15 +50,26 @@ def test_legal_and_illegal_transitions(store):
         store.transition("nope", "running")
 
 
-def test_metrics_upsert_replayed_steps(store):
+def test_a_step_is_recorded_once_per_run_and_a_resumed_runs_replay_replaces_it(store):
     job, _ = store.create_job(SPEC)
     store.record_metric(job["id"], {"step": 1, "loss": 2.0, "phases": {"compute": 0.1}})
     store.record_metric(job["id"], {"step": 2, "loss": 1.5, "val_accuracy": 0.5})
-    store.record_metric(job["id"], {"step": 2, "loss": 1.4, "val_accuracy": 0.6})  # replayed
+    store.record_metric(job["id"], {"step": 2, "loss": 1.4, "val_accuracy": 0.6})  # a second record, same run
+    rows = store.metrics(job["id"])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[1]["loss"] == 1.5 and rows[1]["val_accuracy"] == 0.5, "the second record of a run was refused"
+    refused = [e for e in store.events(job["id"]) if e["kind"] == "record_refused"]
+    assert [(e["step"], e["detail"]) for e in refused] == [(2, {"step": 2, "attempt": 0})]
+    store.count_resume(job["id"])  # a resumed run replays the steps since its checkpoint
+    store.record_metric(job["id"], {"step": 2, "loss": 1.4, "val_accuracy": 0.6})
     store.record_metric(job["id"], {"step": 1, "loss": float("nan")})
     rows = store.metrics(job["id"])
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["loss"] == 1.4 and rows[1]["val_accuracy"] == 0.6 and rows[0]["loss"] is None
+    assert len([e for e in store.events(job["id"]) if e["kind"] == "record_refused"]) == 1
+    store.record_metric(job["id"], {"step": 1, "loss": 3.0})  # and that run's second record is refused too
+    assert store.metrics(job["id"])[0]["loss"] is None
+    assert store.missing_steps(job["id"]) == 0
     assert store.get_job(job["id"])["step"] == 2
     assert store.metrics(job["id"], since=1)[0]["step"] == 2
 

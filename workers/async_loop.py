@@ -40,6 +40,7 @@ class Computation:
     version: int  # of the parameters it is computed on
     generation: int  # of the server it is for (AsyncRun.generation)
     token: int  # the watchdog's
+    epoch: int  # the job's membership epoch it was made in (workers.fencing)
 
     @property
     def index(self) -> int:
@@ -100,13 +101,14 @@ class AsyncLoop:
         job, t = self.job, self.job.spec.training
         c = run.inflight.pop(ref)
         job.watchdog.finished(c.token)
-        if c.generation != run.generation:  # computed for a server since replaced
-            return
+        if c.generation != run.generation or c.epoch != job.membership.epoch:
+            return  # computed for a server since replaced, or by a former membership: the server would refuse it
         new_params, stats_ref = self.server.push.remote(c.version, t.max_staleness, [ref])
         try:
             stats: UpdateStats = ray.get(stats_ref)
             if not stats.accepted:
-                job.reporter.counters.stale_rejected += 1
+                if not stats.fenced:  # a fenced one is reported with the server's refusals (workers.fencing)
+                    job.reporter.counters.stale_rejected += 1
                 return
             run.params_ref, run.version = new_params, stats.version
             run.taken[c.shard] += 1
@@ -190,7 +192,8 @@ class AsyncLoop:
                 continue
             shard, batch = free[0], run.taken[free[0]]
             work = Work(("batch", shard, batch), f"shard {shard}'s batch {batch}", run.version + 1, (member.index,))
-            ref = member.actor.compute.remote(batch, (shard,), [run.params_ref])
+            epoch = job.membership.epoch
+            ref = member.actor.compute.remote(batch, (shard,), [run.params_ref], epoch)
             run.inflight[ref] = Computation(work, shard, batch, run.version, run.generation,
-                                            job.watchdog.started(work, ref))
+                                            job.watchdog.started(work, ref), epoch)
             computing.add(shard)

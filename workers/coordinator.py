@@ -28,6 +28,7 @@ from workers import shared
 from workers.async_loop import AsyncLoop
 from workers.checkpoint import JobCheckpoints
 from workers.evaluation import Evaluation
+from workers.fencing import Membership
 from workers.goodput import GoodputClock
 from workers.job import JobParts
 from workers.pool import JobCancelled, StartWorker, WorkerPool, start_gradient_worker
@@ -151,6 +152,7 @@ class Coordinator:
                 job.reporter.checkpoint(0, ServerState(net.params, {}, 0))
             job.servers.start(ServerState(net.params, resumed.optimizer if resumed else {}, start))
             job.pool.start(self._target_workers)
+            job.membership.advance("start", start)
             job.reporter.restart_clock("startup")
             # the watchdog's thread at normal priority, the sync loop's waiting at the lowest
             with job.watchdog.running():
@@ -160,6 +162,7 @@ class Coordinator:
                 else:
                     self._loop = AsyncLoop(job, self.applied_batches)
                     final = self._loop.run(start, resumed)
+            job.membership.collect()
             net.params[:] = job.servers.fetch(final)
             job.reporter.final_checkpoint(job.servers.state())
             return net
@@ -183,8 +186,9 @@ class Coordinator:
         recovery = Recovery(pool, servers, reporter.latest_checkpoint, policy, counters, self.on_event)
         watchdog = Watchdog(policy.limit, policy, pool.kill, self.on_event)
         counters.nodes = pool.nodes
+        membership = Membership(servers, pool, counters, self.on_event)
         return JobParts(spec, self.job_id, pool, servers, files, reporter, recovery, watchdog, self._cancelled,
-                        self._target, self.on_event, self.pipeline_depth)
+                        membership, self._target, self.on_event, self.pipeline_depth)
 
     def _spec_key(self) -> str:
         """The spec as checkpoints name it: less its `resources` (core.spec.checkpoint_key)."""

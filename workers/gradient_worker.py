@@ -7,6 +7,11 @@ validation blocks it is asked to evaluate. For a step it computes through core's
 count of every logical shard it is given, at the published parameters. A
 worker with c CPUs computes up to c shards at once, each with one BLAS thread,
 so the bits never depend on where or how widely a shard ran.
+
+A worker remembers the newest membership epoch it has been told
+(workers.fencing: by `own`, or by a plan), refuses a plan or computation of
+an older one (`StaleEpoch`), and stamps each result with its plan's epoch,
+which the servers check in turn.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from core.spec import JobSpec
 from core.trainer import ShardGradient, ShardedData, batch_gradient, build_network, eval_block
 from workers import shared, transport
 from workers.cores import claim_cores
-from workers.protocol import StepPlan, WorkerLocation, WorkerResult
+from workers.protocol import StaleEpoch, StepPlan, WorkerLocation, WorkerResult
 
 
 def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
@@ -60,18 +65,29 @@ class GradientWorker(transport.ArrayPeer):
         self._next_claim_at = time.monotonic() + 1.0
         self._views = shared.SharedViews()  # the servers' parameter files
         self._grads_file = shared.OwnedFile(f"worker-{index}", "grads")  # this worker's gradient rows
+        self._epoch = 0  # the newest membership epoch it has been told (workers.fencing)
 
     def location(self) -> WorkerLocation:
         return WorkerLocation(self.index, ray.get_runtime_context().get_node_id(), os.getpid(),
                               tuple(self._cores.cores) if self._cores else None)
 
-    def own(self, shards: tuple[int, ...]) -> None:
+    def own(self, shards: tuple[int, ...], epoch: int | None = None) -> None:
         """Hold the rows of `shards` and no others, checking every file of a
         prepared set's new ones before they are read (a DataError names the
-        file). The pool calls this before a step graph is built; a shard
-        that arrives in a plan unannounced is taken on there."""
+        file). The pool calls this before a step graph is built, with the
+        job's membership epoch; a shard that arrives in a plan unannounced
+        is taken on there."""
+        if epoch is not None:
+            self._see_epoch(epoch, "an assignment", 0)
         self._owned = tuple(shards)
         self.data.own(shards)
+
+    def _see_epoch(self, epoch: int, what: str, step: int) -> None:
+        """Refuse `what` (for 1-based `step`) if of an epoch older than the newest seen."""
+        if epoch < self._epoch:
+            raise StaleEpoch(f"worker {self.index}: refused {what} of membership epoch {epoch} for step {step}; "
+                             f"it has seen epoch {self._epoch}")
+        self._epoch = epoch
 
     def _take_on(self, shards: tuple[int, ...]) -> None:
         if not set(shards) <= set(self._owned):
@@ -119,12 +135,14 @@ class GradientWorker(transport.ArrayPeer):
         since = self._computing_since
         return None if since is None else time.monotonic() - since
 
-    def compute(self, step: int, shards: tuple[int, ...], param_refs: list) -> WorkerResult:
-        """Async mode: gradient sums of `shards` at the parameters in `param_refs`."""
+    def compute(self, step: int, shards: tuple[int, ...], param_refs: list, epoch: int = 0) -> WorkerResult:
+        """Async mode: gradient sums of `shards` at the parameters in
+        `param_refs`, for membership epoch `epoch`."""
+        self._see_epoch(epoch, "a computation", step + 1)
         params, wait_s, transfer_s = fetch_params(param_refs)
         self._take_on(shards)
         grads, compute_s = self._timed(step, shards, params)
-        return WorkerResult(self.index, tuple(grads), compute_s, wait_s=wait_s, transfer_s=transfer_s)
+        return WorkerResult(self.index, tuple(grads), compute_s, wait_s=wait_s, transfer_s=transfer_s, epoch=epoch)
 
     def _grad_rows(self, directory: str | None, count: int, params: np.ndarray) -> np.ndarray | None:
         """Rows of this worker's shared file for `count` shard gradients
@@ -168,6 +186,7 @@ class GradientWorker(transport.ArrayPeer):
         `idle_s` is the time since this worker returned its previous step: its
         gradients going to the servers, their reduce and apply, and the new
         parameters coming back."""
+        self._see_epoch(plan.epoch, "a plan", plan.step + 1)
         arrived = time.perf_counter()
         idle = arrived - self._returned_at if self._returned_at is not None else 0.0
         if self._cores is None and self._pin and time.monotonic() >= self._next_claim_at:
@@ -188,4 +207,4 @@ class GradientWorker(transport.ArrayPeer):
         elif plan.net_token:
             grads = self._offered(plan, grads)
         self._returned_at = time.perf_counter()
-        return WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle)
+        return WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle, epoch=plan.epoch)

@@ -3,8 +3,9 @@
 The sync and async loops (workers.sync_loop, workers.async_loop) drive a job
 through these: the worker pool and the server group that execute, the
 reporter that finishes each step, the recovery routine and the watchdog that
-handle failures, and the few decisions both loops take the same way
-(cancel, resize, recover).
+handle failures, the membership epoch that fences off former actors
+(workers.fencing), and the few decisions both loops take the same way
+(cancel, resize, recover: each a new epoch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from core.spec import JobSpec
+from workers.fencing import Membership
 from workers.pool import JobCancelled, WorkerPool
 from workers.protocol import Resized
 from workers.recovery import Loss, Recovery, Resumption
@@ -34,6 +36,7 @@ class JobParts:
     recovery: Recovery
     watchdog: Watchdog
     cancelled: threading.Event
+    membership: Membership  # the job's membership epoch
     target_workers: Callable[[], int]  # what a resize asked for last
     on_event: Callable
     pipeline_depth: int
@@ -53,9 +56,12 @@ class JobParts:
         self.pool.resize(workers)
         self.reporter.restart_clock("startup")  # of the workers added (or stopped)
         self.on_event(Resized(before, workers, self.reporter.reported))
+        self.membership.advance("resize", self.reporter.reported)
 
     def recover(self, loss: Loss, resume_at: int) -> Resumption:
         self.check_going_on()
         resumption = self.recovery.recover(loss, resume_at, self.reporter.reported, self.target_workers())
+        self.membership.advance("restore" if resumption.checkpoint is not None else "recovery",
+                                self.reporter.reported)
         self.reporter.restart_clock("recovery")
         return resumption

@@ -15,6 +15,12 @@ vector (a non-finite value in any slice skips the step everywhere), so a step
 is two graph nodes: `reduce` (each slice reports whether its mean gradient is
 finite) then `commit` (each slice applies only if all slices were finite).
 A single server does both in one node, `apply`.
+
+Each server holds the job's membership epoch (workers.fencing), given when
+it is started and whenever the job's actor set changes (`fence`), and
+refuses every plan and worker result of another epoch (`StaleEpoch`),
+before it touches anything; each refusal is kept for the coordinator to
+report (`refusals`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from core.optim import make_optimizer
 from core.spec import JobSpec
 from core.trainer import ShardGradient, reduce_gradients
 from workers import shared, transport
-from workers.protocol import ServerLocation, ServerState, StepPlan, StepStats, UpdateStats, WorkerResult
+from workers.protocol import (ServerLocation, ServerState, StaleEpoch, StaleRefused, StepPlan, StepStats,
+                              UpdateStats, WorkerResult)
 
 
 class StaleStep(RuntimeError):
@@ -58,7 +65,7 @@ class _Reduced:
 @ray.remote(num_cpus=0)
 class ParameterServer(transport.ArrayPeer):
     def __init__(self, spec: JobSpec, index: int, params: np.ndarray, start: int, stop: int,
-                 version: int, optimizer_state: dict | None = None, layers: Bounds = ()):
+                 version: int, optimizer_state: dict | None = None, layers: Bounds = (), epoch: int = 0):
         t = spec.training
         self.index, self.start, self.stop = index, start, stop
         self.layers = tuple(layers)  # the network's layers in the whole vector (MLP.layer_bounds)
@@ -67,6 +74,8 @@ class ParameterServer(transport.ArrayPeer):
         if optimizer_state:
             self.optimizer.load_state_dict(dict(optimizer_state))
         self.version = version
+        self.epoch = epoch  # the job's membership epoch (workers.fencing)
+        self._refused: list[StaleRefused] = []  # since the coordinator last asked
         self.pending: _Reduced | None = None
         # Where self.params lives when shared; a restarted server's file has a new name.
         self._params_file = shared.OwnedFile(f"server-{index}-{uuid.uuid4().hex[:8]}", "params",
@@ -80,6 +89,31 @@ class ParameterServer(transport.ArrayPeer):
         """The current parameters (returned, hence placed in the object store)."""
         return self.params
 
+    def fence(self, epoch: int) -> list[StaleRefused]:
+        """From now on accept only plans and results of `epoch`; returns
+        (and forgets) what was refused before."""
+        self.epoch = epoch
+        return self.refusals()
+
+    def refusals(self) -> list[StaleRefused]:
+        """The plans and results refused since the last call."""
+        refused, self._refused = self._refused, []
+        return refused
+
+    def _refuse_other_epochs(self, step: int, plan: StepPlan | None, results=()) -> None:
+        """Raise StaleEpoch (keeping a record of it) if the plan or any
+        result is of another membership epoch than this server's."""
+        stale = [("plan", None, plan.epoch)] if plan is not None and plan.epoch != self.epoch else []
+        stale += [("result", r.worker, r.epoch) for r in results if r.epoch != self.epoch]
+        if not stale:
+            return
+        self._refused.extend(StaleRefused(what, f"server {self.index}", worker, epoch, self.epoch, step + 1)
+                             for what, worker, epoch in stale)
+        what, worker, epoch = stale[0]
+        whose = f"worker {worker}'s result" if worker is not None else "a plan"
+        raise StaleEpoch(f"parameter server {self.index}: refused {whose} of membership epoch {epoch} "
+                         f"for step {step + 1}; the job is at epoch {self.epoch}")
+
     def _expect(self, step: int, what: str) -> None:
         if step != self.version:
             raise StaleStep(f"parameter server {self.index}: {what} step {step + 1}, "
@@ -91,6 +125,7 @@ class ParameterServer(transport.ArrayPeer):
         the plan names a shared directory, a handle to this server's
         parameter file there instead (made on first use; from then on the
         optimizer updates the file in place)."""
+        self._refuse_other_epochs(plan.step, plan)
         self._expect(plan.step, "asked for")
         if plan.net_token:  # served over TCP until this step's commit
             return self._offer(plan.net_token, plan.step, {"params": self.params})["params"]
@@ -110,6 +145,7 @@ class ParameterServer(transport.ArrayPeer):
         """Reduce every worker's shard gradients of this step over this slice,
         in shard order; True if the mean is finite."""
         step = plan.step
+        self._refuse_other_epochs(step, plan, results)
         self._expect(step, "got gradients for")
         began = time.perf_counter()
         grads = sorted((g for r in results for g in r.grads), key=lambda g: g.shard)
@@ -147,6 +183,7 @@ class ParameterServer(transport.ArrayPeer):
         statistics, with this slice's new parameters if the plan asks for them
         (to evaluate) and its whole state if it asks for a checkpoint."""
         step = plan.step
+        self._refuse_other_epochs(step, plan)
         pending = self.pending
         if pending is None or pending.stats.step != step:
             raise StaleStep(f"parameter server {self.index}: commit for step {step + 1} without its reduce")
@@ -175,13 +212,18 @@ class ParameterServer(transport.ArrayPeer):
         """Async mode: apply one worker's shard gradients as they arrive.
 
         `computed_at` is the parameter version the worker computed on; a
-        gradient more than `max_staleness` versions old is refused. Each shard's
-        mean gradient is one update. Returns the parameters and the statistics."""
+        gradient more than `max_staleness` versions old is refused, and so is
+        one of another membership epoch (`fenced`). Each shard's mean
+        gradient is one update. Returns the parameters and the statistics."""
         staleness = self.version - computed_at
         if staleness > max_staleness:
             return self.params, UpdateStats(False, staleness, self.version)
         began = time.perf_counter()
         result: WorkerResult = ray.get(result_refs)[0]
+        try:
+            self._refuse_other_epochs(self.version, None, (result,))
+        except StaleEpoch:
+            return self.params, UpdateStats(False, staleness, self.version, worker=result.worker, fenced=True)
         skipped, count, loss, before, mean = 0, 0, None, self.params.copy(), None
         for g in result.grads:  # one shard per update (AsyncLoop): its health is the update's
             mean = g.grad_sum[self.start:self.stop] / g.grad_sum.dtype.type(g.count)

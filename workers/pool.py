@@ -88,15 +88,16 @@ class WorkerPool:
         W, S = len(self.members), self.spec.data.shards
         return {m.index: tuple(range(w, S, W)) for w, m in enumerate(self.members)}
 
-    def distribute(self) -> tuple[int, ...]:
-        """Give each live worker its shards and wait until it holds their rows
-        (a prepared set's files checked against the manifest, then read:
+    def distribute(self, epoch: int | None = None) -> tuple[int, ...]:
+        """Give each live worker its shards (and the job's membership epoch,
+        workers.fencing) and wait until it holds their rows (a prepared
+        set's files checked against the manifest, then read:
         GradientWorker.own). Returns the workers found dead meanwhile; a
         worker's error ends the job (a DataFault names the bad file)."""
         from workers.recovery import job_error  # workers.recovery builds on this module
 
         assignment = self.assignment()
-        calls = [(m.index, m.actor.own.remote(assignment[m.index])) for m in self.members]
+        calls = [(m.index, m.actor.own.remote(assignment[m.index], epoch)) for m in self.members]
         dead = []
         for index, call in calls:
             try:

@@ -27,7 +27,9 @@ class StepPlan:
     whether the servers return parameters (to evaluate) or their state (to
     checkpoint) with the step's statistics. `shared_dir` names the job's
     directory for zero-copy arrays (workers.shared), `net_token` the job's
-    token for arrays over TCP (workers.transport); both None: send arrays."""
+    token for arrays over TCP (workers.transport); both None: send arrays.
+    `epoch` is the job's membership epoch the plan was made in
+    (workers.fencing): servers and workers refuse a plan of another."""
 
     step: int
     assignment: Mapping[int, tuple[int, ...]]  # worker index -> its shards, in order
@@ -35,12 +37,14 @@ class StepPlan:
     want_state: bool = False
     shared_dir: str | None = None
     net_token: str | None = None
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
 class WorkerResult:
     """One worker's part of a step (or of an async update): the gradient
-    sums of its shards and how its time went."""
+    sums of its shards and how its time went, stamped with the membership
+    epoch of the plan (or async computation) it was made for."""
 
     worker: int
     grads: tuple[ShardGradient, ...]
@@ -48,6 +52,7 @@ class WorkerResult:
     idle_s: float = 0.0  # sync: since the worker returned its previous step
     wait_s: float = 0.0  # async: waiting for the parameters to be published
     transfer_s: float = 0.0  # async: fetching them
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class UpdateStats:
     wait_s: float = 0.0  # the worker's: waiting for the parameters and fetching them
     health: StepHealth | None = None
     worker: int | None = None  # the index of the worker whose gradients these were
+    fenced: bool = False  # refused (accepted False) as of another membership epoch, not for staleness
 
 
 @dataclass(frozen=True)
@@ -164,9 +170,16 @@ class Counters:
     damaged_checkpoints: int = 0
     hung_workers: int = 0  # workers killed for exceeding resources.worker_timeout_s (also in worker_failures)
     stale_rejected: int = 0  # async: gradients refused for exceeding max_staleness
+    fenced: int = 0  # plans and results refused as of another membership epoch (workers.fencing)
+    epoch: int = 0  # the job's membership epoch now
     staleness: list = field(default_factory=list)  # async: staleness of each applied update
     goodput: dict = field(default_factory=dict)  # where the run's wall time went (workers.goodput.snapshot)
     nodes: set = field(default_factory=set)
+
+
+class StaleEpoch(RuntimeError):
+    """A plan or result of another membership epoch than the receiver's:
+    refused, never applied (workers.fencing)."""
 
 
 # ---------------------------------------------------------------- events
@@ -246,3 +259,29 @@ class WorkersHung(Event):
     step: int  # the (1-based) step or update being made
     seconds: float  # resources.worker_timeout_s
     workers: tuple[int, ...]  # indices of the workers killed
+
+
+@dataclass(frozen=True)
+class EpochAdvanced(Event):
+    """The job's actor set changed: from now on only plans and results of
+    `epoch` are accepted (workers.fencing)."""
+
+    kind = "epoch"
+    epoch: int
+    step: int  # steps reported when it changed
+    reason: str  # "start", "recovery", "restore" (a recovery that restored the servers) or "resize"
+    workers: tuple[int, ...]  # the indices of the job's workers in it
+
+
+@dataclass(frozen=True)
+class StaleRefused(Event):
+    """A plan or result of another membership epoch, refused by the actor
+    that got it (the parameters untouched)."""
+
+    kind = "stale_refused"
+    what: str  # "result" (a worker's gradients) or "plan"
+    by: str  # who refused it: "server 0", "worker 3"
+    worker: int | None  # whose result it was (None: a plan)
+    epoch: int  # of the plan or result refused
+    current: int  # the receiver's epoch
+    step: int  # the (1-based) step or update it was for

@@ -31,6 +31,7 @@ class ServerGroup:
         self.layers = list(layers)  # each server measures the step's health over these (core.health)
         self.actors: list = []
         self.locations: list[ServerLocation] = []
+        self.epoch = 0  # the job's membership epoch, given to every server started (workers.fencing)
 
     def start(self, state: ServerState) -> None:
         """Start k servers holding the slices of `state` (killing any before).
@@ -50,7 +51,7 @@ class ServerGroup:
         bounds = slice_bounds(state.params.size, self.spec.resources.parameter_servers)
         parts = [state.slice(a, b) for a, b in bounds]
         self.actors = [ParameterServer.options(name=None).remote(
-            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None, self.layers)
+            self.spec, j, part.params, a, b, part.version, dict(part.optimizer) or None, self.layers, self.epoch)
             for j, ((a, b), part) in enumerate(zip(bounds, parts))]
         self.locations = ray.get([s.location.remote() for s in self.actors])
 
@@ -70,6 +71,27 @@ class ServerGroup:
     def state(self) -> ServerState:
         """The whole vector's state (a round trip to every server)."""
         return ServerState.join(tuple(ray.get([s.state.remote() for s in self.actors])))
+
+    def fence(self, epoch: int) -> list:
+        """Tell every server the job's membership epoch; what they refused
+        before (StaleRefused events). A server that does not answer is
+        found by the next step; it still runs this call before that step's."""
+        self.epoch = epoch
+        return self._ask([s.fence.remote(epoch) for s in self.actors])
+
+    def refusals(self) -> list:
+        """What the servers refused since they were last asked."""
+        return self._ask([s.refusals.remote() for s in self.actors])
+
+    @staticmethod
+    def _ask(refs: list) -> list:
+        refused = []
+        for ref in refs:
+            try:
+                refused.extend(ray.get(ref, timeout=ALIVE_TIMEOUT_S))
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                pass
+        return refused
 
     def node_ids(self) -> set[str]:
         return {loc.node_id for loc in self.locations}

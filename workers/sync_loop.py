@@ -86,12 +86,13 @@ class SyncLoop:
     def _plan(self, step: int) -> StepPlan:
         reporter = self.job.reporter
         return StepPlan(step, self.job.pool.assignment(), reporter.should_evaluate(step),
-                        reporter.should_checkpoint(step), self.shared_dir, net_token=self.net_token)
+                        reporter.should_checkpoint(step), self.shared_dir, net_token=self.net_token,
+                        epoch=self.job.membership.epoch)
 
     def _build(self, step: int) -> StepGraph:
         job, self.first_step = self.job, step
         # Each worker checks and reads its shards before the graph's first step.
-        dead = job.pool.distribute()
+        dead = job.pool.distribute(job.membership.epoch)
         if dead:
             raise ActorLost(Loss(Work(("step", step + 1), f"step {step + 1}", step + 1), dead, servers=False))
         nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
