@@ -163,3 +163,23 @@ def test_services_take_the_free_ports_of_the_range_in_order():
             ArrayService("127.0.0.1", data_ports("off"), TOKEN)
     finally:
         first.close()
+
+
+def test_a_closed_service_stops_listening_at_once():
+    s = ArrayService("127.0.0.1", token=TOKEN)
+    s.close()
+    s._accepting.join(10)
+    assert not s._accepting.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+
+
+def test_past_its_connection_limit_the_service_hangs_up_on_new_ones_and_serves_the_others(service, monkeypatch):
+    monkeypatch.setattr("workers.transport.MAX_CONNECTIONS", 2)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    client = ArrayClient()
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()  # connection 1, kept
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5):  # connection 2, silent
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as third:
+            assert third.recv(1) == b""  # hung up on
+        assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()

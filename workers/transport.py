@@ -36,6 +36,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -43,7 +44,9 @@ import numpy as np
 
 PORTS_ENV = "SHARDPROP_DATA_PORTS"
 TIMEOUT_S = 30.0  # a peer that answers nothing for this long is lost (as workers.runtime.ALIVE_TIMEOUT_S)
-REACH_TIMEOUT_S = 5.0  # connecting to a peer when checking the transport before a step graph
+REACH_TIMEOUT_S = 5.0  # a round trip to a peer when checking the transport before a step graph
+FIRST_REQUEST_S = 5.0  # a new connection's first request must arrive whole within this
+MAX_CONNECTIONS = 1024  # per service (a job needs one per peer actor); past it new ones are hung up on
 MAX_KEY = 256
 
 MAGIC = b"SPA1"
@@ -140,7 +143,8 @@ class ArrayService:
         self.port = self._sock.getsockname()[1]
         self.closed = False
         self._conns: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True)
+        self._accepting.start()
 
     @staticmethod
     def _bind(host: str, ports: range) -> socket.socket:
@@ -180,6 +184,12 @@ class ArrayService:
     def close(self) -> None:
         """Stop listening and cut every connection."""
         self.closed = True
+        try:
+            # Wakes the accept thread (on Linux a close alone leaves it
+            # waiting, and the port listening, until one more connection).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         with self._lock:
             conns, self._conns = self._conns, set()
@@ -194,10 +204,26 @@ class ArrayService:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
-                return
-            with self._lock:
+                if self.closed:
+                    return
+                time.sleep(0.1)  # out of descriptors, say: the service goes on once some are free
+                continue
+            self._start_serving(conn)
+
+    def _start_serving(self, conn: socket.socket) -> None:
+        """A thread for `conn`, or a hang-up past MAX_CONNECTIONS or once closed."""
+        with self._lock:
+            admitted = not self.closed and len(self._conns) < MAX_CONNECTIONS
+            if admitted:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
+        try:
+            if admitted:
+                threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
+                return
+        except RuntimeError:  # no thread to be had
+            with self._lock:
+                self._conns.discard(conn)
+        conn.close()
 
     def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int):
         """(reason, None, 0) or (None, the bytes to send, their generation)."""
