@@ -43,6 +43,14 @@ def pull(handle: NetArray, start: int = 0, stop: int | None = None, client: Arra
     return out
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the other end closed `sock` (a recv past its timeout raises instead)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with the stranger's bytes unread
+        return True
+
+
 def test_round_trip_is_bit_exact_whole_and_in_ranges(service):
     params = odd_floats(262_147)
     grads = np.random.default_rng(1).integers(0, 2**63, 1000, dtype=np.int64).view(np.float64)
@@ -181,5 +189,47 @@ def test_past_its_connection_limit_the_service_hangs_up_on_new_ones_and_serves_t
     assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()  # connection 1, kept
     with socket.create_connection(("127.0.0.1", service.port), timeout=5):  # connection 2, silent
         with socket.create_connection(("127.0.0.1", service.port), timeout=5) as third:
-            assert third.recv(1) == b""  # hung up on
+            assert hung_up(third)
         assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+
+
+def raw_request(token: bytes, key: bytes = b"") -> bytes:
+    from workers.transport import MAGIC, REQUEST
+
+    return REQUEST.pack(MAGIC, token, b"\0" * 16, 0, 0, 0, len(key)) + key
+
+
+@pytest.mark.parametrize("sends", [b"", b"SPA1 half a request", b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64],
+                         ids=["silent", "half a request", "http"])
+def test_a_stranger_that_sends_no_whole_request_in_time_or_another_protocol_is_hung_up_on(service, monkeypatch,
+                                                                                           sends):
+    monkeypatch.setattr("workers.transport.FIRST_REQUEST_S", 0.2)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as stranger:
+        stranger.sendall(sends)
+        assert hung_up(stranger)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    assert pull(handle).tobytes() == odd_floats(64).tobytes()
+
+
+def test_a_wrong_token_is_answered_then_hung_up_on(service):
+    from workers.transport import RESPONSE
+
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as stranger:
+        stranger.sendall(raw_request(b"\x01" * 16))
+        answer = b""
+        while chunk := stranger.recv(4096):
+            answer += chunk
+    status, size = RESPONSE.unpack(answer[:RESPONSE.size])
+    assert (status, answer[RESPONSE.size:]) == (1, b"wrong token") and size == len(b"wrong token")
+
+
+def test_a_peer_connection_may_stay_idle_past_the_first_request_limit(service, monkeypatch):
+    import time
+
+    monkeypatch.setattr("workers.transport.FIRST_REQUEST_S", 0.2)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    client = ArrayClient()
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+    time.sleep(1.0)  # idle between two steps, five times the first request's limit
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+    assert len(client._conns) == 1  # the same connection both times

@@ -55,6 +55,7 @@ REQUEST = struct.Struct("!4s16s16sqQQH")
 # status, bytes that follow (the payload, or the refusal's message)
 RESPONSE = struct.Struct("!BQ")
 OK, REFUSED = 0, 1
+WRONG_TOKEN = "wrong token"
 INTACT, TORN = b"\x00", b"\x01"
 
 
@@ -229,7 +230,7 @@ class ArrayService:
         """(reason, None, 0) or (None, the bytes to send, their generation)."""
         with self._lock:
             if not self.token or not hmac.compare_digest(token, bytes.fromhex(self.token)):
-                return "wrong token", None, 0
+                return WRONG_TOKEN, None, 0
             if instance != bytes.fromhex(self.instance):
                 return f"not service {instance.hex()[:8]} (this is {self.instance[:8]}): the peer was replaced", None, 0
             if key == "":  # a ping (reach)
@@ -243,34 +244,48 @@ class ArrayService:
             return None, memoryview(array[start:stop]).cast("B"), self._generation
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                while True:
-                    head = _recv_exact(conn, REQUEST.size)
-                    if head is None:
-                        return
-                    magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
-                    if magic != MAGIC or key_len > MAX_KEY:
-                        return  # not our protocol: hang up
-                    key = (_recv_exact(conn, key_len) or b"").decode("utf-8", "replace")
-                    reason, payload, generation = self._refusal(token, instance, step, key, start, stop)
-                    if reason is not None:
-                        message = reason.encode()
-                        conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
-                        continue
-                    conn.sendall(RESPONSE.pack(OK, len(payload)))
-                    conn.sendall(payload)
-                    # Everything sent was copied to the kernel before this check:
-                    # unchanged generation, unchanged bits.
-                    with self._lock:
-                        intact = generation == self._generation
-                    conn.sendall(INTACT if intact else TORN)
-            except OSError:
-                return
-            finally:
-                with self._lock:
-                    self._conns.discard(conn)
+        """Answer `conn`'s requests in order until it closes. Its first
+        request must arrive whole within FIRST_REQUEST_S and carry the
+        token, so a stranger holds a connection (and its thread) only that
+        long; a peer's connection may then stay idle between steps."""
+        try:
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.settimeout(FIRST_REQUEST_S)
+                while self._answer_one(conn):
+                    conn.settimeout(None)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _answer_one(self, conn: socket.socket) -> bool:
+        """Read one request and answer it; False to hang up (the stream
+        ended, another protocol, or a wrong token: answered, then cut)."""
+        head = _recv_exact(conn, REQUEST.size)
+        if head is None:
+            return False
+        magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
+        if magic != MAGIC or key_len > MAX_KEY:
+            return False
+        key = _recv_exact(conn, key_len) if key_len else b""
+        if key is None:
+            return False
+        reason, payload, generation = self._refusal(token, instance, step, key.decode("utf-8", "replace"),
+                                                    start, stop)
+        if reason is not None:
+            message = reason.encode()
+            conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
+            return reason != WRONG_TOKEN
+        conn.sendall(RESPONSE.pack(OK, len(payload)))
+        conn.sendall(payload)
+        # Everything sent was copied to the kernel before this check:
+        # unchanged generation, unchanged bits.
+        with self._lock:
+            intact = generation == self._generation
+        conn.sendall(INTACT if intact else TORN)
+        return True
 
 
 class ArrayClient:
