@@ -233,3 +233,18 @@ def test_a_peer_connection_may_stay_idle_past_the_first_request_limit(service, m
     time.sleep(1.0)  # idle between two steps, five times the first request's limit
     assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
     assert len(client._conns) == 1  # the same connection both times
+
+
+def test_a_peer_that_accepts_but_never_answers_is_peer_lost_within_the_reach_timeout():
+    import threading
+
+    with socket.socket() as mute:  # the kernel completes the handshake; nothing ever reads or answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(4)
+        handle = NetArray("127.0.0.1", mute.getsockname()[1], "00" * 16, "", 0, "|u1", 0, TOKEN)
+        raised: list = []
+        reach = threading.Thread(target=lambda: raised.append(pytest.raises(PeerLost, ArrayClient(timeout_s=600).reach,
+                                                                          handle, timeout_s=0.2)), daemon=True)
+        reach.start()
+        reach.join(120)  # the client's own 600 s would still be waiting
+        assert not reach.is_alive() and "timed out" in str(raised[0].value)

@@ -296,13 +296,15 @@ class ArrayClient:
         self._conns: dict[tuple[str, int, str], socket.socket] = {}
 
     def _conn(self, h: NetArray, timeout_s: float) -> socket.socket:
+        """The connection to `h`'s service (made on first use), each of its
+        operations bounded by `timeout_s` for the pull under way."""
         key = (h.host, h.port, h.service)
         conn = self._conns.get(key)
         if conn is None:
             conn = socket.create_connection((h.host, h.port), timeout=timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.timeout_s)
             self._conns[key] = conn
+        conn.settimeout(timeout_s)
         return conn
 
     def _drop(self, keys) -> None:
@@ -315,7 +317,8 @@ class ArrayClient:
         """Fill each `out` with items [start, start + out.size) of its
         handle's array. Every request is sent before any answer is read, so
         the peers send at once. Raises PeerLost when a peer cannot be
-        reached, Refused when one refuses."""
+        reached or leaves a socket operation waiting `timeout_s` (default:
+        the client's), Refused when one refuses."""
         keys = {(h.host, h.port, h.service) for h, _, _ in parts}
         try:
             for h, out, start in parts:
