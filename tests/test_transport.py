@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +226,6 @@ def test_a_wrong_token_is_answered_then_hung_up_on(service):
 
 
 def test_a_peer_connection_may_stay_idle_past_the_first_request_limit(service, monkeypatch):
-    import time
-
     monkeypatch.setattr("workers.transport.FIRST_REQUEST_S", 0.2)
     handle = service.offer(0, {"params": odd_floats(64)})["params"]
     client = ArrayClient()
@@ -236,8 +236,6 @@ def test_a_peer_connection_may_stay_idle_past_the_first_request_limit(service, m
 
 
 def test_a_peer_that_accepts_but_never_answers_is_peer_lost_within_the_reach_timeout():
-    import threading
-
     with socket.socket() as mute:  # the kernel completes the handshake; nothing ever reads or answers
         mute.bind(("127.0.0.1", 0))
         mute.listen(4)
@@ -248,3 +246,89 @@ def test_a_peer_that_accepts_but_never_answers_is_peer_lost_within_the_reach_tim
         reach.start()
         reach.join(120)  # the client's own 600 s would still be waiting
         assert not reach.is_alive() and "timed out" in str(raised[0].value)
+
+
+SERVING = """
+import json, sys
+import numpy as np
+from workers import transport
+transport.DEAD_PEER_S = 2.0
+s = transport.ArrayService(sys.argv[1], token=sys.argv[2])
+print(json.dumps(s.offer(0, {"params": np.arange(1000, dtype=np.float32)})["params"].__dict__), flush=True)
+for _ in sys.stdin:  # each line asks how many connections the service holds
+    with s._lock:
+        print(len(s._conns), flush=True)
+"""
+
+PULLING = """
+import json, sys
+import numpy as np
+from workers.transport import ArrayClient, NetArray
+client, out = ArrayClient(), np.empty(1000, np.float32)
+client.pull([(NetArray(**json.loads(sys.argv[1])), out, 0)])
+print(out.tobytes() == np.arange(1000, dtype=np.float32).tobytes(), flush=True)
+sys.stdin.readline()
+client.close()  # its FIN is lost on the cut link: the service's end is left half-open
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: (namespace, address) each."""
+    from tests.netns_cluster import unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    tag = os.getpid() % 100000
+    hosts = [(f"sptest-arr{tag}-{i}", f"10.251.99.{i + 1}", f"spta{tag}{'ab'[i]}") for i in range(2)]
+    run = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+    try:
+        for name, _, _ in hosts:
+            run("netns", "add", name)
+        run("link", "add", hosts[0][2], "netns", hosts[0][0], "type", "veth", "peer", "name", hosts[1][2],
+            "netns", hosts[1][0])
+        for name, address, link in hosts:
+            run("-n", name, "addr", "add", f"{address}/24", "dev", link)
+            run("-n", name, "link", "set", link, "up")
+        yield hosts
+    finally:
+        for name, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.multihost
+def test_a_connection_left_half_open_by_a_cut_link_ends_on_the_service_side(two_hosts):
+    (server_ns, server_ip, _), (client_ns, _, client_link) = two_hosts
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    opened = lambda ns, script, *args: subprocess.Popen(  # noqa: E731
+        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, env=env)
+    server = opened(server_ns, SERVING, server_ip, TOKEN)
+    client = None
+    try:
+        handle = server.stdout.readline()
+        client = opened(client_ns, PULLING, handle)
+        assert client.stdout.readline().strip() == "True"
+
+        def connections() -> int:
+            server.stdin.write("?\n")
+            server.stdin.flush()
+            return int(server.stdout.readline())
+
+        assert connections() == 1
+        subprocess.run(["ip", "-n", client_ns, "link", "set", client_link, "down"], check=True)
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "closed"
+        for _ in range(120):  # without keepalive the service's end waits for good
+            if connections() == 0:
+                break
+            time.sleep(0.5)
+        assert connections() == 0
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)

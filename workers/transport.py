@@ -45,6 +45,7 @@ import numpy as np
 PORTS_ENV = "SHARDPROP_DATA_PORTS"
 TIMEOUT_S = 30.0  # a peer that answers nothing for this long is lost (as workers.runtime.ALIVE_TIMEOUT_S)
 REACH_TIMEOUT_S = 5.0  # a round trip to a peer when checking the transport before a step graph
+DEAD_PEER_S = TIMEOUT_S  # a peer gone without a word (a cut link) is found dead after about this, idle or not
 FIRST_REQUEST_S = 5.0  # a new connection's first request must arrive whole within this
 MAX_CONNECTIONS = 1024  # per service (a job needs one per peer actor); past it new ones are hung up on
 MAX_KEY = 256
@@ -128,6 +129,20 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError(f"connection closed after {got} of {len(view)} bytes")
         got += n
+
+
+def _tune(sock: socket.socket) -> None:
+    """No Nagle delay for the small requests and answers; and a connection
+    whose peer went without a word (a cut link, its host down) ends after
+    about DEAD_PEER_S: keepalive probes while it is idle, a limit on data
+    left unacknowledged while it sends (TCP_USER_TIMEOUT, Linux)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe_s = max(1, int(DEAD_PEER_S / 3))
+    for option, value in (("TCP_KEEPIDLE", probe_s), ("TCP_KEEPINTVL", probe_s), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", int(DEAD_PEER_S * 1000))):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class ArrayService:
@@ -250,7 +265,7 @@ class ArrayService:
         long; a peer's connection may then stay idle between steps."""
         try:
             with conn:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tune(conn)
                 conn.settimeout(FIRST_REQUEST_S)
                 while self._answer_one(conn):
                     conn.settimeout(None)
@@ -302,7 +317,7 @@ class ArrayClient:
         conn = self._conns.get(key)
         if conn is None:
             conn = socket.create_connection((h.host, h.port), timeout=timeout_s)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(conn)
             self._conns[key] = conn
         conn.settimeout(timeout_s)
         return conn
