@@ -332,3 +332,22 @@ def test_a_connection_left_half_open_by_a_cut_link_ends_on_the_service_side(two_
             if proc is not None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_the_client_forgets_the_connections_to_services_no_longer_its_peers(service):
+    replaced = ArrayService("127.0.0.1", token=TOKEN)
+    try:
+        kept = service.offer(0, {"params": odd_floats(8)})["params"]
+        gone = replaced.offer(0, {"params": odd_floats(8)})["params"]
+        client = ArrayClient()
+        pull(kept, client=client), pull(gone, client=client)
+        client.forget_except([kept])
+        assert list(client._conns) == [("127.0.0.1", service.port, service.instance)]
+        for _ in range(100):  # the service's end of the forgotten connection sees it closed
+            with replaced._lock:
+                if not replaced._conns:
+                    break
+            time.sleep(0.1)
+        assert not replaced._conns and pull(kept, client=client).tobytes() == odd_floats(8).tobytes()
+    finally:
+        replaced.close()

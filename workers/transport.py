@@ -352,6 +352,11 @@ class ArrayClient:
             raise PeerLost(f"the array service of a peer ({peers}) is unreachable: "
                            f"{type(err).__name__}: {err}") from None
 
+    def forget_except(self, peers: list[NetArray]) -> None:
+        """Close the connections to every service but those of `peers` (a
+        replaced peer's would stay open for the life of the actor)."""
+        self._drop(set(self._conns) - {(h.host, h.port, h.service) for h in peers})
+
     def reach(self, h: NetArray, timeout_s: float = REACH_TIMEOUT_S) -> None:
         """A round trip to `h`'s service (a ping, key ""), or PeerLost/Refused."""
         self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)],
@@ -407,7 +412,9 @@ class ArrayPeer:
         return NetArray(s.host, s.port, s.instance, "", 0, "|u1", 0, token)
 
     def reach_arrays(self, peers: list[NetArray]) -> str | None:
-        """None when every peer's service answers, else why not."""
+        """None when every peer's service answers, else why not. The
+        connections to services that are no longer peers are closed."""
+        self._pulls().forget_except(peers)
         for peer in peers:
             try:
                 self._pulls().reach(peer)
