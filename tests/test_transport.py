@@ -242,7 +242,7 @@ def test_a_peer_that_accepts_but_never_answers_is_peer_lost_within_the_reach_tim
         handle = NetArray("127.0.0.1", mute.getsockname()[1], "00" * 16, "", 0, "|u1", 0, TOKEN)
         raised: list = []
         reach = threading.Thread(target=lambda: raised.append(pytest.raises(PeerLost, ArrayClient(timeout_s=600).reach,
-                                                                          handle, timeout_s=0.2)), daemon=True)
+                                                                          [handle], timeout_s=0.2)), daemon=True)
         reach.start()
         reach.join(120)  # the client's own 600 s would still be waiting
         assert not reach.is_alive() and "timed out" in str(raised[0].value)
@@ -351,3 +351,22 @@ def test_the_client_forgets_the_connections_to_services_no_longer_its_peers(serv
         assert not replaced._conns and pull(kept, client=client).tobytes() == odd_floats(8).tobytes()
     finally:
         replaced.close()
+
+
+def test_an_actor_says_why_its_service_cannot_start_or_a_peer_cannot_be_reached(monkeypatch):
+    from workers.transport import ArrayPeer
+
+    server, worker = ArrayPeer(), ArrayPeer()
+    try:
+        at_server = server.open_arrays(TOKEN)
+        assert worker.reach_arrays([at_server]) is None
+        monkeypatch.setenv("SHARDPROP_DATA_PORTS", str(at_server.port))  # the only port, taken
+        assert worker.open_arrays(TOKEN) == (f"no port of {at_server.port}-{at_server.port} free on "
+                                             f"{at_server.host} for the array service (SHARDPROP_DATA_PORTS): "
+                                             "[Errno 98] Address already in use")
+        server._array_service.close()
+        assert f"{at_server.host}:{at_server.port}) is unreachable" in worker.reach_arrays([at_server])
+    finally:
+        for peer in (server, worker):
+            if peer._array_service is not None:
+                peer._array_service.close()

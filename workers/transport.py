@@ -24,7 +24,12 @@ read fails loudly (`Refused`) and never returns other bits; and an array
 withdrawn while it was being sent (a server applying the next step to its
 parameters in place) is marked torn by a trailing byte, and refused by the
 reader. A connection that fails is `PeerLost`: the step's recovery treats
-it as the peer's death (workers.sync_loop).
+it as the peer's death (workers.sync_loop). A stranger is hung up on: a
+connection's first request must arrive whole, with the token, within
+FIRST_REQUEST_S, and a service holds at most MAX_CONNECTIONS; keepalive and
+TCP_USER_TIMEOUT end a connection left half-open by a cut link after about
+DEAD_PEER_S. When a job's graph cannot have the transport, `open_transport`
+says why (`Unavailable`) and its arrays go through Ray.
 
 Only bytes move: the reader gets exactly the bits the owner offered.
 """
@@ -67,6 +72,11 @@ class TransportError(RuntimeError):
 class PeerLost(TransportError):
     """A peer's array service could not be reached or stopped answering:
     treated as the peer's death."""
+
+
+class Unavailable(TransportError):
+    """The transport cannot be had for a job's graph (turned off, no free
+    port, a peer unreachable): its arrays go through Ray's object store."""
 
 
 class Refused(TransportError):
@@ -357,10 +367,11 @@ class ArrayClient:
         replaced peer's would stay open for the life of the actor)."""
         self._drop(set(self._conns) - {(h.host, h.port, h.service) for h in peers})
 
-    def reach(self, h: NetArray, timeout_s: float = REACH_TIMEOUT_S) -> None:
-        """A round trip to `h`'s service (a ping, key ""), or PeerLost/Refused."""
-        self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)],
-                  timeout_s)
+    def reach(self, peers: list[NetArray], timeout_s: float = REACH_TIMEOUT_S) -> None:
+        """A round trip to each peer's service at once (a ping, key ""), or
+        PeerLost/Refused."""
+        self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)
+                   for h in peers], timeout_s)
 
     @staticmethod
     def _request(h: NetArray, start: int, stop: int) -> bytes:
@@ -396,17 +407,18 @@ class ArrayPeer:
     _array_service: ArrayService | None = None
     _array_client: ArrayClient | None = None
 
-    def open_arrays(self, token: str) -> NetArray | None:
+    def open_arrays(self, token: str) -> NetArray | str:
         """Start this actor's array service (once) for the job's `token`,
-        on its node's IP: a handle that reaches it (a ping), None when no
-        port is free. A malformed SHARDPROP_DATA_PORTS raises ValueError."""
+        on its node's IP: a handle that reaches it (a ping), or why it
+        cannot start (no free port). A malformed SHARDPROP_DATA_PORTS
+        raises ValueError."""
         if self._array_service is None or self._array_service.closed:
             import ray
 
             try:
                 self._array_service = ArrayService(ray.util.get_node_ip_address())
-            except OSError:
-                return None
+            except OSError as err:
+                return str(err)
         self._array_service.token = token
         s = self._array_service
         return NetArray(s.host, s.port, s.instance, "", 0, "|u1", 0, token)
@@ -415,11 +427,10 @@ class ArrayPeer:
         """None when every peer's service answers, else why not. The
         connections to services that are no longer peers are closed."""
         self._pulls().forget_except(peers)
-        for peer in peers:
-            try:
-                self._pulls().reach(peer)
-            except TransportError as err:
-                return str(err)
+        try:
+            self._pulls().reach(peers)
+        except TransportError as err:
+            return str(err)
         return None
 
     def _offer(self, token: str, step: int, arrays: dict[str, np.ndarray]) -> dict[str, NetArray]:
@@ -437,30 +448,34 @@ class ArrayPeer:
         return self._array_client
 
 
-def open_transport(servers: list, workers: list, timeout_s: float) -> str | None:
-    """A new random token when every server's and worker's array service
-    started and each reaches the other side's; None when one could not
-    (no free port, or a peer unreachable: the arrays go through Ray then).
-    A malformed SHARDPROP_DATA_PORTS on a node raises its ValueError."""
+def open_transport(servers: list, workers: list, timeout_s: float) -> str:
+    """A new random token, once every server's and worker's array service
+    has started and each reaches the other side's. Raises Unavailable
+    saying why not (the arrays go through Ray then); a malformed
+    SHARDPROP_DATA_PORTS on a node raises its ValueError."""
     import secrets
 
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     if not data_ports(os.environ.get(PORTS_ENV)):  # off on the driver's machine: off for its jobs
-        return None
+        raise Unavailable(f"{PORTS_ENV}=off where the job's driver runs")
     token = secrets.token_hex(16)
     try:
         opened = ray.get([a.open_arrays.remote(token) for a in servers + workers], timeout=timeout_s)
-        if None in opened:
-            return None
+        failed = [o for o in opened if isinstance(o, str)]
+        if failed:
+            raise Unavailable(f"an array service cannot start: {failed[0]}")
         at_servers, at_workers = opened[:len(servers)], opened[len(servers):]
         why = ray.get([w.reach_arrays.remote(at_servers) for w in workers]
                       + [s.reach_arrays.remote(at_workers) for s in servers], timeout=timeout_s)
     except RayTaskError as err:
         if isinstance(err.cause, ValueError):
             raise err.cause from None
-        return None
-    except (RayActorError, GetTimeoutError):  # an actor died: the step finds it, the next graph tries again
-        return None
-    return token if all(w is None for w in why) else None
+        raise Unavailable(f"an actor failed opening it: {err.cause or err}") from None
+    except (RayActorError, GetTimeoutError) as err:  # an actor died: the step finds it, the next graph tries again
+        raise Unavailable(f"an actor did not answer: {type(err).__name__}") from None
+    unreached = [w for w in why if w is not None]
+    if unreached:
+        raise Unavailable(f"a peer cannot be reached: {unreached[0]}")
+    return token
