@@ -370,3 +370,28 @@ def test_an_actor_says_why_its_service_cannot_start_or_a_peer_cannot_be_reached(
         for peer in (server, worker):
             if peer._array_service is not None:
                 peer._array_service.close()
+
+
+def test_thousands_of_parts_from_one_peer_arrive_whole_with_small_socket_buffers(monkeypatch):
+    """A server pulls one part per shard (up to MAX_SHARDS) from a worker:
+    sent all at once, the requests outgrew the buffers while the peer,
+    blocked sending answers not yet read, read no more of them."""
+    import workers.transport as transport
+
+    tune = transport._tune
+
+    def small_buffers(sock):
+        tune(sock)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, 8192)
+
+    monkeypatch.setattr(transport, "_tune", small_buffers)
+    s = ArrayService("127.0.0.1", token=TOKEN)
+    try:
+        rows = {f"shard-{i}": odd_floats(256, seed=i) for i in range(1500)}
+        handles = s.offer(0, rows)
+        outs = {k: np.empty(256, np.float32) for k in rows}
+        ArrayClient(timeout_s=10).pull([(handles[k], outs[k], 0) for k in rows])
+        assert all(outs[k].tobytes() == rows[k].tobytes() for k in rows)
+    finally:
+        s.close()

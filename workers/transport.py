@@ -54,6 +54,11 @@ DEAD_PEER_S = TIMEOUT_S  # a peer gone without a word (a cut link) is found dead
 FIRST_REQUEST_S = 5.0  # a new connection's first request must arrive whole within this
 MAX_CONNECTIONS = 1024  # per service (a job needs one per peer actor); past it new ones are hung up on
 MAX_KEY = 256
+# Requests go to a peer in batches, at most two batches unanswered: few
+# enough (~2 kB) for any receive buffer, so a peer blocked sending answers
+# that this side does not read yet never leaves this side blocked sending
+# requests (thousands sent at once did, with small buffers).
+BATCH = 16
 
 MAGIC = b"SPA1"
 # magic, token, service instance, step, start item, stop item, key length
@@ -340,25 +345,33 @@ class ArrayClient:
 
     def pull(self, parts: list[tuple[NetArray, np.ndarray, int]], timeout_s: float | None = None) -> None:
         """Fill each `out` with items [start, start + out.size) of its
-        handle's array. Every request is sent before any answer is read, so
-        the peers send at once. Raises PeerLost when a peer cannot be
-        reached or leaves a socket operation waiting `timeout_s` (default:
-        the client's), Refused when one refuses."""
-        keys = {(h.host, h.port, h.service) for h, _, _ in parts}
+        handle's array. Each peer gets its first two batches of requests
+        before any answer is read, so the peers send at once, then a batch
+        more per batch answered. Raises PeerLost when a peer cannot be reached or
+        leaves a socket operation waiting `timeout_s` (default: the
+        client's), Refused when one refuses."""
+        for h, out, start in parts:
+            if out.dtype.str != h.dtype or not out.flags.c_contiguous or start + out.size > h.length:
+                raise ValueError(f"{h.key}: {out.size} items of {out.dtype.str} from item {start} "
+                                 f"do not fit {h.length} of {h.dtype}")
+        by_peer: dict[tuple[str, int, str], list[tuple[NetArray, np.ndarray, int]]] = {}
+        for part in parts:
+            by_peer.setdefault((part[0].host, part[0].port, part[0].service), []).append(part)
         try:
-            for h, out, start in parts:
-                if out.dtype.str != h.dtype or not out.flags.c_contiguous or start + out.size > h.length:
-                    raise ValueError(f"{h.key}: {out.size} items of {out.dtype.str} from item {start} "
-                                     f"do not fit {h.length} of {h.dtype}")
-                self._conn(h, timeout_s or self.timeout_s).sendall(self._request(h, start, start + out.size))
-            for h, out, _ in parts:
-                self._answer(self._conns[(h.host, h.port, h.service)], h, memoryview(out.reshape(-1)).cast("B"))
-        except (Refused, ValueError):
-            self._drop(keys)  # answers may be left unread on them
+            conns = {key: self._conn(asked[0][0], timeout_s or self.timeout_s) for key, asked in by_peer.items()}
+            for key, asked in by_peer.items():
+                conns[key].sendall(self._requests(asked, 0, 2))
+            for key, asked in by_peer.items():
+                for i, (h, out, _) in enumerate(asked):
+                    if i and i % BATCH == 0:  # a batch answered: the one after next goes
+                        conns[key].sendall(self._requests(asked, i // BATCH + 1))
+                    self._answer(conns[key], h, memoryview(out.reshape(-1)).cast("B"))
+        except Refused:
+            self._drop(by_peer)  # answers may be left unread on them
             raise
         except OSError as err:  # ConnectionError and socket.timeout among them
-            self._drop(keys)
-            peers = ", ".join(sorted(f"{host}:{port}" for host, port, _ in keys))
+            self._drop(by_peer)
+            peers = ", ".join(sorted(f"{host}:{port}" for host, port, _ in by_peer))
             raise PeerLost(f"the array service of a peer ({peers}) is unreachable: "
                            f"{type(err).__name__}: {err}") from None
 
@@ -373,11 +386,16 @@ class ArrayClient:
         self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)
                    for h in peers], timeout_s)
 
+    @classmethod
+    def _requests(cls, parts: list[tuple[NetArray, np.ndarray, int]], batch: int, batches: int = 1) -> bytes:
+        """The requests of `batches` batches of `parts` from batch `batch` on."""
+        return b"".join(cls._request(*part) for part in parts[batch * BATCH:(batch + batches) * BATCH])
+
     @staticmethod
-    def _request(h: NetArray, start: int, stop: int) -> bytes:
+    def _request(h: NetArray, out: np.ndarray, start: int) -> bytes:
         key = h.key.encode()
-        return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start, stop,
-                            len(key)) + key
+        return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start,
+                            start + out.size, len(key)) + key
 
     @staticmethod
     def _answer(conn: socket.socket, h: NetArray, into: memoryview) -> None:
