@@ -395,3 +395,21 @@ def test_thousands_of_parts_from_one_peer_arrive_whole_with_small_socket_buffers
         assert all(outs[k].tobytes() == rows[k].tobytes() for k in rows)
     finally:
         s.close()
+
+
+def test_a_first_request_for_a_large_array_is_answered_whole_however_slowly_it_is_read(service, monkeypatch):
+    import workers.transport as transport
+
+    monkeypatch.setattr(transport, "FIRST_REQUEST_S", 0.2)
+    big = odd_floats(8_000_000)  # 32 MB: more than the socket buffers hold
+    handle = service.offer(0, {"params": big})["params"]
+    read = transport._recv_into
+
+    def late(sock, view):  # the reader starts reading a second after the answer began
+        time.sleep(1.0)
+        read(sock, view)
+
+    monkeypatch.setattr(transport, "_recv_into", late)
+    out = np.empty(big.size, np.float32)
+    ArrayClient().pull([(handle, out, 0)])  # a new connection: this is its first request
+    assert out.tobytes() == big.tobytes()

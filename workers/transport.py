@@ -277,13 +277,15 @@ class ArrayService:
         """Answer `conn`'s requests in order until it closes. Its first
         request must arrive whole within FIRST_REQUEST_S and carry the
         token, so a stranger holds a connection (and its thread) only that
-        long; a peer's connection may then stay idle between steps."""
+        long; a peer's connection may then stay idle between steps, and
+        an answer take as long as the peer takes to read it (a dead peer
+        is found by _tune's keepalive and TCP_USER_TIMEOUT)."""
         try:
             with conn:
                 _tune(conn)
                 conn.settimeout(FIRST_REQUEST_S)
                 while self._answer_one(conn):
-                    conn.settimeout(None)
+                    pass
         except OSError:
             pass
         finally:
@@ -304,6 +306,8 @@ class ArrayService:
             return False
         reason, payload, generation = self._refusal(token, instance, step, key.decode("utf-8", "replace"),
                                                     start, stop)
+        if reason != WRONG_TOKEN:
+            conn.settimeout(None)  # a peer's: no deadline from now on
         if reason is not None:
             message = reason.encode()
             conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
