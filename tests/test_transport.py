@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,14 @@ def pull(handle: NetArray, start: int = 0, stop: int | None = None, client: Arra
     out = np.empty((stop if stop is not None else handle.length) - start, np.dtype(handle.dtype))
     (client or ArrayClient()).pull([(handle, out, start)])
     return out
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the other end closed `sock` (a recv past its timeout raises instead)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with the stranger's bytes unread
+        return True
 
 
 def test_round_trip_is_bit_exact_whole_and_in_ranges(service):
@@ -163,3 +173,243 @@ def test_services_take_the_free_ports_of_the_range_in_order():
             ArrayService("127.0.0.1", data_ports("off"), TOKEN)
     finally:
         first.close()
+
+
+def test_a_closed_service_stops_listening_at_once():
+    s = ArrayService("127.0.0.1", token=TOKEN)
+    s.close()
+    s._accepting.join(10)
+    assert not s._accepting.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()
+
+
+def test_past_its_connection_limit_the_service_hangs_up_on_new_ones_and_serves_the_others(service, monkeypatch):
+    monkeypatch.setattr("workers.transport.MAX_CONNECTIONS", 2)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    client = ArrayClient()
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()  # connection 1, kept
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5):  # connection 2, silent
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as third:
+            assert hung_up(third)
+        assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+
+
+def raw_request(token: bytes, key: bytes = b"") -> bytes:
+    from workers.transport import MAGIC, REQUEST
+
+    return REQUEST.pack(MAGIC, token, b"\0" * 16, 0, 0, 0, len(key)) + key
+
+
+@pytest.mark.parametrize("sends", [b"", b"SPA1 half a request", b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64],
+                         ids=["silent", "half a request", "http"])
+def test_a_stranger_that_sends_no_whole_request_in_time_or_another_protocol_is_hung_up_on(service, monkeypatch,
+                                                                                           sends):
+    monkeypatch.setattr("workers.transport.FIRST_REQUEST_S", 0.2)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as stranger:
+        stranger.sendall(sends)
+        assert hung_up(stranger)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    assert pull(handle).tobytes() == odd_floats(64).tobytes()
+
+
+def test_a_wrong_token_is_answered_then_hung_up_on(service):
+    from workers.transport import RESPONSE
+
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as stranger:
+        stranger.sendall(raw_request(b"\x01" * 16))
+        answer = b""
+        while chunk := stranger.recv(4096):
+            answer += chunk
+    status, size = RESPONSE.unpack(answer[:RESPONSE.size])
+    assert (status, answer[RESPONSE.size:]) == (1, b"wrong token") and size == len(b"wrong token")
+
+
+def test_a_peer_connection_may_stay_idle_past_the_first_request_limit(service, monkeypatch):
+    monkeypatch.setattr("workers.transport.FIRST_REQUEST_S", 0.2)
+    handle = service.offer(0, {"params": odd_floats(64)})["params"]
+    client = ArrayClient()
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+    time.sleep(1.0)  # idle between two steps, five times the first request's limit
+    assert pull(handle, client=client).tobytes() == odd_floats(64).tobytes()
+    assert len(client._conns) == 1  # the same connection both times
+
+
+def test_a_peer_that_accepts_but_never_answers_is_peer_lost_within_the_reach_timeout():
+    with socket.socket() as mute:  # the kernel completes the handshake; nothing ever reads or answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(4)
+        handle = NetArray("127.0.0.1", mute.getsockname()[1], "00" * 16, "", 0, "|u1", 0, TOKEN)
+        raised: list = []
+        reach = threading.Thread(target=lambda: raised.append(pytest.raises(PeerLost, ArrayClient(timeout_s=600).reach,
+                                                                          [handle], timeout_s=0.2)), daemon=True)
+        reach.start()
+        reach.join(120)  # the client's own 600 s would still be waiting
+        assert not reach.is_alive() and "timed out" in str(raised[0].value)
+
+
+SERVING = """
+import json, sys
+import numpy as np
+from workers import transport
+transport.DEAD_PEER_S = 2.0
+s = transport.ArrayService(sys.argv[1], token=sys.argv[2])
+print(json.dumps(s.offer(0, {"params": np.arange(1000, dtype=np.float32)})["params"].__dict__), flush=True)
+for _ in sys.stdin:  # each line asks how many connections the service holds
+    with s._lock:
+        print(len(s._conns), flush=True)
+"""
+
+PULLING = """
+import json, sys
+import numpy as np
+from workers.transport import ArrayClient, NetArray
+client, out = ArrayClient(), np.empty(1000, np.float32)
+client.pull([(NetArray(**json.loads(sys.argv[1])), out, 0)])
+print(out.tobytes() == np.arange(1000, dtype=np.float32).tobytes(), flush=True)
+sys.stdin.readline()
+client.close()  # its FIN is lost on the cut link: the service's end is left half-open
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: (namespace, address) each."""
+    from tests.netns_cluster import unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    tag = os.getpid() % 100000
+    hosts = [(f"sptest-arr{tag}-{i}", f"10.251.99.{i + 1}", f"spta{tag}{'ab'[i]}") for i in range(2)]
+    run = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+    try:
+        for name, _, _ in hosts:
+            run("netns", "add", name)
+        run("link", "add", hosts[0][2], "netns", hosts[0][0], "type", "veth", "peer", "name", hosts[1][2],
+            "netns", hosts[1][0])
+        for name, address, link in hosts:
+            run("-n", name, "addr", "add", f"{address}/24", "dev", link)
+            run("-n", name, "link", "set", link, "up")
+        yield hosts
+    finally:
+        for name, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.multihost
+def test_a_connection_left_half_open_by_a_cut_link_ends_on_the_service_side(two_hosts):
+    (server_ns, server_ip, _), (client_ns, _, client_link) = two_hosts
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    opened = lambda ns, script, *args: subprocess.Popen(  # noqa: E731
+        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, env=env)
+    server = opened(server_ns, SERVING, server_ip, TOKEN)
+    client = None
+    try:
+        handle = server.stdout.readline()
+        client = opened(client_ns, PULLING, handle)
+        assert client.stdout.readline().strip() == "True"
+
+        def connections() -> int:
+            server.stdin.write("?\n")
+            server.stdin.flush()
+            return int(server.stdout.readline())
+
+        assert connections() == 1
+        subprocess.run(["ip", "-n", client_ns, "link", "set", client_link, "down"], check=True)
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "closed"
+        for _ in range(120):  # without keepalive the service's end waits for good
+            if connections() == 0:
+                break
+            time.sleep(0.5)
+        assert connections() == 0
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_the_client_forgets_the_connections_to_services_no_longer_its_peers(service):
+    replaced = ArrayService("127.0.0.1", token=TOKEN)
+    try:
+        kept = service.offer(0, {"params": odd_floats(8)})["params"]
+        gone = replaced.offer(0, {"params": odd_floats(8)})["params"]
+        client = ArrayClient()
+        pull(kept, client=client), pull(gone, client=client)
+        client.forget_except([kept])
+        assert list(client._conns) == [("127.0.0.1", service.port, service.instance)]
+        for _ in range(100):  # the service's end of the forgotten connection sees it closed
+            with replaced._lock:
+                if not replaced._conns:
+                    break
+            time.sleep(0.1)
+        assert not replaced._conns and pull(kept, client=client).tobytes() == odd_floats(8).tobytes()
+    finally:
+        replaced.close()
+
+
+def test_an_actor_says_why_its_service_cannot_start_or_a_peer_cannot_be_reached(monkeypatch):
+    from workers.transport import ArrayPeer
+
+    server, worker = ArrayPeer(), ArrayPeer()
+    try:
+        at_server = server.open_arrays(TOKEN)
+        assert worker.reach_arrays([at_server]) is None
+        monkeypatch.setenv("SHARDPROP_DATA_PORTS", str(at_server.port))  # the only port, taken
+        assert worker.open_arrays(TOKEN) == (f"no port of {at_server.port}-{at_server.port} free on "
+                                             f"{at_server.host} for the array service (SHARDPROP_DATA_PORTS): "
+                                             "[Errno 98] Address already in use")
+        server._array_service.close()
+        assert f"{at_server.host}:{at_server.port}) is unreachable" in worker.reach_arrays([at_server])
+    finally:
+        for peer in (server, worker):
+            if peer._array_service is not None:
+                peer._array_service.close()
+
+
+def test_thousands_of_parts_from_one_peer_arrive_whole_with_small_socket_buffers(monkeypatch):
+    """A server pulls one part per shard (up to MAX_SHARDS) from a worker:
+    sent all at once, the requests outgrew the buffers while the peer,
+    blocked sending answers not yet read, read no more of them."""
+    import workers.transport as transport
+
+    tune = transport._tune
+
+    def small_buffers(sock):
+        tune(sock)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, 8192)
+
+    monkeypatch.setattr(transport, "_tune", small_buffers)
+    s = ArrayService("127.0.0.1", token=TOKEN)
+    try:
+        rows = {f"shard-{i}": odd_floats(256, seed=i) for i in range(1500)}
+        handles = s.offer(0, rows)
+        outs = {k: np.empty(256, np.float32) for k in rows}
+        ArrayClient(timeout_s=10).pull([(handles[k], outs[k], 0) for k in rows])
+        assert all(outs[k].tobytes() == rows[k].tobytes() for k in rows)
+    finally:
+        s.close()
+
+
+def test_a_first_request_for_a_large_array_is_answered_whole_however_slowly_it_is_read(service, monkeypatch):
+    import workers.transport as transport
+
+    monkeypatch.setattr(transport, "FIRST_REQUEST_S", 0.2)
+    big = odd_floats(8_000_000)  # 32 MB: more than the socket buffers hold
+    handle = service.offer(0, {"params": big})["params"]
+    read = transport._recv_into
+
+    def late(sock, view):  # the reader starts reading a second after the answer began
+        time.sleep(1.0)
+        read(sock, view)
+
+    monkeypatch.setattr(transport, "_recv_into", late)
+    out = np.empty(big.size, np.float32)
+    ArrayClient().pull([(handle, out, 0)])  # a new connection: this is its first request
+    assert out.tobytes() == big.tobytes()

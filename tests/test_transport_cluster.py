@@ -51,7 +51,7 @@ def test_a_job_across_nodes_sends_its_arrays_over_tcp_with_the_reference_bits(ra
     job_spec = spec(parameter_servers=servers)
     net, coordinator, graphs, _, nodes = run(job_spec, tmp_path)
     assert np.array_equal(net.params, train(job_spec)[0].params)
-    assert [(g["transport"], g["zero_copy"]) for g in graphs] == [("tcp", False)]
+    assert [(g["transport"], g["zero_copy"], g["fallback"]) for g in graphs] == [("tcp", False, None)]
     assert graphs[0]["nodes"] >= 2
     assert len(nodes) == 2, "the workers shared a node"
 
@@ -97,4 +97,5 @@ def test_with_the_transport_off_on_the_driver_the_arrays_go_through_the_object_s
     job_spec = spec()
     net, _, graphs, _, _ = run(job_spec, tmp_path)
     assert np.array_equal(net.params, train(job_spec)[0].params)
-    assert [(g["transport"], g["zero_copy"]) for g in graphs] == [("object store", False)]
+    assert [(g["transport"], g["zero_copy"], g["fallback"]) for g in graphs] == [
+        ("object store", False, "SHARDPROP_DATA_PORTS=off where the job's driver runs")]

@@ -216,6 +216,7 @@ class GraphBuilt(Event):
     nodes: int
     step: int
     zero_copy: bool
+    fallback: str | None = None  # across nodes and not over tcp: why not (workers.transport.Unavailable)
 
 
 @dataclass(frozen=True)

@@ -105,14 +105,16 @@ class SyncLoop:
         self.shared_dir = job.files.directory() if len(nodes) == 1 else None
         # Across nodes, over the actors' own TCP services when they all start
         # and reach each other (else through Ray's object store).
-        self.net_token = None
+        self.net_token, fallback = None, None
         if len(nodes) > 1:
             try:
                 self.net_token = transport.open_transport(job.servers.actors, job.pool.actors, ALIVE_TIMEOUT_S)
+            except transport.Unavailable as why:
+                fallback = str(why)
             except ValueError as err:  # a node's SHARDPROP_DATA_PORTS is malformed
                 raise TrainingError(f"the array transport cannot start: {err}") from None
         job.on_event(GraphBuilt("tcp" if self.net_token else self.graph.transport, len(nodes),
-                                job.reporter.reported, self.shared_dir is not None))
+                                job.reporter.reported, self.shared_dir is not None, fallback))
         job.reporter.restart_clock()  # the build is the work of the pause that needed it
         return self.graph
 

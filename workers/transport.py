@@ -24,7 +24,12 @@ read fails loudly (`Refused`) and never returns other bits; and an array
 withdrawn while it was being sent (a server applying the next step to its
 parameters in place) is marked torn by a trailing byte, and refused by the
 reader. A connection that fails is `PeerLost`: the step's recovery treats
-it as the peer's death (workers.sync_loop).
+it as the peer's death (workers.sync_loop). A stranger is hung up on: a
+connection's first request must arrive whole, with the token, within
+FIRST_REQUEST_S, and a service holds at most MAX_CONNECTIONS; keepalive and
+TCP_USER_TIMEOUT end a connection left half-open by a cut link after about
+DEAD_PEER_S. When a job's graph cannot have the transport, `open_transport`
+says why (`Unavailable`) and its arrays go through Ray.
 
 Only bytes move: the reader gets exactly the bits the owner offered.
 """
@@ -36,6 +41,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -43,8 +49,16 @@ import numpy as np
 
 PORTS_ENV = "SHARDPROP_DATA_PORTS"
 TIMEOUT_S = 30.0  # a peer that answers nothing for this long is lost (as workers.runtime.ALIVE_TIMEOUT_S)
-REACH_TIMEOUT_S = 5.0  # connecting to a peer when checking the transport before a step graph
+REACH_TIMEOUT_S = 5.0  # a round trip to a peer when checking the transport before a step graph
+DEAD_PEER_S = TIMEOUT_S  # a peer gone without a word (a cut link) is found dead after about this, idle or not
+FIRST_REQUEST_S = 5.0  # a new connection's first request must arrive whole within this
+MAX_CONNECTIONS = 1024  # per service (a job needs one per peer actor); past it new ones are hung up on
 MAX_KEY = 256
+# Requests go to a peer in batches, at most two batches unanswered: few
+# enough (~2 kB) for any receive buffer, so a peer blocked sending answers
+# that this side does not read yet never leaves this side blocked sending
+# requests (thousands sent at once did, with small buffers).
+BATCH = 16
 
 MAGIC = b"SPA1"
 # magic, token, service instance, step, start item, stop item, key length
@@ -52,6 +66,7 @@ REQUEST = struct.Struct("!4s16s16sqQQH")
 # status, bytes that follow (the payload, or the refusal's message)
 RESPONSE = struct.Struct("!BQ")
 OK, REFUSED = 0, 1
+WRONG_TOKEN = "wrong token"
 INTACT, TORN = b"\x00", b"\x01"
 
 
@@ -62,6 +77,11 @@ class TransportError(RuntimeError):
 class PeerLost(TransportError):
     """A peer's array service could not be reached or stopped answering:
     treated as the peer's death."""
+
+
+class Unavailable(TransportError):
+    """The transport cannot be had for a job's graph (turned off, no free
+    port, a peer unreachable): its arrays go through Ray's object store."""
 
 
 class Refused(TransportError):
@@ -126,6 +146,20 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
+def _tune(sock: socket.socket) -> None:
+    """No Nagle delay for the small requests and answers; and a connection
+    whose peer went without a word (a cut link, its host down) ends after
+    about DEAD_PEER_S: keepalive probes while it is idle, a limit on data
+    left unacknowledged while it sends (TCP_USER_TIMEOUT, Linux)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe_s = max(1, int(DEAD_PEER_S / 3))
+    for option, value in (("TCP_KEEPIDLE", probe_s), ("TCP_KEEPINTVL", probe_s), ("TCP_KEEPCNT", 3),
+                          ("TCP_USER_TIMEOUT", int(DEAD_PEER_S * 1000))):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class ArrayService:
     """Serves the arrays its owner offers for one step at a time."""
 
@@ -140,7 +174,8 @@ class ArrayService:
         self.port = self._sock.getsockname()[1]
         self.closed = False
         self._conns: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, name="shardprop-arrays", daemon=True)
+        self._accepting.start()
 
     @staticmethod
     def _bind(host: str, ports: range) -> socket.socket:
@@ -180,6 +215,12 @@ class ArrayService:
     def close(self) -> None:
         """Stop listening and cut every connection."""
         self.closed = True
+        try:
+            # Wakes the accept thread (on Linux a close alone leaves it
+            # waiting, and the port listening, until one more connection).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         with self._lock:
             conns, self._conns = self._conns, set()
@@ -194,16 +235,32 @@ class ArrayService:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
-                return
-            with self._lock:
+                if self.closed:
+                    return
+                time.sleep(0.1)  # out of descriptors, say: the service goes on once some are free
+                continue
+            self._start_serving(conn)
+
+    def _start_serving(self, conn: socket.socket) -> None:
+        """A thread for `conn`, or a hang-up past MAX_CONNECTIONS or once closed."""
+        with self._lock:
+            admitted = not self.closed and len(self._conns) < MAX_CONNECTIONS
+            if admitted:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
+        try:
+            if admitted:
+                threading.Thread(target=self._serve, args=(conn,), name="shardprop-arrays-peer", daemon=True).start()
+                return
+        except RuntimeError:  # no thread to be had
+            with self._lock:
+                self._conns.discard(conn)
+        conn.close()
 
     def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int):
         """(reason, None, 0) or (None, the bytes to send, their generation)."""
         with self._lock:
             if not self.token or not hmac.compare_digest(token, bytes.fromhex(self.token)):
-                return "wrong token", None, 0
+                return WRONG_TOKEN, None, 0
             if instance != bytes.fromhex(self.instance):
                 return f"not service {instance.hex()[:8]} (this is {self.instance[:8]}): the peer was replaced", None, 0
             if key == "":  # a ping (reach)
@@ -217,34 +274,52 @@ class ArrayService:
             return None, memoryview(array[start:stop]).cast("B"), self._generation
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                while True:
-                    head = _recv_exact(conn, REQUEST.size)
-                    if head is None:
-                        return
-                    magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
-                    if magic != MAGIC or key_len > MAX_KEY:
-                        return  # not our protocol: hang up
-                    key = (_recv_exact(conn, key_len) or b"").decode("utf-8", "replace")
-                    reason, payload, generation = self._refusal(token, instance, step, key, start, stop)
-                    if reason is not None:
-                        message = reason.encode()
-                        conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
-                        continue
-                    conn.sendall(RESPONSE.pack(OK, len(payload)))
-                    conn.sendall(payload)
-                    # Everything sent was copied to the kernel before this check:
-                    # unchanged generation, unchanged bits.
-                    with self._lock:
-                        intact = generation == self._generation
-                    conn.sendall(INTACT if intact else TORN)
-            except OSError:
-                return
-            finally:
-                with self._lock:
-                    self._conns.discard(conn)
+        """Answer `conn`'s requests in order until it closes. Its first
+        request must arrive whole within FIRST_REQUEST_S and carry the
+        token, so a stranger holds a connection (and its thread) only that
+        long; a peer's connection may then stay idle between steps, and
+        an answer take as long as the peer takes to read it (a dead peer
+        is found by _tune's keepalive and TCP_USER_TIMEOUT)."""
+        try:
+            with conn:
+                _tune(conn)
+                conn.settimeout(FIRST_REQUEST_S)
+                while self._answer_one(conn):
+                    pass
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _answer_one(self, conn: socket.socket) -> bool:
+        """Read one request and answer it; False to hang up (the stream
+        ended, another protocol, or a wrong token: answered, then cut)."""
+        head = _recv_exact(conn, REQUEST.size)
+        if head is None:
+            return False
+        magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
+        if magic != MAGIC or key_len > MAX_KEY:
+            return False
+        key = _recv_exact(conn, key_len) if key_len else b""
+        if key is None:
+            return False
+        reason, payload, generation = self._refusal(token, instance, step, key.decode("utf-8", "replace"),
+                                                    start, stop)
+        if reason != WRONG_TOKEN:
+            conn.settimeout(None)  # a peer's: no deadline from now on
+        if reason is not None:
+            message = reason.encode()
+            conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
+            return reason != WRONG_TOKEN
+        conn.sendall(RESPONSE.pack(OK, len(payload)))
+        conn.sendall(payload)
+        # Everything sent was copied to the kernel before this check:
+        # unchanged generation, unchanged bits.
+        with self._lock:
+            intact = generation == self._generation
+        conn.sendall(INTACT if intact else TORN)
+        return True
 
 
 class ArrayClient:
@@ -255,13 +330,15 @@ class ArrayClient:
         self._conns: dict[tuple[str, int, str], socket.socket] = {}
 
     def _conn(self, h: NetArray, timeout_s: float) -> socket.socket:
+        """The connection to `h`'s service (made on first use), each of its
+        operations bounded by `timeout_s` for the pull under way."""
         key = (h.host, h.port, h.service)
         conn = self._conns.get(key)
         if conn is None:
             conn = socket.create_connection((h.host, h.port), timeout=timeout_s)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.timeout_s)
+            _tune(conn)
             self._conns[key] = conn
+        conn.settimeout(timeout_s)
         return conn
 
     def _drop(self, keys) -> None:
@@ -272,37 +349,57 @@ class ArrayClient:
 
     def pull(self, parts: list[tuple[NetArray, np.ndarray, int]], timeout_s: float | None = None) -> None:
         """Fill each `out` with items [start, start + out.size) of its
-        handle's array. Every request is sent before any answer is read, so
-        the peers send at once. Raises PeerLost when a peer cannot be
-        reached, Refused when one refuses."""
-        keys = {(h.host, h.port, h.service) for h, _, _ in parts}
+        handle's array. Each peer gets its first two batches of requests
+        before any answer is read, so the peers send at once, then a batch
+        more per batch answered. Raises PeerLost when a peer cannot be reached or
+        leaves a socket operation waiting `timeout_s` (default: the
+        client's), Refused when one refuses."""
+        for h, out, start in parts:
+            if out.dtype.str != h.dtype or not out.flags.c_contiguous or start + out.size > h.length:
+                raise ValueError(f"{h.key}: {out.size} items of {out.dtype.str} from item {start} "
+                                 f"do not fit {h.length} of {h.dtype}")
+        by_peer: dict[tuple[str, int, str], list[tuple[NetArray, np.ndarray, int]]] = {}
+        for part in parts:
+            by_peer.setdefault((part[0].host, part[0].port, part[0].service), []).append(part)
         try:
-            for h, out, start in parts:
-                if out.dtype.str != h.dtype or not out.flags.c_contiguous or start + out.size > h.length:
-                    raise ValueError(f"{h.key}: {out.size} items of {out.dtype.str} from item {start} "
-                                     f"do not fit {h.length} of {h.dtype}")
-                self._conn(h, timeout_s or self.timeout_s).sendall(self._request(h, start, start + out.size))
-            for h, out, _ in parts:
-                self._answer(self._conns[(h.host, h.port, h.service)], h, memoryview(out.reshape(-1)).cast("B"))
-        except (Refused, ValueError):
-            self._drop(keys)  # answers may be left unread on them
+            conns = {key: self._conn(asked[0][0], timeout_s or self.timeout_s) for key, asked in by_peer.items()}
+            for key, asked in by_peer.items():
+                conns[key].sendall(self._requests(asked, 0, 2))
+            for key, asked in by_peer.items():
+                for i, (h, out, _) in enumerate(asked):
+                    if i and i % BATCH == 0:  # a batch answered: the one after next goes
+                        conns[key].sendall(self._requests(asked, i // BATCH + 1))
+                    self._answer(conns[key], h, memoryview(out.reshape(-1)).cast("B"))
+        except Refused:
+            self._drop(by_peer)  # answers may be left unread on them
             raise
         except OSError as err:  # ConnectionError and socket.timeout among them
-            self._drop(keys)
-            peers = ", ".join(sorted(f"{host}:{port}" for host, port, _ in keys))
+            self._drop(by_peer)
+            peers = ", ".join(sorted(f"{host}:{port}" for host, port, _ in by_peer))
             raise PeerLost(f"the array service of a peer ({peers}) is unreachable: "
                            f"{type(err).__name__}: {err}") from None
 
-    def reach(self, h: NetArray, timeout_s: float = REACH_TIMEOUT_S) -> None:
-        """A round trip to `h`'s service (a ping, key ""), or PeerLost/Refused."""
-        self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)],
-                  timeout_s)
+    def forget_except(self, peers: list[NetArray]) -> None:
+        """Close the connections to every service but those of `peers` (a
+        replaced peer's would stay open for the life of the actor)."""
+        self._drop(set(self._conns) - {(h.host, h.port, h.service) for h in peers})
+
+    def reach(self, peers: list[NetArray], timeout_s: float = REACH_TIMEOUT_S) -> None:
+        """A round trip to each peer's service at once (a ping, key ""), or
+        PeerLost/Refused."""
+        self.pull([(NetArray(h.host, h.port, h.service, "", 0, "|u1", 0, h.token), np.empty(0, np.uint8), 0)
+                   for h in peers], timeout_s)
+
+    @classmethod
+    def _requests(cls, parts: list[tuple[NetArray, np.ndarray, int]], batch: int, batches: int = 1) -> bytes:
+        """The requests of `batches` batches of `parts` from batch `batch` on."""
+        return b"".join(cls._request(*part) for part in parts[batch * BATCH:(batch + batches) * BATCH])
 
     @staticmethod
-    def _request(h: NetArray, start: int, stop: int) -> bytes:
+    def _request(h: NetArray, out: np.ndarray, start: int) -> bytes:
         key = h.key.encode()
-        return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start, stop,
-                            len(key)) + key
+        return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start,
+                            start + out.size, len(key)) + key
 
     @staticmethod
     def _answer(conn: socket.socket, h: NetArray, into: memoryview) -> None:
@@ -332,28 +429,30 @@ class ArrayPeer:
     _array_service: ArrayService | None = None
     _array_client: ArrayClient | None = None
 
-    def open_arrays(self, token: str) -> NetArray | None:
+    def open_arrays(self, token: str) -> NetArray | str:
         """Start this actor's array service (once) for the job's `token`,
-        on its node's IP: a handle that reaches it (a ping), None when no
-        port is free. A malformed SHARDPROP_DATA_PORTS raises ValueError."""
+        on its node's IP: a handle that reaches it (a ping), or why it
+        cannot start (no free port). A malformed SHARDPROP_DATA_PORTS
+        raises ValueError."""
         if self._array_service is None or self._array_service.closed:
             import ray
 
             try:
                 self._array_service = ArrayService(ray.util.get_node_ip_address())
-            except OSError:
-                return None
+            except OSError as err:
+                return str(err)
         self._array_service.token = token
         s = self._array_service
         return NetArray(s.host, s.port, s.instance, "", 0, "|u1", 0, token)
 
     def reach_arrays(self, peers: list[NetArray]) -> str | None:
-        """None when every peer's service answers, else why not."""
-        for peer in peers:
-            try:
-                self._pulls().reach(peer)
-            except TransportError as err:
-                return str(err)
+        """None when every peer's service answers, else why not. The
+        connections to services that are no longer peers are closed."""
+        self._pulls().forget_except(peers)
+        try:
+            self._pulls().reach(peers)
+        except TransportError as err:
+            return str(err)
         return None
 
     def _offer(self, token: str, step: int, arrays: dict[str, np.ndarray]) -> dict[str, NetArray]:
@@ -371,30 +470,34 @@ class ArrayPeer:
         return self._array_client
 
 
-def open_transport(servers: list, workers: list, timeout_s: float) -> str | None:
-    """A new random token when every server's and worker's array service
-    started and each reaches the other side's; None when one could not
-    (no free port, or a peer unreachable: the arrays go through Ray then).
-    A malformed SHARDPROP_DATA_PORTS on a node raises its ValueError."""
+def open_transport(servers: list, workers: list, timeout_s: float) -> str:
+    """A new random token, once every server's and worker's array service
+    has started and each reaches the other side's. Raises Unavailable
+    saying why not (the arrays go through Ray then); a malformed
+    SHARDPROP_DATA_PORTS on a node raises its ValueError."""
     import secrets
 
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     if not data_ports(os.environ.get(PORTS_ENV)):  # off on the driver's machine: off for its jobs
-        return None
+        raise Unavailable(f"{PORTS_ENV}=off where the job's driver runs")
     token = secrets.token_hex(16)
     try:
         opened = ray.get([a.open_arrays.remote(token) for a in servers + workers], timeout=timeout_s)
-        if None in opened:
-            return None
+        failed = [o for o in opened if isinstance(o, str)]
+        if failed:
+            raise Unavailable(f"an array service cannot start: {failed[0]}")
         at_servers, at_workers = opened[:len(servers)], opened[len(servers):]
         why = ray.get([w.reach_arrays.remote(at_servers) for w in workers]
                       + [s.reach_arrays.remote(at_workers) for s in servers], timeout=timeout_s)
     except RayTaskError as err:
         if isinstance(err.cause, ValueError):
             raise err.cause from None
-        return None
-    except (RayActorError, GetTimeoutError):  # an actor died: the step finds it, the next graph tries again
-        return None
-    return token if all(w is None for w in why) else None
+        raise Unavailable(f"an actor failed opening it: {err.cause or err}") from None
+    except (RayActorError, GetTimeoutError) as err:  # an actor died: the step finds it, the next graph tries again
+        raise Unavailable(f"an actor did not answer: {type(err).__name__}") from None
+    unreached = [w for w in why if w is not None]
+    if unreached:
+        raise Unavailable(f"a peer cannot be reached: {unreached[0]}")
+    return token
