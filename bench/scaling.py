@@ -38,7 +38,7 @@ them (and the relays, the servers and the driver take their share), so the
 compute term from FLOPs is stretched by max(1, N / 2) here (`contention`);
 projections assume cores of their own.
 
-    .venv/bin/python bench/scaling.py [--rounds 3] [--steps 16] [--warmup 4] [--budget-min 25] [--json scaling.json]
+    .venv/bin/python bench/scaling.py [--rounds 3] [--steps 24] [--warmup 6] [--budget-min 25] [--json scaling.json]
     .venv/bin/python bench/scaling.py --rows scaling.json     # fit again, no measuring
 
 Do not run it beside bench/multihost.py: they use the same namespace names.
@@ -65,7 +65,7 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from tests.link_emulator import LinkShape  # noqa: E402
+from tests.link_emulator import DIRECTIONS, LinkShape  # noqa: E402
 from tests.netns_cluster import BENCH, ENV, GCS_PORT, NetnsCluster  # noqa: E402
 
 from core.scaling import (FITTED, Calibration, JobShape, Network, Placement, bytes_per_step,  # noqa: E402
@@ -120,8 +120,12 @@ for line in sys.stdin:
         if getattr(event, "kind", "") == "graph":
             graphs.append(event.transport)
     began = time.perf_counter()
-    coord = Coordinator(parse_spec(raw["spec"]), raw["dir"], on_step=on_step, on_event=on_event)
-    coord.run()
+    try:
+        coord = Coordinator(parse_spec(raw["spec"]), raw["dir"], on_step=on_step, on_event=on_event)
+        coord.run()
+    except Exception as err:  # one failed job is a lost run, not a lost benchmark
+        print(json.dumps({"error": f"{type(err).__name__}: {err}"[:2000]}), flush=True)
+        continue
     w = raw["warmup"]
     steady = on_step.records[w:]
     phases = {k: statistics.median(r["phases"][k] for r in steady) for k in steady[0]["phases"]}
@@ -291,14 +295,24 @@ class Cluster:
             self.rtt_ms[setting] = rtt_ms(self.nets)
         return self.rtt_ms[setting]
 
+    def relay_losses(self) -> int:
+        """Frames the link emulators dropped so far (queue full, or undelivered), all links, both ways."""
+        if self.hosts == 1:
+            return 0
+        counts = [self.nets.link_counts(i) for i in range(self.hosts)]
+        return sum(c[d]["overflow"] + c[d]["undelivered"] + c[d]["dropped"] for c in counts for d in DIRECTIONS)
+
     def run(self, p: dict, steps: int, shard_rows: int, warmup: int) -> dict:
         rtt = self.shape(p["rate"], p["latency_ms"])
+        lost = self.relay_losses()
         job = self.work / f"job-{time.monotonic_ns()}"
         self.driver.stdin.write(json.dumps({"spec": spec_for(p, steps, shard_rows), "dir": str(job),
                                             "warmup": warmup}) + "\n")
         self.driver.stdin.flush()
         got = self._read()
         shutil.rmtree(job, ignore_errors=True)
+        if "error" in got:
+            return got
         place = got.pop("placement")
         servers = place["servers"][0]
         got["placement"] = asdict(Placement(servers_with_driver=servers == self.driver_node,
@@ -306,6 +320,7 @@ class Cluster:
                                             worker_with_driver=self.driver_node in place["workers"]))
         got["worker_nodes"] = len(set(place["workers"]))
         got["rtt_ms"], got["load"] = rtt, os.getloadavg()[0]
+        got["relay_lost_frames"] = self.relay_losses() - lost
         return got
 
     def close(self) -> None:
@@ -385,8 +400,8 @@ def predict(r: dict, cal: Calibration, shard_rows: int) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=4, help="steps left out of the step time")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=6, help="steps left out of the step time")
     ap.add_argument("--shard-rows", type=int, default=256)
     ap.add_argument("--hosts", type=int, nargs="+", default=list(HOSTS), help="the clusters to measure, in order")
     ap.add_argument("--budget-min", type=float, default=25.0,
@@ -422,6 +437,8 @@ def measure(args, work: Path, meta: dict) -> list[dict]:
     began = time.monotonic()
     budget = args.budget_min * 60
     weight = {n: len(points(n)) * n for n in args.hosts}  # a round's rough cost
+    print(f"{sum(len(points(n)) for n in args.hosts) * args.rounds} runs at most, in {args.budget_min:g} min",
+          file=sys.stderr, flush=True)
     meta.update(rounds={}, rtt_ms={}, wire_bytes_s={}, cluster_s={})
     for h_index, hosts in enumerate(args.hosts):
         started = time.monotonic()
@@ -440,11 +457,16 @@ def measure(args, work: Path, meta: dict) -> list[dict]:
                 round_began = time.monotonic()
                 for p in (order if rnd % 2 == 0 else order[::-1]):
                     got = cluster.run(p, args.steps, args.shard_rows, args.warmup)
+                    if "error" in got:
+                        meta.setdefault("failed", []).append({**p, "round": rnd + 1, "error": got["error"]})
+                        print(f"{hosts} hosts, {p}: the job failed: {got['error']}", file=sys.stderr, flush=True)
+                        continue
                     runs.setdefault(key(p), []).append(got)
                     shaped = "" if p["rate"] is None else f" {p['rate']} +{p['latency_ms']} ms"
                     print(f"{hosts} hosts x {p['per_worker']} shard(s){shaped} {p['model']} round {rnd + 1}: "
                           f"{got['step_s'] * 1e3:.1f} ms, {got['transport']}, servers with driver "
-                          f"{got['placement']['servers_with_driver']}, job {got['job_s']:.1f} s; "
+                          f"{got['placement']['servers_with_driver']}, job {got['job_s']:.1f} s, "
+                          f"{got['relay_lost_frames']} frames lost in the relays; "
                           f"load {got['load']:.1f}", file=sys.stderr, flush=True)
                     if args.json:  # the points so far, in case the run is cut short
                         Path(args.json + ".partial").write_text(json.dumps({"rows": _rows(runs), "meta": meta}))
@@ -478,6 +500,7 @@ def _rows(runs: dict[tuple, list[dict]]) -> list[dict]:
                      "rounds_s": [g["step_s"] for g in got], "placements": placements,
                      "transport": sorted({t for g in got for t in g["transport"]}),
                      "load": [g["load"] for g in got], "job_s": statistics.median(g["job_s"] for g in got),
+                     "relay_lost_frames": [g.get("relay_lost_frames", 0) for g in got],
                      "phases": {ph: statistics.median(g["phases"][ph] for g in same) for ph in same[0]["phases"]}})
     return rows
 
