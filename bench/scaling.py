@@ -27,10 +27,13 @@ The fit (`calibrate`): F and rho from the 1-host points (shared files, so
 their reduce+apply phase holds no transfer: across nodes it includes the
 servers' pulls of the rows), then c0, c_w, alpha, 1/eta and mu by
 non-negative least squares on the `fit` points, each point's compute taken
-as measured and h L counted from its placement. Fit: 1, 2 and 4 hosts;
-held out: every 3-host point. Both 1/eta and mu are seen through the two
-rates, alpha against c_w through the points of 2 shards per worker, c0
-through the 1-host points. Also reported: the fit on 1-3 hosts predicting
+as measured and h L counted from its placement; a point's bytes go at the
+link's pace or the software's (mu), whichever is slower. Fit: 1, 2 and 4 hosts;
+held out: every 3-host point. 1/eta and mu are seen through the two rates
+(one where the link sets the pace, one where the software does), c0
+against alpha through the 1-host points (no pull phase), c_w through 1, 2
+and 4 workers, the bytes against c_w through the two models and the points
+of 2 shards per worker. Also reported: the fit on 1-3 hosts predicting
 the 4-host points, and h fitted freely, against the count.
 
 The machine has 2 cores: with 3 or 4 hosts of 1 CPU each the workers share
@@ -341,10 +344,12 @@ def placement_of(r: dict) -> Placement:
     return Placement(**r["placement"])
 
 
-def _terms(r: dict, cal: Calibration, shard_rows: int, free_h: bool = False) -> tuple[float, list[float]]:
+def _terms(r: dict, cal: Calibration, shard_rows: int, link_bound: bool = True,
+           free_h: bool = False) -> tuple[float, list[float]]:
     """A point's known part (its measured compute, the model's reduce+apply,
     and h L counted from its placement unless `free_h`) and the
-    coefficients of the fitted constants (c0, c_w, alpha, 1/eta, mu[, h])."""
+    coefficients of the fitted constants (c0, c_w, alpha, 1/eta, mu[, h]):
+    its bytes go at the link's pace when `link_bound`, else at mu's."""
     shape = shape_for(r, shard_rows)
     place = placement_of(r)
     tcp = spans_nodes(r["hosts"], place)
@@ -352,8 +357,8 @@ def _terms(r: dict, cal: Calibration, shard_rows: int, free_h: bool = False) -> 
     latency = r["latency_s"] if tcp else 0.0
     hops = latency_hops(r["hosts"], place, shape.servers)
     known = r["phases"]["compute"] + cal.reduce_s_per_value * (shape.shards + 1) * shape.parameters
-    coef = [1.0, float(r["hosts"]), float(shape.servers + shape.shards) * tcp,
-            moved / r["rate_bytes_s"] if tcp else 0.0, float(moved)]
+    coef = [1.0, float(r["hosts"]), 2.0 * tcp,
+            moved / r["rate_bytes_s"] if link_bound else 0.0, 0.0 if link_bound else float(moved)]
     if free_h:
         coef.append(latency)
     else:
@@ -366,22 +371,35 @@ def calibrate(rows: list[dict], shard_rows: int, fit: str = "fit", free_h: bool 
     holds no transfer), then c0, c_w, alpha, 1/eta and mu by non-negative
     least squares on the points whose `use` is `fit` (or, with
     fit="hosts<=3", those of 1-3 hosts), each point's compute taken as
-    measured. Returns the calibration and, with `free_h`, the fitted h."""
+    measured. A point's bytes go at the link's pace or at mu's, whichever
+    is slower (core.scaling.seconds_per_byte): for each split of the rates
+    into link-bound (the slower ones) and software-bound the fit is linear;
+    the split kept is the one whose constants agree with it (1 / (eta B) >=
+    mu exactly on its link-bound rates) with the least residual. Returns
+    the calibration and, with `free_h`, the fitted h."""
     ones = [r for r in rows if r["hosts"] == 1]
     flop_rate = statistics.median(shape_for(r, shard_rows).shard_flops() / r["phases"]["compute"] for r in ones)
     rho = statistics.median(r["phases"]["reduce_apply"] / ((shape_for(r, shard_rows).shards + 1)
                                                            * shape_for(r, shard_rows).parameters) for r in ones)
     cal = replace(FITTED, flop_rate=flop_rate, reduce_s_per_value=rho)
     chosen = [r for r in rows if (r["use"] == "fit" if fit == "fit" else r["hosts"] <= 3)]
-    a, b = [], []
-    for r in chosen:
-        known, coef = _terms(r, cal, shard_rows, free_h)
-        a.append(coef)
-        b.append(r["step_s"] - known)
-    # Non-negative least squares: every constant is a cost, and with few
-    # noisy points plain least squares can make one negative (an
-    # efficiency below zero) to chase the noise.
-    x, _ = nnls(np.array(a), np.array(b))
+    rates = sorted({r["rate_bytes_s"] for r in chosen if r["rate"] is not None})
+    fits = []
+    for split in range(len(rates) + 1):  # rates[:split] link-bound
+        a, b = [], []
+        for r in chosen:
+            known, coef = _terms(r, cal, shard_rows, r["rate_bytes_s"] in rates[:split], free_h)
+            a.append(coef)
+            b.append(r["step_s"] - known)
+        # Non-negative least squares: every constant is a cost, and with few
+        # noisy points plain least squares can make one negative (an
+        # efficiency below zero) to chase the noise.
+        x, residual = nnls(np.array(a), np.array(b))
+        inv_eta, mu = x[3], x[4]
+        agrees = all((rate * mu <= inv_eta) == (rate in rates[:split]) for rate in rates) and \
+            (inv_eta > 0 or split == 0)
+        fits.append((not agrees, residual, split, x))
+    _, _, split, x = min(fits, key=lambda f: (f[0], f[1]))
     c0, cw, alpha, inv_eta, mu = (float(v) for v in x[:5])
     cal = replace(cal, step_overhead_s=c0, per_worker_s=cw, per_transfer_s=alpha, per_byte_s=mu,
                   link_efficiency=1.0 / inv_eta if inv_eta > 0 else float("inf"))

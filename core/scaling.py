@@ -30,18 +30,21 @@ go over TCP once the job spans nodes, even the one beside the servers
 (loopback, no link).
 
     T = c0 + c_w W + compute + rho (S + 1) P / k
-          + [spans nodes] (h L + alpha (k + S) + bytes (1 / (eta B) + mu))
+          + [spans nodes] (h L + 2 alpha + bytes max(1 / (eta B), mu))
 
     bytes = (workers off the servers' node) P b + (their shards) P b
 
 - W workers of ceil(S / W) or fewer shards; c_w each: its task's push, its
   reply, the driver's handling of it;
-- alpha per TCP transfer on the critical path: one worker's k requests for
-  the parameters, one server's S requests for the rows;
-- bytes through the servers' link at the link rate B with efficiency eta,
-  and mu per byte that does not depend on the rate (copies into and out of
-  the kernel, the receiving thread; on the bench also the link emulator's
-  relays, so an upper bound);
+- alpha per pull phase (two a step: the workers' pulls of the parameters,
+  the servers' pulls of the rows): the requests of a phase are all sent
+  before any answer is read, so the phase pays one request's fixed cost
+  (the service thread's wake-up, the headers), not one per request;
+- bytes through the servers' link: a transfer streams through the link
+  (rate B, efficiency eta) and through software (copies into and out of the
+  kernel, the receiving thread; on the bench also the link emulator's
+  relays) at once, so the slower sets the pace: 1 / (eta B) per byte, or mu
+  per byte when the software is slower than the link;
 - rho per parameter and pass of the reduce and apply.
 
 On one node the arrays go through shared files (workers.shared) and only
@@ -57,7 +60,7 @@ node applying the optimizer to the whole vector) moves 2 (N - 1) / N P b
 bytes per node in 2 (N - 1) transfers, each a pull (2 latencies) like ours:
 
     T_ring = c0 + c_w W + compute
-             + [N > 1] 2 (N - 1) (alpha + 2 L + P b / N (1 / (eta B) + mu)) + rho (s_w + 2) P
+             + [N > 1] 2 (N - 1) (alpha + 2 L + P b / N max(1 / (eta B), mu)) + rho (s_w + 2) P
 
 The constants are fitted on namespace hosts by bench/scaling.py and recorded
 in docs/scaling.md; `FITTED` holds them.
@@ -76,9 +79,9 @@ class Calibration:
     flop_rate: float  # F: FLOP/s of one shard's gradient on one core
     step_overhead_s: float  # c0: per step, whatever the nodes (the servers' calls, the coordinator)
     per_worker_s: float  # c_w: per worker and step (its task, its reply, the driver's handling)
-    per_transfer_s: float  # alpha: software cost of one TCP request and its answer
+    per_transfer_s: float  # alpha: fixed software cost of one pull phase (its requests pipelined)
     link_efficiency: float  # eta: the fraction of the link rate a TCP transfer achieves
-    per_byte_s: float  # mu: per byte through the servers' link, whatever its rate
+    per_byte_s: float  # mu: per byte of the slowest software stage of a transfer (the pace when the link is faster)
     reduce_s_per_value: float  # rho: the servers' reduce and apply, per parameter per pass
 
 
@@ -95,12 +98,15 @@ class ObjectStoreCalibration:
     link_efficiency: float  # eta
 
 
-# PLACEHOLDER until bench/scaling.py is run on the TCP transport: the
-# object-store fit's values where a field means the same (F from
-# bench/engine.py quiet; rho from bench/distributed.py quiet; c0 and eta
-# fitted under load on 2 hosts, docs/scaling.md), alpha and mu unmeasured.
-FITTED = Calibration(flop_rate=91.5e9, step_overhead_s=18.9e-3, per_worker_s=0.0, per_transfer_s=0.0,
-                     link_efficiency=0.79, per_byte_s=0.0, reduce_s_per_value=0.6e-9)
+# docs/scaling.md says where each comes from. bench/scaling.py on 1-4
+# namespace hosts of this 2-core machine, quiet (2026-12-03 16:49-17:00
+# UTC, load average 0.1-4): c0, c_w, alpha and eta fitted on the 1-, 2-
+# and 4-host points (c_w fitted 0: not seen at 1-4 workers), F and rho
+# from its 1-host points. mu from bench/transport_rate.py (the transport
+# on loopback, no relay): the bench's own fit of mu (10.2 ns/B) is the link
+# emulator's relays, not shardprop's.
+FITTED = Calibration(flop_rate=81.0e9, step_overhead_s=3.72e-3, per_worker_s=0.0, per_transfer_s=1.76e-3,
+                     link_efficiency=0.958, per_byte_s=0.31e-9, reduce_s_per_value=5.3e-9)
 
 # The object-store transport (SHARDPROP_DATA_PORTS=off): fitted by
 # bench/scaling.py on 2 namespace hosts under a load average of ~35
@@ -237,15 +243,20 @@ class StepTime:
         return self.compute_s + self.transfer_s + self.reduce_apply_s + self.overhead_s
 
 
+def seconds_per_byte(net: Network, cal: Calibration) -> float:
+    """A transfer's pace: the link's or the software's, whichever is slower."""
+    return max(1.0 / (cal.link_efficiency * net.bandwidth_bytes_s), cal.per_byte_s)
+
+
 def transfer_s(shape: JobShape, net: Network, cal: Calibration, placement: Placement = Placement()) -> float:
-    """The TCP transport's part of a step: h L + alpha (k + S) + bytes (1 / (eta B) + mu)."""
+    """The TCP transport's part of a step: h L + 2 alpha + bytes max(1 / (eta B), mu)."""
     workers = len(shards_per_worker(shape, net.nodes))
     if not spans_nodes(workers, placement):
         return 0.0
     moved = bytes_per_step(shape, net.nodes, placement.worker_with_servers).total
     return (latency_hops(workers, placement, shape.servers) * net.latency_s
-            + cal.per_transfer_s * (shape.servers + shape.shards)
-            + moved * (1.0 / (cal.link_efficiency * net.bandwidth_bytes_s) + cal.per_byte_s))
+            + 2 * cal.per_transfer_s
+            + moved * seconds_per_byte(net, cal))
 
 
 def parameter_server_step(shape: JobShape, net: Network, cal: Calibration, contention: float = 1.0,
@@ -281,8 +292,7 @@ def ring_step(shape: JobShape, net: Network, cal: Calibration, latencies_per_tra
     if workers > 1:
         chunk = shape.parameters * shape.dtype_bytes / workers
         transfer = 2 * (workers - 1) * (cal.per_transfer_s + latencies_per_transfer * net.latency_s
-                                        + chunk * (1.0 / (cal.link_efficiency * net.bandwidth_bytes_s)
-                                                   + cal.per_byte_s))
+                                        + chunk * seconds_per_byte(net, cal))
     local = max(shards_per_worker(shape, net.nodes))
     reduce = cal.reduce_s_per_value * (local + 2) * shape.parameters
     return StepTime(compute_s(shape, net.nodes, cal), transfer, reduce,

@@ -105,7 +105,8 @@ def report(name: str, shape: JobShape, net: Network, bandwidth: str, latency: st
     lines += [f"bytes per step over the servers' link: {moved.params_out:,} parameters out, "
               f"{moved.grads_in:,} gradients in",
               f"critical path, TCP array transport: {latency_hops(workers, Placement(), shape.servers)} one-way "
-              f"latencies, {shape.servers + shape.shards if workers > 1 else 0} transfers (servers beside the driver)",
+              f"latencies, 2 pull phases (servers beside the driver)" if workers > 1 else
+              "critical path: one node, shared files, nothing transferred",
               f"predicted step: {s.total_s * 1e3:.2f} ms (compute {s.compute_s * 1e3:.2f}, "
               f"transfer {s.transfer_s * 1e3:.2f}, reduce+apply {s.reduce_apply_s * 1e3:.2f}, "
               f"overhead {s.overhead_s * 1e3:.2f})",

@@ -72,20 +72,23 @@ def test_latency_hops_counted_by_hand(workers, placement, servers, hops):
 def test_parameter_server_step_by_hand():
     step = parameter_server_step(SMALL, NET, CAL)
     assert step.compute_s == pytest.approx(2.0)  # 2 shards of 384 FLOP at 384 FLOP/s
-    # 6 latencies of 0.1; k + S = 4 transfers of 0.125; 416 bytes at 0.5 * 208 bytes/s and 1/416 s each
-    assert step.transfer_s == pytest.approx(0.6 + 0.5 + 4.0 + 1.0)
+    # 6 latencies of 0.1; 2 pull phases of 0.125; 416 bytes at 0.5 * 208 bytes/s (the link is
+    # slower than the software's 416 bytes/s, so it sets the pace)
+    assert step.transfer_s == pytest.approx(0.6 + 0.25 + 4.0)
     assert step.reduce_apply_s == pytest.approx(0.01 * (3 + 1) * 26)
     assert step.overhead_s == pytest.approx(0.5 + 2 * 0.25)  # c0 and 2 workers' calls
-    assert step.total_s == pytest.approx(10.14)
+    assert step.total_s == pytest.approx(8.89)
+    fast = parameter_server_step(SMALL, Network(2, 2080.0, 0.1), CAL)  # a link of 1,040 bytes/s: software's pace
+    assert fast.transfer_s == pytest.approx(0.6 + 0.25 + 416 / 416)
     assert parameter_server_step(SMALL, NET, CAL, contention=2.0).compute_s == pytest.approx(4.0)
     # servers on a node of their own: 1,040 bytes over their link
     apart = parameter_server_step(SMALL, NET, CAL, placement=Placement(worker_with_servers=False))
-    assert apart.transfer_s == pytest.approx(0.6 + 0.5 + 10.0 + 2.5)
+    assert apart.transfer_s == pytest.approx(0.6 + 0.25 + 10.0)
     sliced = JobShape((3, 4, 2), True, 8, 10, 3, cpus_per_worker=2, servers=2)
     two = parameter_server_step(sliced, NET, CAL)
     assert two.reduce_apply_s == pytest.approx(0.52)  # k slices reduce in parallel
     assert two.compute_s == pytest.approx(1.0)  # 2 shards at once on 2 CPUs
-    assert two.transfer_s == pytest.approx(0.6 + 5 * 0.125 + 5.0)  # the same bytes; 2 + 3 requests
+    assert two.transfer_s == pytest.approx(step.transfer_s)  # the same bytes and phases, in k pieces
     one = parameter_server_step(SMALL, Network(1, 208.0, 0.1), CAL)
     assert (one.transfer_s, one.overhead_s) == (0.0, 0.75)  # one node: shared files, one worker
 
@@ -101,18 +104,18 @@ def test_object_store_step_by_hand():
 
 def test_ring_step_by_hand():
     step = ring_step(SMALL, NET, CAL)
-    # 2 (N - 1) = 2 pulls of (0.125 + 2 * 0.1 + 104 bytes at 104 bytes/s and 1/416 s each)
-    assert step.transfer_s == pytest.approx(2 * (0.125 + 0.2 + 1.25))
+    # 2 (N - 1) = 2 pulls of (0.125 + 2 * 0.1 + 104 bytes at 104 bytes/s)
+    assert step.transfer_s == pytest.approx(2 * (0.125 + 0.2 + 1.0))
     assert step.reduce_apply_s == pytest.approx(0.01 * (2 + 2) * 26)
-    assert step.total_s == pytest.approx(2.0 + 3.15 + 1.04 + 1.0)
-    assert ring_step(SMALL, NET, CAL, latencies_per_transfer=1).transfer_s == pytest.approx(2 * (0.125 + 0.1 + 1.25))
+    assert step.total_s == pytest.approx(2.0 + 2.65 + 1.04 + 1.0)
+    assert ring_step(SMALL, NET, CAL, latencies_per_transfer=1).transfer_s == pytest.approx(2 * (0.125 + 0.1 + 1.0))
 
 
 def test_plan_efficiency_against_one_node():
     got = plan(SMALL, NET, CAL)
     one = 3.0 + 1.04 + 0.75  # all 3 shards on one node, nothing moved, one worker's call
-    assert got.samples_per_s == pytest.approx(10 / 10.14)
-    assert got.efficiency == pytest.approx(one / (10.14 * 2))
+    assert got.samples_per_s == pytest.approx(10 / 8.89)
+    assert got.efficiency == pytest.approx(one / (8.89 * 2))
     assert plan(SMALL, Network(1, 208.0, 0.1), CAL).efficiency == pytest.approx(1.0)
 
 
@@ -154,7 +157,7 @@ def test_plan_command_prints_the_model(job, capsys):
     assert f"ring all-reduce, same assumptions: step {ring.step.total_s * 1e3:.2f} ms" in out
     store = plan(SMALL, Network(2, 1.25e8, 1e-3), object_store=True)
     assert f"object store (SHARDPROP_DATA_PORTS=off; older fit): step {store.step.total_s * 1e3:.2f} ms" in out
-    assert "critical path, TCP array transport: 6 one-way latencies, 4 transfers" in out
+    assert "critical path, TCP array transport: 6 one-way latencies, 2 pull phases" in out
 
 
 def test_plan_command_more_nodes_than_shards(job, capsys):

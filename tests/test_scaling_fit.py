@@ -2,15 +2,16 @@
 
 Points made by the model itself from known constants must give those
 constants back: that holds only if the fit set sees every constant apart
-from the others (two rates for 1/eta against mu; 1, 2 and 4 hosts and two
-shards per worker for c0, c_w and alpha), which is what this checks. No Ray,
-no namespaces.
+from the others (two rates, one where the link sets the pace of a transfer
+and one where the software does, for 1/eta and mu; one host, with no pull
+phase, for c0 against alpha; 1, 2 and 4 workers for c_w), which is what
+this checks. No Ray, no namespaces.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ import scaling as bench  # noqa: E402
 from core.scaling import Calibration, Network, Placement, parameter_server_step  # noqa: E402
 
 ROWS = 256
+# mu of 15 ns/B (67 MB/s): slower than a 1 Gbit/s link at 0.9, faster than 200 Mbit/s
 TRUE = Calibration(flop_rate=80e9, step_overhead_s=3e-3, per_worker_s=1.5e-3, per_transfer_s=0.3e-3,
-                   link_efficiency=0.9, per_byte_s=2e-9, reduce_s_per_value=0.7e-9)
+                   link_efficiency=0.9, per_byte_s=15e-9, reduce_s_per_value=0.7e-9)
 
 
 def made_rows(points: list[dict], cal: Calibration = TRUE) -> list[dict]:
@@ -66,6 +68,12 @@ def test_the_fit_gives_back_the_constants_the_points_were_made_with():
         assert bench.predict(r, cal, ROWS)[0] == pytest.approx(r["step_s"], rel=1e-9)
 
 
+def test_with_a_slow_software_everywhere_the_fit_says_the_link_never_sets_the_pace():
+    slow = replace(TRUE, per_byte_s=60e-9)  # slower than either link
+    cal, _ = bench.calibrate(made_rows(every_point(), slow), ROWS)
+    assert cal.per_byte_s == pytest.approx(60e-9, rel=1e-6) and cal.link_efficiency == float("inf")
+
+
 def test_h_fitted_freely_is_the_count_when_the_servers_sit_beside_the_driver():
     rows = [r for r in made_rows(every_point()) if r["placement"]["servers_with_driver"]]
     _, h = bench.calibrate(rows, ROWS, free_h=True)
@@ -73,13 +81,14 @@ def test_h_fitted_freely_is_the_count_when_the_servers_sit_beside_the_driver():
 
 
 def fit_rank(points: list[dict]) -> int:
-    a = [bench._terms(r, TRUE, ROWS)[1] for r in made_rows(points) if r["use"] == "fit"]
+    a = [bench._terms(r, TRUE, ROWS, link_bound=r["rate"] == "200Mbit")[1] for r in made_rows(points)
+         if r["use"] == "fit"]
     return int(np.linalg.matrix_rank(np.array(a)))
 
 
 def test_the_fit_set_sees_all_5_constants_and_needs_both_rates():
     """The design matrix of the fit set (c0, c_w, alpha, 1/eta, mu): full
-    rank; at one rate the bytes' two terms are proportional."""
+    rank; at one rate only one of the bytes' two paces is seen."""
     points = every_point()
     assert fit_rank(points) == 5
     assert fit_rank([p for p in points if p["rate"] != "200Mbit"]) == 4
