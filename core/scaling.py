@@ -22,8 +22,9 @@ too, the critical path of a step is:
    behind it on the same actor.
 
 So h = 6 one-way latencies a step, whatever N (the workers pull and are
-pulled from at once); 8 when Ray puts the servers on a node of neither the
-driver nor every worker (the handles then cross to the driver and back),
+pulled from at once); when Ray puts the servers on a node other than the
+driver's, the handles cross to the driver and back: still 6 on two nodes,
+8 from three on (a worker on neither node),
 plus 2 for the reduce/commit round when k > 1 servers are off the driver's
 node (`latency_hops` counts them from a `Placement`). Every worker's arrays
 go over TCP once the job spans nodes, even the one beside the servers
