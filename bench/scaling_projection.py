@@ -32,23 +32,27 @@ def shape_for(parameters: int, nodes: int, rows: int, servers: int = 1) -> JobSh
     return JobShape((d, d, d), True, 4, rows * nodes, nodes, servers=servers)
 
 
-def steps(parameters: int, nodes: int, net: Network, cal: Calibration, rows: int) -> tuple[float, float, float]:
-    """(parameter server, ring, compute) seconds per step."""
+def steps(parameters: int, nodes: int, net: Network, cal: Calibration, rows: int,
+          ring_latencies: int = 2) -> tuple[float, float, float]:
+    """(parameter server, ring, compute) seconds per step; the ring's
+    transfers pulls (2 latencies each) unless `ring_latencies` says otherwise."""
     shape = shape_for(parameters, nodes, rows)
     n = replace(net, nodes=nodes)
-    return parameter_server_step(shape, n, cal).total_s, ring_step(shape, n, cal).total_s, \
-        parameter_server_step(shape, n, cal).compute_s
+    ps = parameter_server_step(shape, n, cal)
+    return ps.total_s, ring_step(shape, n, cal, ring_latencies).total_s, ps.compute_s
 
 
-def efficiency(parameters: int, nodes: int, net: Network, cal: Calibration, rows: int) -> tuple[float, float]:
-    one = steps(parameters, 1, net, cal, rows)[0]
-    ps, ring, _ = steps(parameters, nodes, net, cal, rows)
+def efficiency(parameters: int, nodes: int, net: Network, cal: Calibration, rows: int,
+               ring_latencies: int = 2) -> tuple[float, float]:
+    one = steps(parameters, 1, net, cal, rows, ring_latencies)[0]
+    ps, ring, _ = steps(parameters, nodes, net, cal, rows, ring_latencies)
     return one / ps, one / ring
 
 
 def native(cal: Calibration) -> Calibration:
-    """A collective library's transfers: no per-transfer software cost, one latency a hop."""
-    return replace(cal, per_transfer_s=0.0, latency_hops=1.0)
+    """A collective library's transfers: no per-transfer or per-byte
+    software cost (the wire at eta only), pushed: one latency a hop."""
+    return replace(cal, per_transfer_s=0.0, per_byte_s=0.0)
 
 
 def table(net: Network, cal: Calibration, rows: int) -> list[str]:
@@ -59,7 +63,7 @@ def table(net: Network, cal: Calibration, rows: int) -> list[str]:
         for n in NODES:
             ps, ring, compute = steps(p, n, net, cal, rows)
             e_ps, e_ring = efficiency(p, n, net, cal, rows)
-            e_native = efficiency(p, n, net, native(cal), rows)[1]
+            e_native = efficiency(p, n, net, native(cal), rows, ring_latencies=1)[1]
             out.append(f"| {p:,} | {n:,} | {compute * 1e3:.2f} ms | {_t(ps)} | {n * rows / ps:,.0f} | {e_ps:.3f} | "
                        f"{_t(ring)} | {n * rows / ring:,.0f} | {e_ring:.3f} | {e_native:.3f} |")
     return out

@@ -1,32 +1,67 @@
 """A step-time model of a synchronous job, for planning and for docs/scaling.md.
 
-One step of shardprop's parameter-server design, as the code does it
-(workers/step_graph.py): the servers publish the parameters, every worker
-computes its shards' gradient sums, each server reduces them in shard order
-and applies the optimizer. With one worker per node and the servers on the
-driver's node (where Ray puts actors that reserve no CPU), node 0's link
-carries, per step:
+One step of shardprop's parameter-server design across nodes, as the code
+does it (workers/step_graph.py, the interpreted graph; workers/transport.py):
+the driver's calls are chained by object refs that carry only small handles
+(inlined in Ray's task messages), and the arrays go over the actors' own TCP
+array services. With the servers on the driver's node, and a worker there
+too, the critical path of a step is:
 
-- the parameters out, once to each of the N - 1 other nodes: (N - 1) P b
-  bytes, whether in one object or k slices (Ray moves an object to a node
-  once; every worker there maps it);
-- the gradients in: each remote worker returns ONE result holding a full
-  P-value row per shard it computed (`GradientWorker.step`), so the shards
-  computed off node 0 times P b bytes. With k slices all servers sit on node
-  0 and the result crosses the link once; each server slices it after it
-  arrived (`ParameterServer.reduce`).
+1. a server's `publish_step` offers its slice and returns a handle to the
+   driver (the owner of the ref), which pushes each worker's `step` task
+   with the handles inlined: 1 one-way latency to a remote worker;
+2. the worker pulls every slice (one request per server on a kept
+   connection, all sent before any answer is read): 2 latencies, and the
+   parameters through the servers' link, P b bytes to each remote worker;
+3. it computes, offers its shard rows and replies with handles: 1 latency;
+4. the driver pushes `apply` (or `reduce` and `commit` for k > 1 slices) to
+   the servers, which pull their slice of every shard's row (requests first,
+   answers read one after another): 2 latencies, and the rows of the shards
+   computed off the servers' node through their link;
+5. reduce in shard order, apply; the next step's `publish_step` is queued
+   behind it on the same actor.
 
-The step time is the sum of its phases, which run one after the other
-(step t + 1's parameters wait for step t's apply):
+So h = 6 one-way latencies a step, whatever N (the workers pull and are
+pulled from at once); when Ray puts the servers on a node other than the
+driver's, the handles cross to the driver and back: still 6 on two nodes,
+8 from three on (a worker on neither node),
+plus 2 for the reduce/commit round when k > 1 servers are off the driver's
+node (`latency_hops` counts them from a `Placement`). Every worker's arrays
+go over TCP once the job spans nodes, even the one beside the servers
+(loopback, no link).
 
-    T = c0 + compute + [N > 1] (2 (alpha + h L) + c_n (N - 1) + bytes / (eta B)) + rho (S + 1) P / k
+    T = c0 + c_w W + compute + rho (S + 1) P / k
+          + [spans nodes] (h L + 2 alpha + bytes max(1 / (eta B), mu))
 
-A ring all-reduce under the same assumptions (same per-transfer cost, link
-efficiency and memory rate; the gradients pre-summed on each node, every node
-applying the optimizer to the whole vector) moves 2 (N - 1) / N P b bytes per
-node in 2 (N - 1) transfers:
+    bytes = (workers off the servers' node) P b + (their shards) P b
 
-    T_ring = c0 + compute + [N > 1] 2 (N - 1) (alpha + h L + P b / (N eta B)) + rho (s_w + 2) P
+- W workers of ceil(S / W) or fewer shards; c_w each: its task's push, its
+  reply, the driver's handling of it;
+- alpha per pull phase (two a step: the workers' pulls of the parameters,
+  the servers' pulls of the rows): the requests of a phase are all sent
+  before any answer is read, so the phase pays one request's fixed cost
+  (the service thread's wake-up, the headers), not one per request;
+- bytes through the servers' link: a transfer streams through the link
+  (rate B, efficiency eta) and through software (copies into and out of the
+  kernel, the receiving thread; on the bench also the link emulator's
+  relays) at once, so the slower sets the pace: 1 / (eta B) per byte, or mu
+  per byte when the software is slower than the link;
+- rho per parameter and pass of the reduce and apply.
+
+On one node the arrays go through shared files (workers.shared) and only
+c0 + c_w W + compute + rho ... is left.
+
+`SHARDPROP_DATA_PORTS=off` (or an array service that cannot start) sends the
+arrays through Ray's object store instead; its model, fitted on the old
+transport, is `object_store_step` with `OBJECT_STORE`, kept for that case.
+
+A ring all-reduce under the same assumptions (same per-transfer cost, link,
+per-byte cost and memory rate; the gradients pre-summed on each node, every
+node applying the optimizer to the whole vector) moves 2 (N - 1) / N P b
+bytes per node in 2 (N - 1) transfers, each a pull (2 latencies) like ours:
+
+    T_ring = c0 + c_w W + compute
+             + [N > 1] 2 (N - 1) (alpha + 2 L + P b / N max(1 / (eta B), mu)) + rho (s_w + 2) P
 
 The constants are fitted on namespace hosts by bench/scaling.py and recorded
 in docs/scaling.md; `FITTED` holds them.
@@ -40,25 +75,46 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Calibration:
-    """The model's constants (seconds, FLOP/s, fractions)."""
+    """The model's constants (seconds, FLOP/s, fractions), TCP array transport."""
 
     flop_rate: float  # F: FLOP/s of one shard's gradient on one core
-    step_overhead_s: float  # c0: per step, whatever the nodes (task submission, the driver's reads)
-    per_node_s: float  # c_n: per step and per remote node (its pulls, its result's handling)
-    per_transfer_s: float  # alpha: software cost of one cross-node object transfer
-    latency_hops: float  # h: one-way latencies per transfer (location lookup, pull, push)
-    link_efficiency: float  # eta: the fraction of the link rate an object transfer achieves
+    step_overhead_s: float  # c0: per step, whatever the nodes (the servers' calls, the coordinator)
+    per_worker_s: float  # c_w: per worker and step (its task, its reply, the driver's handling)
+    per_transfer_s: float  # alpha: fixed software cost of one pull phase (its requests pipelined)
+    link_efficiency: float  # eta: the fraction of the link rate a TCP transfer achieves
+    per_byte_s: float  # mu: per byte of the slowest software stage of a transfer (the pace when the link is faster)
     reduce_s_per_value: float  # rho: the servers' reduce and apply, per parameter per pass
 
 
-# docs/scaling.md says where each comes from: c0, alpha and eta fitted by
-# bench/scaling.py on 2 namespace hosts of this shared 2-core machine under a
-# load average of ~35 (so generous); c_n not identifiable from 1-2 hosts
-# (0); F from bench/engine.py on a quiet machine (310.1 MFLOP in 3.39 ms,
-# one thread); rho from bench/distributed.py's quiet 2-worker run (0.8 ms
-# for 5 passes over 269,322 values); h read from Ray's transfer protocol.
-FITTED = Calibration(flop_rate=91.5e9, step_overhead_s=18.9e-3, per_node_s=0.0, per_transfer_s=17.3e-3,
-                     latency_hops=4.0, link_efficiency=0.79, reduce_s_per_value=0.6e-9)
+@dataclass(frozen=True)
+class ObjectStoreCalibration:
+    """The object-store transport's own constants (compute and rho as in
+    Calibration): each cross-node array a Ray object, moved by a location
+    lookup, a pull and a push."""
+
+    step_overhead_s: float  # c0
+    per_node_s: float  # c_n: per step and remote node
+    per_transfer_s: float  # alpha: one object transfer
+    latency_hops: float  # h: one-way latencies per object transfer
+    link_efficiency: float  # eta
+
+
+# docs/scaling.md says where each comes from. bench/scaling.py on 1-4
+# namespace hosts of this 2-core machine, quiet (2026-12-03 16:49-17:00
+# UTC, load average 0.1-4): c0, c_w, alpha and eta fitted on the 1-, 2-
+# and 4-host points (c_w fitted 0: not seen at 1-4 workers), F and rho
+# from its 1-host points. mu from bench/transport_rate.py (the transport
+# on loopback, no relay): the bench's own fit of mu (10.2 ns/B) is the link
+# emulator's relays, not shardprop's.
+FITTED = Calibration(flop_rate=81.0e9, step_overhead_s=3.72e-3, per_worker_s=0.0, per_transfer_s=1.76e-3,
+                     link_efficiency=0.958, per_byte_s=0.31e-9, reduce_s_per_value=5.3e-9)
+
+# The object-store transport (SHARDPROP_DATA_PORTS=off): fitted by
+# bench/scaling.py on 2 namespace hosts under a load average of ~35
+# (2026-12-03 07:31 UTC, docs/scaling.md); c_n not identifiable there (0);
+# h read from Ray's protocol.
+OBJECT_STORE = ObjectStoreCalibration(step_overhead_s=18.9e-3, per_node_s=0.0, per_transfer_s=17.3e-3,
+                                      latency_hops=4.0, link_efficiency=0.79)
 
 
 @dataclass(frozen=True)
@@ -99,9 +155,19 @@ class Network:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where Ray put the servers (all k on one node; they reserve no CPU,
+    so Ray chooses) relative to the driver and the workers."""
+
+    servers_with_driver: bool = True  # the servers' node is the driver's
+    worker_with_servers: bool = True  # a worker shares the servers' node
+    worker_with_driver: bool = True  # a worker shares the driver's node (matters when the servers are apart)
+
+
+@dataclass(frozen=True)
 class StepBytes:
-    params_out: int  # parameters leaving node 0 per step
-    grads_in: int  # gradient rows arriving at node 0 per step
+    params_out: int  # parameters leaving the servers' node per step
+    grads_in: int  # gradient rows arriving at it per step
 
     @property
     def total(self) -> int:
@@ -124,6 +190,36 @@ def bytes_per_step(shape: JobShape, nodes: int, colocated: bool = True) -> StepB
     return StepBytes(params_out=len(remote) * vector, grads_in=sum(remote) * vector)
 
 
+def worker_nodes(workers: int, placement: Placement) -> list[tuple[bool, bool]]:
+    """For each worker: (on the servers' node, on the driver's node)."""
+    if placement.servers_with_driver:
+        beside = [(True, True)] if placement.worker_with_servers else []
+    else:
+        beside = ([(True, False)] if placement.worker_with_servers else []) + \
+                 ([(False, True)] if placement.worker_with_driver else [])
+    return (beside + [(False, False)] * workers)[:workers]
+
+
+def spans_nodes(workers: int, placement: Placement) -> bool:
+    """Whether the job's actors and driver span nodes (then its arrays go over TCP)."""
+    return not placement.servers_with_driver or any(w != (True, True) for w in worker_nodes(workers, placement))
+
+
+def latency_hops(workers: int, placement: Placement, servers: int = 1) -> int:
+    """One-way latencies on a step's critical path (the module's docstring):
+    the handles from the servers to the driver and on to a worker, the
+    worker's pull of the parameters and its reply, the handles to the
+    servers and their pull of the rows; the slowest worker's chain, then the
+    servers'. A hop between actors on one node costs no latency."""
+    if not spans_nodes(workers, placement):
+        return 0
+    apart = 0 if placement.servers_with_driver else 1
+    nodes = worker_nodes(workers, placement)
+    to_worker = max(apart + 2 * (not on_driver) + 2 * (not on_servers) for on_servers, on_driver in nodes)
+    to_servers = apart + max(2 * (not on_servers) for on_servers, _ in nodes) + (2 * apart if servers > 1 else 0)
+    return to_worker + to_servers
+
+
 def ring_bytes_per_node(shape: JobShape, nodes: int) -> float:
     """Bytes each node sends (and receives) in a ring all-reduce of the gradient."""
     return 2 * (nodes - 1) / nodes * shape.parameters * shape.dtype_bytes
@@ -139,39 +235,69 @@ def compute_s(shape: JobShape, nodes: int, cal: Calibration, contention: float =
 @dataclass(frozen=True)
 class StepTime:
     compute_s: float
-    transfer_s: float  # parameters out and gradients in, with their fixed costs
+    transfer_s: float  # parameters out and gradients in: latencies, per-transfer and per-byte costs
     reduce_apply_s: float
-    overhead_s: float
+    overhead_s: float  # c0 and the per-worker calls
 
     @property
     def total_s(self) -> float:
         return self.compute_s + self.transfer_s + self.reduce_apply_s + self.overhead_s
 
 
+def seconds_per_byte(net: Network, cal: Calibration) -> float:
+    """A transfer's pace: the link's or the software's, whichever is slower."""
+    return max(1.0 / (cal.link_efficiency * net.bandwidth_bytes_s), cal.per_byte_s)
+
+
+def transfer_s(shape: JobShape, net: Network, cal: Calibration, placement: Placement = Placement()) -> float:
+    """The TCP transport's part of a step: h L + 2 alpha + bytes max(1 / (eta B), mu)."""
+    workers = len(shards_per_worker(shape, net.nodes))
+    if not spans_nodes(workers, placement):
+        return 0.0
+    moved = bytes_per_step(shape, net.nodes, placement.worker_with_servers).total
+    return (latency_hops(workers, placement, shape.servers) * net.latency_s
+            + 2 * cal.per_transfer_s
+            + moved * seconds_per_byte(net, cal))
+
+
 def parameter_server_step(shape: JobShape, net: Network, cal: Calibration, contention: float = 1.0,
-                          colocated: bool = True) -> StepTime:
-    """shardprop's step (see the module's docstring); `colocated` as in bytes_per_step."""
+                          placement: Placement = Placement()) -> StepTime:
+    """shardprop's step over the TCP array transport (the module's docstring)."""
+    workers = len(shards_per_worker(shape, net.nodes))
+    reduce = cal.reduce_s_per_value * (shape.shards + 1) * shape.parameters / shape.servers
+    return StepTime(compute_s(shape, net.nodes, cal, contention), transfer_s(shape, net, cal, placement), reduce,
+                    cal.step_overhead_s + cal.per_worker_s * workers)
+
+
+def object_store_step(shape: JobShape, net: Network, cal: Calibration, store: ObjectStoreCalibration = OBJECT_STORE,
+                      contention: float = 1.0, colocated: bool = True) -> StepTime:
+    """The step with the arrays through Ray's object store
+    (SHARDPROP_DATA_PORTS=off): two transfer phases, each alpha + h L, a
+    cost per remote node, the same bytes over the servers' link."""
     remote = len(shards_per_worker(shape, net.nodes)) - (1 if colocated else 0)
     transfer = 0.0
     if remote > 0:
         moved = bytes_per_step(shape, net.nodes, colocated).total
-        transfer = (2 * (cal.per_transfer_s + cal.latency_hops * net.latency_s)
-                    + cal.per_node_s * remote + moved / (cal.link_efficiency * net.bandwidth_bytes_s))
+        transfer = (2 * (store.per_transfer_s + store.latency_hops * net.latency_s)
+                    + store.per_node_s * remote + moved / (store.link_efficiency * net.bandwidth_bytes_s))
     reduce = cal.reduce_s_per_value * (shape.shards + 1) * shape.parameters / shape.servers
-    return StepTime(compute_s(shape, net.nodes, cal, contention), transfer, reduce, cal.step_overhead_s)
+    return StepTime(compute_s(shape, net.nodes, cal, contention), transfer, reduce, store.step_overhead_s)
 
 
-def ring_step(shape: JobShape, net: Network, cal: Calibration) -> StepTime:
-    """The same job with a ring all-reduce in place of the servers."""
+def ring_step(shape: JobShape, net: Network, cal: Calibration, latencies_per_transfer: int = 2) -> StepTime:
+    """The same job with a ring all-reduce in place of the servers, its
+    transfers pulls like ours (2 latencies each; a collective library
+    pushes: 1)."""
     workers = len(shards_per_worker(shape, net.nodes))
     transfer = 0.0
     if workers > 1:
         chunk = shape.parameters * shape.dtype_bytes / workers
-        transfer = 2 * (workers - 1) * (cal.per_transfer_s + cal.latency_hops * net.latency_s
-                                        + chunk / (cal.link_efficiency * net.bandwidth_bytes_s))
+        transfer = 2 * (workers - 1) * (cal.per_transfer_s + latencies_per_transfer * net.latency_s
+                                        + chunk * seconds_per_byte(net, cal))
     local = max(shards_per_worker(shape, net.nodes))
     reduce = cal.reduce_s_per_value * (local + 2) * shape.parameters
-    return StepTime(compute_s(shape, net.nodes, cal), transfer, reduce, cal.step_overhead_s)
+    return StepTime(compute_s(shape, net.nodes, cal), transfer, reduce,
+                    cal.step_overhead_s + cal.per_worker_s * workers)
 
 
 @dataclass(frozen=True)
@@ -181,10 +307,15 @@ class Plan:
     efficiency: float  # speed-up over one node, divided by the nodes
 
 
-def plan(shape: JobShape, net: Network, cal: Calibration = FITTED, ring: bool = False) -> Plan:
+def plan(shape: JobShape, net: Network, cal: Calibration = FITTED, ring: bool = False,
+         object_store: bool = False) -> Plan:
     """Predicted step, throughput and strong-scaling efficiency (the job's
     batch split over `net.nodes` nodes, against the same job on one)."""
-    model = ring_step if ring else parameter_server_step
-    step = model(shape, net, cal)
-    one = model(shape, Network(1, net.bandwidth_bytes_s, net.latency_s), cal)
+    def model(n: Network) -> StepTime:
+        if ring:
+            return ring_step(shape, n, cal)
+        return object_store_step(shape, n, cal) if object_store else parameter_server_step(shape, n, cal)
+
+    step = model(net)
+    one = model(Network(1, net.bandwidth_bytes_s, net.latency_s))
     return Plan(step, shape.batch_size / step.total_s, one.total_s / (step.total_s * net.nodes))

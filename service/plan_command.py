@@ -14,7 +14,7 @@ import re
 import sys
 
 from core.data import DataError
-from core.scaling import FITTED, JobShape, Network, bytes_per_step, plan, shards_per_worker
+from core.scaling import FITTED, JobShape, Network, Placement, bytes_per_step, latency_hops, plan, shards_per_worker
 from core.spec import SpecError, load_spec
 
 BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -92,6 +92,7 @@ def run(args) -> int:
 def report(name: str, shape: JobShape, net: Network, bandwidth: str, latency: str) -> list[str]:
     """The lines `shardprop plan` prints."""
     ps, ring = plan(shape, net, FITTED), plan(shape, net, FITTED, ring=True)
+    store = plan(shape, net, FITTED, object_store=True)
     moved = bytes_per_step(shape, net.nodes)
     workers = len(shards_per_worker(shape, net.nodes))
     dtype = "float32" if shape.dtype_bytes == 4 else "float64"
@@ -103,11 +104,17 @@ def report(name: str, shape: JobShape, net: Network, bandwidth: str, latency: st
     s = ps.step
     lines += [f"bytes per step over the servers' link: {moved.params_out:,} parameters out, "
               f"{moved.grads_in:,} gradients in",
+              f"critical path, TCP array transport: {latency_hops(workers, Placement(), shape.servers)} one-way "
+              f"latencies, 2 pull phases (servers beside the driver)" if workers > 1 else
+              "critical path: one node, shared files, nothing transferred",
               f"predicted step: {s.total_s * 1e3:.2f} ms (compute {s.compute_s * 1e3:.2f}, "
               f"transfer {s.transfer_s * 1e3:.2f}, reduce+apply {s.reduce_apply_s * 1e3:.2f}, "
               f"overhead {s.overhead_s * 1e3:.2f})",
               f"samples/s: {ps.samples_per_s:,.0f}",
               f"efficiency: {ps.efficiency:.2f} (speed-up {ps.efficiency * net.nodes:.2f}x over 1 node)",
               f"ring all-reduce, same assumptions: step {ring.step.total_s * 1e3:.2f} ms, "
-              f"{ring.samples_per_s:,.0f} samples/s, efficiency {ring.efficiency:.2f}"]
+              f"{ring.samples_per_s:,.0f} samples/s, efficiency {ring.efficiency:.2f}",
+              f"arrays through Ray's object store (SHARDPROP_DATA_PORTS=off; older fit): step "
+              f"{store.step.total_s * 1e3:.2f} ms, {store.samples_per_s:,.0f} samples/s, "
+              f"efficiency {store.efficiency:.2f}"]
     return lines

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import pytest
 
-from core.scaling import (Calibration, JobShape, Network, bytes_per_step, parameter_server_step, plan,
-                          ring_bytes_per_node, ring_step, shards_per_worker)
+from core.scaling import (Calibration, JobShape, Network, ObjectStoreCalibration, Placement, bytes_per_step,
+                          latency_hops, object_store_step, parameter_server_step, plan, ring_bytes_per_node,
+                          ring_step, shards_per_worker)
 from service.cli import main
 from service.plan_command import PlanError, parse_bandwidth, parse_latency
 
 SMALL = JobShape(sizes=(3, 4, 2), bias=True, dtype_bytes=8, batch_size=10, shards=3)
 # Round numbers so that every phase can be added up by hand.
-CAL = Calibration(flop_rate=384.0, step_overhead_s=0.5, per_node_s=0.25, per_transfer_s=0.125, latency_hops=2.0,
-                  link_efficiency=0.5, reduce_s_per_value=0.01)
+CAL = Calibration(flop_rate=384.0, step_overhead_s=0.5, per_worker_s=0.25, per_transfer_s=0.125,
+                  link_efficiency=0.5, per_byte_s=1 / 416, reduce_s_per_value=0.01)
+STORE = ObjectStoreCalibration(step_overhead_s=0.5, per_node_s=0.25, per_transfer_s=0.125, latency_hops=2.0,
+                               link_efficiency=0.5)
 NET = Network(nodes=2, bandwidth_bytes_s=208.0, latency_s=0.1)
 
 
@@ -47,36 +50,72 @@ def test_shard_flops():
     assert SMALL.shard_flops() == 192 + 192
 
 
+@pytest.mark.parametrize("workers, placement, servers, hops", [
+    (1, Placement(), 1, 0),  # everything on the driver's node: shared files, no network
+    # servers and driver on one node, a worker elsewhere: handle to it, its request and the
+    # parameters, its reply; the servers' request and the rows
+    (2, Placement(), 1, 1 + 2 + 1 + 2),
+    (4, Placement(), 2, 6),  # the remote workers' hops run at once; k servers beside the driver add none
+    (2, Placement(worker_with_servers=False), 1, 6),
+    # servers on worker 0's node, the driver on worker 1's: 1 to the driver, 1 to worker 0, its reply,
+    # 1 to the servers; worker 1 pulls (2) and is pulled from (2)
+    (1, Placement(servers_with_driver=False), 1, 4),
+    (2, Placement(servers_with_driver=False), 1, 3 + 3),
+    # a third worker on neither node: to the driver, to it, its pull, its reply; to the servers, their pull
+    (3, Placement(servers_with_driver=False), 1, 5 + 3),
+    (3, Placement(servers_with_driver=False), 2, 5 + 3 + 2),  # reduce's answer to the driver, commit back
+])
+def test_latency_hops_counted_by_hand(workers, placement, servers, hops):
+    assert latency_hops(workers, placement, servers) == hops
+
+
 def test_parameter_server_step_by_hand():
     step = parameter_server_step(SMALL, NET, CAL)
     assert step.compute_s == pytest.approx(2.0)  # 2 shards of 384 FLOP at 384 FLOP/s
-    # 2 transfers of (0.125 + 2 * 0.1), one remote node's 0.25, 416 bytes at 0.5 * 208 bytes/s
-    assert step.transfer_s == pytest.approx(0.65 + 0.25 + 4.0)
+    # 6 latencies of 0.1; 2 pull phases of 0.125; 416 bytes at 0.5 * 208 bytes/s (the link is
+    # slower than the software's 416 bytes/s, so it sets the pace)
+    assert step.transfer_s == pytest.approx(0.6 + 0.25 + 4.0)
     assert step.reduce_apply_s == pytest.approx(0.01 * (3 + 1) * 26)
-    assert step.total_s == pytest.approx(8.44)
+    assert step.overhead_s == pytest.approx(0.5 + 2 * 0.25)  # c0 and 2 workers' calls
+    assert step.total_s == pytest.approx(8.89)
+    fast = parameter_server_step(SMALL, Network(2, 2080.0, 0.1), CAL)  # a link of 1,040 bytes/s: software's pace
+    assert fast.transfer_s == pytest.approx(0.6 + 0.25 + 416 / 416)
     assert parameter_server_step(SMALL, NET, CAL, contention=2.0).compute_s == pytest.approx(4.0)
-    # apart: 2 remote nodes' 0.5 and 1,040 bytes at 104 bytes/s
-    assert parameter_server_step(SMALL, NET, CAL, colocated=False).transfer_s == pytest.approx(0.65 + 0.5 + 10.0)
+    # servers on a node of their own: 1,040 bytes over their link
+    apart = parameter_server_step(SMALL, NET, CAL, placement=Placement(worker_with_servers=False))
+    assert apart.transfer_s == pytest.approx(0.6 + 0.25 + 10.0)
     sliced = JobShape((3, 4, 2), True, 8, 10, 3, cpus_per_worker=2, servers=2)
     two = parameter_server_step(sliced, NET, CAL)
     assert two.reduce_apply_s == pytest.approx(0.52)  # k slices reduce in parallel
     assert two.compute_s == pytest.approx(1.0)  # 2 shards at once on 2 CPUs
-    assert two.transfer_s == pytest.approx(step.transfer_s)  # the same bytes in k objects
+    assert two.transfer_s == pytest.approx(step.transfer_s)  # the same bytes and phases, in k pieces
+    one = parameter_server_step(SMALL, Network(1, 208.0, 0.1), CAL)
+    assert (one.transfer_s, one.overhead_s) == (0.0, 0.75)  # one node: shared files, one worker
+
+
+def test_object_store_step_by_hand():
+    step = object_store_step(SMALL, NET, CAL, STORE)
+    # 2 transfers of (0.125 + 2 * 0.1), one remote node's 0.25, 416 bytes at 0.5 * 208 bytes/s
+    assert step.transfer_s == pytest.approx(0.65 + 0.25 + 4.0)
+    assert step.total_s == pytest.approx(2.0 + 4.9 + 1.04 + 0.5)
+    apart = object_store_step(SMALL, NET, CAL, STORE, colocated=False)  # 2 remote nodes, 1,040 bytes
+    assert apart.transfer_s == pytest.approx(0.65 + 0.5 + 10.0)
 
 
 def test_ring_step_by_hand():
     step = ring_step(SMALL, NET, CAL)
-    # 2 (N - 1) = 2 transfers of (0.125 + 2 * 0.1 + 104 bytes at 104 bytes/s)
-    assert step.transfer_s == pytest.approx(2 * 1.325)
+    # 2 (N - 1) = 2 pulls of (0.125 + 2 * 0.1 + 104 bytes at 104 bytes/s)
+    assert step.transfer_s == pytest.approx(2 * (0.125 + 0.2 + 1.0))
     assert step.reduce_apply_s == pytest.approx(0.01 * (2 + 2) * 26)
-    assert step.total_s == pytest.approx(2.0 + 2.65 + 1.04 + 0.5)
+    assert step.total_s == pytest.approx(2.0 + 2.65 + 1.04 + 1.0)
+    assert ring_step(SMALL, NET, CAL, latencies_per_transfer=1).transfer_s == pytest.approx(2 * (0.125 + 0.1 + 1.0))
 
 
 def test_plan_efficiency_against_one_node():
     got = plan(SMALL, NET, CAL)
-    one = 3.0 + 1.04 + 0.5  # all 3 shards on one node, nothing moved
-    assert got.samples_per_s == pytest.approx(10 / 8.44)
-    assert got.efficiency == pytest.approx(one / (8.44 * 2))
+    one = 3.0 + 1.04 + 0.75  # all 3 shards on one node, nothing moved, one worker's call
+    assert got.samples_per_s == pytest.approx(10 / 8.89)
+    assert got.efficiency == pytest.approx(one / (8.89 * 2))
     assert plan(SMALL, Network(1, 208.0, 0.1), CAL).efficiency == pytest.approx(1.0)
 
 
@@ -116,6 +155,9 @@ def test_plan_command_prints_the_model(job, capsys):
     assert f"efficiency: {got.efficiency:.2f}" in out
     ring = plan(SMALL, Network(2, 1.25e8, 1e-3), ring=True)
     assert f"ring all-reduce, same assumptions: step {ring.step.total_s * 1e3:.2f} ms" in out
+    store = plan(SMALL, Network(2, 1.25e8, 1e-3), object_store=True)
+    assert f"object store (SHARDPROP_DATA_PORTS=off; older fit): step {store.step.total_s * 1e3:.2f} ms" in out
+    assert "critical path, TCP array transport: 6 one-way latencies, 2 pull phases" in out
 
 
 def test_plan_command_more_nodes_than_shards(job, capsys):
