@@ -23,7 +23,11 @@ setups interleaved within each round. Rows:
 Then one in-process run per setup (`--phase-steps` steps) reports the median
 phases of a step from the job's records: compute (slowest worker), transfer
 (parameters out and gradients in: the slowest worker's idle time less the
-servers' reduce and apply), reduce_apply, and the fastest worker's wait.
+servers' reduce and apply), reduce_apply, and the fastest worker's wait;
+and the steady step itself: the median gap between the ends of successive
+steps (the records' `finished_at`, steps after the first fifth), a step
+time without the start-up and shut-down that the whole runs' difference
+must cancel.
 
 Every Ray started here is ended by its pid (never `ray stop`); the
 namespaces, bridge and links are made here under names of our own and
@@ -79,7 +83,9 @@ Coordinator(parse_spec(raw), sys.argv[3], on_step=records.append,
             if e.kind == "graph" else None).run()
 steady = records[len(records) // 5:]
 phases = {k: statistics.median(r["phases"][k] for r in steady) for k in steady[0]["phases"]}
-print(json.dumps({"phases": phases, "graph": graphs[-1] if graphs else "?"}))
+done = [r["finished_at"] for r in steady]
+gap = statistics.median(b - a for a, b in zip(done, done[1:]))  # the steady step, as the driver sees steps end
+print(json.dumps({"phases": phases, "step_gap_s": gap, "graph": graphs[-1] if graphs else "?"}))
 """
 
 
@@ -214,19 +220,22 @@ def main() -> int:
     step = {name: statistics.median(ts) for name, ts in times.items()}
     base = step.get("private 2-CPU local")
     print(f"\nN = {args.steps}, {args.rounds} rounds; per step (T(2N) - T(N)) / N, median\n")
-    print("| setup | step (ms) | rounds (ms) | speed vs private | compute | transfer | reduce+apply | wait | step graph |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setup | step (ms) | rounds (ms) | speed vs private | steady step of the phase run (ms) "
+          "| compute | transfer | reduce+apply | wait | step graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, s in step.items():
         ph = phases.get(name, {}).get("phases", {})
         cells = [f"{ph[k] * 1e3:.1f}" if k in ph else "" for k in ("compute", "transfer", "reduce_apply", "wait")]
         ratio = f"{base / s:.2f}x" if base else ""
+        gap = phases.get(name, {}).get("step_gap_s")
+        cells.insert(0, f"{gap * 1e3:.1f}" if gap is not None else "")
         print(f"| {name} | {s * 1e3:.1f} | {' / '.join(f'{t * 1e3:.1f}' for t in times[name])} | {ratio} | "
               + " | ".join(cells) + f" | {phases.get(name, {}).get('graph', '')} |")
         results.append({"setup": name, "step_s": s, "rounds_s": times[name], "ratio": base / s if base else None,
                         **phases.get(name, {})})
     for name, why in skipped.items():
-        print(f"| {name} | not run: {why} | | | | | | | |")
+        print(f"| {name} | not run: {why} | | | | | | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": args.steps, "rounds": args.rounds, "rows": results}, indent=1))
     return 0
