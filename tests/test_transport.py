@@ -276,40 +276,31 @@ sys.stdin.readline()
 
 @pytest.fixture
 def two_hosts():
-    """Two network namespaces joined by a veth pair: (namespace, address) each."""
-    from tests.netns_cluster import unavailable_reason
+    """Two network-namespace hosts on a bridge of their own, without Ray
+    (tests/netns_cluster.py), and nothing of them left after."""
+    from tests.netns_cluster import Naming, NetnsCluster, unavailable_reason
 
     if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
-    tag = os.getpid() % 100000
-    hosts = [(f"sptest-arr{tag}-{i}", f"10.251.99.{i + 1}", f"spta{tag}{'ab'[i]}") for i in range(2)]
-    run = lambda *args: subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: E731
+    hosts = NetnsCluster([0, 0], Naming("sptest-a", "sptar", "sptestabr", "10.251.99")).open_network()
     try:
-        for name, _, _ in hosts:
-            run("netns", "add", name)
-        run("link", "add", hosts[0][2], "netns", hosts[0][0], "type", "veth", "peer", "name", hosts[1][2],
-            "netns", hosts[1][0])
-        for name, address, link in hosts:
-            run("-n", name, "addr", "add", f"{address}/24", "dev", link)
-            run("-n", name, "link", "set", link, "up")
         yield hosts
     finally:
-        for name, _, _ in hosts:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        hosts.close()
+    assert hosts.leftovers() == []
 
 
 @pytest.mark.multihost
 def test_a_connection_left_half_open_by_a_cut_link_ends_on_the_service_side(two_hosts):
-    (server_ns, server_ip, _), (client_ns, _, client_link) = two_hosts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    opened = lambda ns, script, *args: subprocess.Popen(  # noqa: E731
-        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+    opened = lambda host, script, *args: subprocess.Popen(  # noqa: E731
+        two_hosts.prefix(host) + [sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env)
-    server = opened(server_ns, SERVING, server_ip, TOKEN)
+    server = opened(0, SERVING, two_hosts.ip(0), TOKEN)
     client = None
     try:
         handle = server.stdout.readline()
-        client = opened(client_ns, PULLING, handle)
+        client = opened(1, PULLING, handle)
         assert client.stdout.readline().strip() == "True"
 
         def connections() -> int:
@@ -318,7 +309,7 @@ def test_a_connection_left_half_open_by_a_cut_link_ends_on_the_service_side(two_
             return int(server.stdout.readline())
 
         assert connections() == 1
-        subprocess.run(["ip", "-n", client_ns, "link", "set", client_link, "down"], check=True)
+        two_hosts.cut(1)
         client.stdin.write("close\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "closed"
