@@ -84,8 +84,11 @@ Coordinator(parse_spec(raw), sys.argv[3], on_step=records.append,
 steady = records[len(records) // 5:]
 phases = {k: statistics.median(r["phases"][k] for r in steady) for k in steady[0]["phases"]}
 done = [r["finished_at"] for r in steady]
-gap = statistics.median(b - a for a, b in zip(done, done[1:]))  # the steady step, as the driver sees steps end
-print(json.dumps({"phases": phases, "step_gap_s": gap, "graph": graphs[-1] if graphs else "?"}))
+gaps = [b - a for a, b in zip(done, done[1:])]
+gap = statistics.median(gaps)  # the steady step, as the driver sees steps end
+mean = (done[-1] - done[0]) / (len(done) - 1)  # the same over the steady steps' span: their rate
+print(json.dumps({"phases": phases, "step_gap_s": gap, "step_mean_s": mean, "gap_deciles": statistics.quantiles(gaps, n=10),
+                  "graph": graphs[-1] if graphs else "?"}))
 """
 
 

@@ -17,6 +17,10 @@ folder: at a pause the driver writes `at-NAME` and waits for `go-NAME`.
   fault of a server's host, on purpose.
 - `--store STORE.db`: the job's step records and events also go to a job
   store (service/store.py), as the service's scheduler writes them.
+- `--linger SECONDS`: once past its last pause, the driver takes SECONDS
+  over each step's report (steps of this test job take milliseconds, and
+  the pool looks for new capacity at most once a second, so a host that
+  rejoins gets a worker only if some steps are left by then).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def main() -> int:
     ap.add_argument("--pause-placed")
     ap.add_argument("--servers-on")
     ap.add_argument("--store")
+    ap.add_argument("--linger", type=float, default=0.0)
     args = ap.parse_args()
     result = Path(args.result)
     folder = result.parent
@@ -110,6 +115,8 @@ def main() -> int:
             first_servers.extend(coordinator.server_locations)
         if record["step"] in pauses:
             pause(folder, pauses[record["step"]])
+        elif args.linger and pauses and record["step"] > max(pauses):
+            time.sleep(args.linger)
 
     def on_event(event) -> None:
         events.append({"time": time.time(), "kind": event.kind, **asdict(event)})
@@ -124,7 +131,9 @@ def main() -> int:
     if store:
         store.close()
     np.save(folder / "params.npy", net.params, allow_pickle=False)
-    nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes()}
+    # A host that was cut and rejoined is two nodes at one address, the dead
+    # one and its successor: the living one is the host's now.
+    nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in sorted(ray.nodes(), key=lambda n: n["Alive"])}
     result.write_text(json.dumps({
         "steps": steps, "events": events, "locations": coordinator.locations,
         "servers": {"first": first_servers, "last": coordinator.server_locations},

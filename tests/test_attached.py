@@ -67,11 +67,11 @@ def run_attached(address: str, where: Path, **extra) -> tuple[list, np.ndarray]:
     return json.loads(done.stdout.splitlines()[-1]), np.load(where / "params.npy", allow_pickle=False)
 
 
-def test_an_attached_driver_shares_files_on_one_node_and_gives_the_reference_bits(ray_head, tmp_path):
+def test_an_attached_driver_takes_the_direct_graph_on_one_node_and_gives_the_reference_bits(ray_head, tmp_path):
     reference, _ = train(parse_spec(SPEC))
     for servers in (1, 2):
         graphs, params = run_attached(ray_head.address, tmp_path / f"ps{servers}", resources={"parameter_servers": servers})
-        assert graphs == [{"transport": "object store", "nodes": 1, "zero_copy": True}]
+        assert graphs == [{"transport": "tcp", "nodes": 1, "zero_copy": True}]
         assert params.dtype == reference.params.dtype
         assert np.array_equal(params, reference.params), f"{servers} servers differ from the reference"
 
@@ -79,5 +79,5 @@ def test_an_attached_driver_shares_files_on_one_node_and_gives_the_reference_bit
 def test_an_attached_driver_recovers_a_killed_worker_with_the_reference_bits(ray_head, tmp_path):
     reference, _ = train(parse_spec(SPEC))
     graphs, params = run_attached(ray_head.address, tmp_path / "killed", kill_at=6)
-    assert len(graphs) >= 2 and all(g == {"transport": "object store", "nodes": 1, "zero_copy": True} for g in graphs)
+    assert len(graphs) >= 2 and all(g == {"transport": "tcp", "nodes": 1, "zero_copy": True} for g in graphs)
     assert np.array_equal(params, reference.params)

@@ -139,7 +139,7 @@ def test_train_attached_across_three_hosts_gives_the_reference_bits(three_hosts,
 
 
 def test_worker_host_cut_mid_run_is_survived_and_used_again_after_it_rejoins(three_hosts, tmp_path, reference):
-    driver = Driver(three_hosts, tmp_path, "--pause", "5:cut", "--pause", "15:rejoin")
+    driver = Driver(three_hosts, tmp_path, "--pause", "5:cut", "--pause", "15:rejoin", "--linger", "0.3")
     try:
         driver.paused("cut")
         three_hosts.cut(WORKER_HOST)
@@ -161,7 +161,8 @@ def test_worker_host_cut_mid_run_is_survived_and_used_again_after_it_rejoins(thr
     print(f"cut noticed and healed {recovered[0]['time'] - cut_at:.1f} s after the cut")
     rejoined = result["nodes"][three_hosts.ip(WORKER_HOST)]
     assert any(loc["node_id"] == rejoined for loc in result["locations"].values()), \
-        "a worker ran on the host after it rejoined"
+        f"a worker ran on the host after it rejoined: resizes {events(result, 'resize')}, " \
+        f"workers at the end {result['locations']}, the host's node {rejoined}"
     assert events(result, "resize")[-1]["after"] == 3
 
 

@@ -198,7 +198,7 @@ def test_past_its_connection_limit_the_service_hangs_up_on_new_ones_and_serves_t
 def raw_request(token: bytes, key: bytes = b"") -> bytes:
     from workers.transport import MAGIC, REQUEST
 
-    return REQUEST.pack(MAGIC, token, b"\0" * 16, 0, 0, 0, len(key)) + key
+    return REQUEST.pack(MAGIC, token, b"\0" * 16, 0, 0, 0, len(key), 0) + key
 
 
 @pytest.mark.parametrize("sends", [b"", b"SPA1 half a request", b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64],
@@ -404,3 +404,111 @@ def test_a_first_request_for_a_large_array_is_answered_whole_however_slowly_it_i
     out = np.empty(big.size, np.float32)
     ArrayClient().pull([(handle, out, 0)])  # a new connection: this is its first request
     assert out.tobytes() == big.tobytes()
+
+
+# ---- waiting pulls (the direct step graph names steps before they exist)
+
+
+def in_thread(fn):
+    """Run `fn` in a thread; returns a getter of its result (or raised error)."""
+    box: dict = {}
+
+    def body():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            box["error"] = err
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+
+    def get(timeout: float = 20.0):
+        t.join(timeout)
+        assert not t.is_alive(), "the pull is still waiting"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    get.thread = t
+    return get
+
+
+def named(service: ArrayService, key: str, step: int, length: int, dtype: str = "<f4") -> NetArray:
+    """A waiting handle to what `service` will offer, made without asking it (as the driver does)."""
+    return NetArray(service.host, service.port, service.instance, key, step, dtype, length, service.token, wait=True)
+
+
+def test_a_waiting_pull_of_a_step_to_come_gets_its_bits_once_offered(service):
+    service.offer(2, {"params": odd_floats(64, seed=1)})
+    got = in_thread(lambda: pull(named(service, "params", 3, 64)))
+    time.sleep(0.3)
+    assert got.thread.is_alive()  # step 4 is not offered yet: waiting, not refused
+    service.withdraw()
+    service.offer(3, {"params": odd_floats(64, seed=2)})
+    assert got().tobytes() == odd_floats(64, seed=2).tobytes()
+
+
+def test_without_wait_a_step_to_come_is_refused_and_with_wait_a_step_gone_is(service):
+    service.offer(3, {"params": odd_floats(64)})
+    with pytest.raises(Refused, match="step 5 asked for, step 4 held"):
+        pull(NetArray(**{**named(service, "params", 4, 64).__dict__, "wait": False}))
+    with pytest.raises(Refused, match="step 3 asked for, step 4 held"):
+        pull(named(service, "params", 2, 64))
+    service.withdraw()  # withdrawn, never waited for again
+    with pytest.raises(Refused, match="step 4 asked for, nothing held"):
+        pull(named(service, "params", 3, 64))
+
+
+def test_a_wait_longer_than_the_socket_timeout_lives_on_the_services_heartbeats(service, monkeypatch):
+    import workers.transport as t
+
+    monkeypatch.setattr(t, "HEARTBEAT_S", 0.1)
+    client = ArrayClient(timeout_s=0.5)  # every socket operation bounded by 0.5 s
+    out = np.empty(8, np.float32)
+    got = in_thread(lambda: client.pull([(named(service, "params", 0, 8), out, 0)]))
+    time.sleep(2.0)  # four socket timeouts
+    service.offer(0, {"params": odd_floats(8)})
+    got()
+    assert out.tobytes() == odd_floats(8).tobytes()
+
+
+def test_an_abort_refuses_the_waiting_readers_at_once_and_an_open_ends_it(service):
+    waiting = [in_thread(lambda: pull(named(service, "summary", 5, 4, "<f8"))) for _ in range(2)]
+    time.sleep(0.3)
+    began = time.monotonic()
+    service.abort("worker 1's step 6 failed (WorkerFault: injected)")
+    for got in waiting:
+        with pytest.raises(Refused, match=r"aborted: worker 1's step 6 failed \(WorkerFault: injected\)"):
+            got()
+    assert time.monotonic() - began < 2.0  # at once, not at a heartbeat or timeout
+    service.offer(5, {"summary": np.arange(4.0)})
+    with pytest.raises(Refused, match="aborted"):  # until the next graph opens the service
+        pull(named(service, "summary", 5, 4, "<f8"))
+    service.open(TOKEN)
+    service.offer(5, {"summary": np.arange(4.0)})
+    assert pull(named(service, "summary", 5, 4, "<f8")).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_opening_for_a_new_graph_serves_nothing_offered_before_and_refuses_the_old_token(service):
+    service.offer(8, {"summary": np.arange(13.0)})  # a step of the graph before a failure
+    old = named(service, "summary", 8, 13, "<f8")
+    stale_wait = in_thread(lambda: pull(named(service, "summary", 9, 13, "<f8")))
+    time.sleep(0.3)
+    service.open("cd" * 16)
+    with pytest.raises(Refused, match="wrong token"):
+        stale_wait()
+    replayed = in_thread(lambda: pull(named(service, "summary", 8, 19, "<f8")))  # the same step, made again
+    time.sleep(0.3)
+    assert replayed.thread.is_alive()  # not served the old graph's result
+    service.offer(8, {"summary": np.arange(19.0)})
+    assert replayed().tolist() == list(np.arange(19.0))
+    with pytest.raises(Refused, match="wrong token"):
+        pull(old)
+
+
+def test_a_pull_of_no_items_is_a_notice_that_the_step_is_offered(service):
+    got = in_thread(lambda: pull(named(service, "params", 0, 64), 0, 0))
+    time.sleep(0.3)
+    assert got.thread.is_alive()
+    service.offer(0, {"params": odd_floats(64)})
+    assert got().size == 0

@@ -49,8 +49,8 @@ class FaultyGradientWorker(GradientWorker.__ray_actor_class__):
             self.data.dataset.X_train[self.data.shards[shard].batch(step)[0], 0] = np.nan
         return super()._shard_gradient(net, shard, step, out)
 
-    def _offered(self, plan, grads):
-        handles = super()._offered(plan, grads)
+    def _offered(self, plan, grads, result, rows_file=0):
+        handles = super()._offered(plan, grads, result, rows_file)
         if self.faults.cut_arrays_at == plan.step and not self._cut:
             self._cut = True
             self._array_service.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from core.spec import JobSpec
 from core.trainer import ShardGradient, ShardedData, batch_gradient, build_network, eval_block
 from workers import shared, transport
 from workers.cores import claim_cores
-from workers.protocol import StaleEpoch, StepPlan, WorkerLocation, WorkerResult
+from workers.protocol import SharedAt, StaleEpoch, StepPlan, WorkerLocation, WorkerResult
 
 
 def fetch_params(param_refs: list) -> tuple[np.ndarray, float, float]:
@@ -64,8 +65,14 @@ class GradientWorker(transport.ArrayPeer):
         self._cores = claim_cores(self.threads) if self._pin else None
         self._next_claim_at = time.monotonic() + 1.0
         self._views = shared.SharedViews()  # the servers' parameter files
-        self._grads_file = shared.OwnedFile(f"worker-{index}", "grads")  # this worker's gradient rows
+        self._grads_file = shared.OwnedFile(shared.worker_stem(index), "grads")  # this worker's gradient rows
         self._epoch = 0  # the newest membership epoch it has been told (workers.fencing)
+        self._node_id: str | None = None
+
+    def _node(self) -> str:
+        if self._node_id is None:
+            self._node_id = ray.get_runtime_context().get_node_id()
+        return self._node_id
 
     def location(self) -> WorkerLocation:
         return WorkerLocation(self.index, ray.get_runtime_context().get_node_id(), os.getpid(),
@@ -161,50 +168,80 @@ class GradientWorker(transport.ArrayPeer):
 
     def _parameters(self, param_slices: tuple) -> np.ndarray:
         """The whole vector from the servers' slices as sent: arrays, views
-        of their shared files, or handles to pull from their array
-        services (straight into one vector)."""
+        of their shared files, handles to pull from their array services
+        (straight into one vector), or (SharedAt) a shared file to view once
+        its server's service says the step's parameters are there."""
         if param_slices and all(isinstance(p, transport.NetArray) for p in param_slices):
             flat = np.empty(sum(p.length for p in param_slices), np.dtype(param_slices[0].dtype))
             cuts = np.cumsum([0] + [p.length for p in param_slices])
             self._pulls().pull([(p, flat[a:b], 0) for p, a, b in zip(param_slices, cuts[:-1], cuts[1:])])
             return flat
-        slices = [shared.resolve(p, self._views) for p in param_slices]
-        self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)})
+        pulls, slices = [], []
+        for p in param_slices:
+            if isinstance(p, SharedAt):  # nothing read: the pull returns once the step is offered
+                pulls.append((p.ready, np.empty(0, np.dtype(p.ready.dtype)), 0))
+                p = p.array
+            elif isinstance(p, transport.NetArray):
+                out = np.empty(p.length, np.dtype(p.dtype))
+                pulls.append((p, out, 0))
+                p = out
+            slices.append(p)
+        if pulls:
+            self._pulls().pull(pulls)
+        slices = [shared.resolve(p, self._views) for p in slices]
+        self._views.forget_except({p.path for p in param_slices if isinstance(p, shared.SharedArray)}
+                                  | {p.array.path for p in param_slices if isinstance(p, SharedAt)})
         return slices[0] if len(slices) == 1 else np.concatenate(slices)
 
-    def _offered(self, plan: StepPlan, grads: list[ShardGradient]) -> list[ShardGradient]:
+    def _offered(self, plan: StepPlan, grads: list[ShardGradient], result: WorkerResult,
+                 rows_file: int = 0) -> list[ShardGradient]:
         """The shard gradients as handles to this worker's array service,
-        which serves them until its next step."""
-        handles = self._offer(plan.net_token, plan.step, {f"shard-{g.shard}": g.grad_sum for g in grads})
+        which serves them, and the result's summary (WorkerResult.summary,
+        naming the shared file that also holds them, if any), until its next
+        step."""
+        arrays = {f"shard-{g.shard}": g.grad_sum for g in grads}
+        arrays["summary"] = result.summary(grads[0].grad_sum.size if grads else 0, rows_file)
+        handles = self._offer(plan.net_token, plan.step, arrays)
         return [ShardGradient(g.shard, g.step, handles[f"shard-{g.shard}"], g.count, g.loss_sum) for g in grads]
 
     def step(self, plan: StepPlan, *param_slices) -> WorkerResult:
         """Sync mode, a node of the job's step graph: the gradient sums of
         this worker's shards for `plan.step`, at the parameters the servers
-        just published (one slice per server, in order).
+        publish (one slice per server, in order: arrays, views of shared
+        files, or handles to pull, which on the direct graph name a step the
+        servers may not have reached yet: the pull waits for it).
 
-        `idle_s` is the time since this worker returned its previous step: its
-        gradients going to the servers, their reduce and apply, and the new
-        parameters coming back."""
+        `idle_s` is the time from this worker's return of its previous step
+        to its parameters for this one arriving: its gradients going to the
+        servers, their reduce and apply, and the new parameters coming back.
+        If the step fails, this worker's array service refuses every reader
+        (the servers waiting for its gradients learn at once)."""
+        with self._aborting(f"worker {self.index}'s step {plan.step + 1}"):
+            return self._step(plan, param_slices)
+
+    def _step(self, plan: StepPlan, param_slices: tuple) -> WorkerResult:
         self._see_epoch(plan.epoch, "a plan", plan.step + 1)
-        arrived = time.perf_counter()
-        idle = arrived - self._returned_at if self._returned_at is not None else 0.0
         if self._cores is None and self._pin and time.monotonic() >= self._next_claim_at:
             # A core may have come free since this worker started (a killed
             # worker's process can outlive its replacement's start by a moment).
             self._cores = claim_cores(self.threads)
             self._next_claim_at = time.monotonic() + 1.0
         params = self._parameters(param_slices)
+        arrived = time.perf_counter()
+        idle = arrived - self._returned_at if self._returned_at is not None else 0.0
         shards = plan.assignment[self.index]
         if shards != self._owned:
             self.own(shards)
         # The servers read the previous step's rows before publishing this
         # step's parameters, so the rows are free to be written again here.
-        rows = self._grad_rows(plan.shared_dir, len(shards), params)
+        shares = plan.shared_dir if plan.shared_node in (None, self._node()) else None
+        rows = self._grad_rows(shares, len(shards), params)
         grads, compute_s = self._timed(plan.step, shards, params, rows)
-        if rows is not None:
-            grads = self._handles(grads, params.dtype)
-        elif plan.net_token:
-            grads = self._offered(plan, grads)
+        result = WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle, epoch=plan.epoch)
+        if plan.net_token:  # rows over TCP too, for servers on other nodes
+            made = self._grads_file.made if rows is not None else 0
+            result = replace(result, grads=tuple(self._offered(plan, grads, result, made)))
+        elif rows is not None:
+            result = replace(result, grads=tuple(self._handles(grads, params.dtype)))
         self._returned_at = time.perf_counter()
-        return WorkerResult(self.index, tuple(grads), compute_s, idle_s=idle, epoch=plan.epoch)
+        return result

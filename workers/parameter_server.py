@@ -38,7 +38,7 @@ from core.optim import make_optimizer
 from core.spec import JobSpec
 from core.trainer import ShardGradient, reduce_gradients
 from workers import shared, transport
-from workers.protocol import (ServerLocation, ServerState, StaleEpoch, StaleRefused, StepPlan, StepStats,
+from workers.protocol import (ResultAt, ServerLocation, ServerState, StaleEpoch, StaleRefused, StepPlan, StepStats,
                               UpdateStats, WorkerResult)
 
 
@@ -119,42 +119,70 @@ class ParameterServer(transport.ArrayPeer):
             raise StaleStep(f"parameter server {self.index}: {what} step {step + 1}, "
                             f"expected step {self.version + 1}")
 
-    def publish_step(self, plan: StepPlan) -> np.ndarray | shared.SharedArray:
+    def open_arrays(self, token: str) -> transport.NetArray | str:
+        """transport.ArrayPeer.open_arrays, the handle naming this server's
+        parameter slice (`step` left to whoever pulls a step's)."""
+        opened = super().open_arrays(token)
+        if isinstance(opened, str):
+            return opened
+        return replace(opened, key="params", dtype=self.params.dtype.str, length=self.params.size)
+
+    def publish_step(self, plan: StepPlan) -> np.ndarray | shared.SharedArray | transport.NetArray:
         """Sync mode, the first node of a step's graph: the parameters of
         version `plan.step`, refusing a step that is not the next one. When
         the plan names a shared directory, a handle to this server's
         parameter file there instead (made on first use; from then on the
-        optimizer updates the file in place)."""
-        self._refuse_other_epochs(plan.step, plan)
-        self._expect(plan.step, "asked for")
-        if plan.net_token:  # served over TCP until this step's commit
-            return self._offer(plan.net_token, plan.step, {"params": self.params})["params"]
-        if not plan.shared_dir:
-            return self.params
-        # A server started after a failure makes a new file; the dead one's goes.
-        got = self._params_file.get(plan.shared_dir, 1, self.params.size, self.params.dtype)
-        if got is None:  # no space: send the array through the channel
-            return self.params
+        optimizer updates the file in place); with a TCP token, a handle to
+        this server's array service, which serves them until the step's
+        commit."""
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+            self._refuse_other_epochs(plan.step, plan)
+            self._expect(plan.step, "asked for")
+            if plan.net_token:  # offered already when the step before committed here
+                return (self._held(plan.net_token, plan.step, "params")
+                        or self._offer(plan.net_token, plan.step, {"params": self.params})["params"])
+            if not plan.shared_dir:
+                return self.params
+            return self.share(plan.shared_dir) or self.params  # no space: the array through the channel
+
+    def share(self, directory: str) -> shared.SharedArray | None:
+        """A handle to this server's parameter file in the job's shared
+        `directory`, made on first use (from then on the optimizer updates
+        the file in place); None when it cannot be made (no room). A server
+        started after a failure makes a new file; the dead one's goes."""
+        got = self._params_file.get(directory, 1, self.params.size, self.params.dtype)
+        if got is None:
+            return None
         rows, new = got
         if new:
             rows[0] = self.params
-            self.params = rows[0]  # updated in place from now on
+            self.params = rows[0]
         return shared.SharedArray(self._params_file.path, self.params.dtype.str, self.params.size)
 
-    def reduce(self, plan: StepPlan, *results: WorkerResult) -> bool:
+    def reduce(self, plan: StepPlan, *results: WorkerResult | ResultAt) -> bool:
         """Reduce every worker's shard gradients of this step over this slice,
-        in shard order; True if the mean is finite."""
+        in shard order; True if the mean is finite. The results are the
+        workers' own, or (the direct graph) where they will be: this server
+        pulls them, waiting for the step."""
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+            return self._reduce(plan, results)
+
+    def _reduce(self, plan: StepPlan, results: tuple) -> bool:
         step = plan.step
-        self._refuse_other_epochs(step, plan, results)
+        direct = bool(results) and all(isinstance(r, ResultAt) for r in results)
+        self._refuse_other_epochs(step, plan, () if direct else results)
         self._expect(step, "got gradients for")
+        if direct:
+            results = self._pull_results(plan, results)
+            self._refuse_other_epochs(step, None, results)
         began = time.perf_counter()
         grads = sorted((g for r in results for g in r.grads), key=lambda g: g.shard)
         shards = tuple(g.shard for g in grads)
         if list(shards) != sorted(set(shards)) or any(g.step != step for g in grads):
             raise StaleStep(f"parameter server {self.index}: step {step + 1} got shards {list(shards)} "
                             f"of steps {sorted({g.step + 1 for g in grads})}")
-        sliced = [ShardGradient(g.shard, g.step, part, g.count, g.loss_sum)
-                  for g, part in zip(grads, self._gradient_slices(grads))]
+        parts = [g.grad_sum for g in grads] if direct else self._gradient_slices(grads)
+        sliced = [ShardGradient(g.shard, g.step, part, g.count, g.loss_sum) for g, part in zip(grads, parts)]
         mean, loss, count = reduce_gradients(sliced)
         finite = bool(np.isfinite(mean).all())
         slowest = max(results, key=lambda r: r.compute_s)
@@ -163,6 +191,58 @@ class ParameterServer(transport.ArrayPeer):
                           tuple(r.compute_s for r in results), tuple(r.idle_s for r in results))
         self.pending = _Reduced(stats, mean, finite, time.perf_counter() - began)
         return finite
+
+    def _pull_results(self, plan: StepPlan, places: tuple[ResultAt, ...]) -> list[WorkerResult]:
+        """Each worker's result of `plan.step` from its array service: its
+        summary and this slice of each of its shard rows (the shards
+        `plan.assignment` gives it), in one pull that waits for the step;
+        the rows of a worker on this server's node, when that is the plan's
+        shared node, straight from the worker's shared file instead."""
+        dtype = self.params.dtype
+        here = plan.shared_dir is not None and plan.shared_node == ray.get_runtime_context().get_node_id()
+        parts, received = [], []
+        for place in places:
+            h = place.summary
+            summary = np.empty(h.length, np.float64)
+            parts.append((h, summary, 0))
+            shards = plan.assignment[place.worker]
+            in_file = here and place.on_shared_node
+            mine = [] if in_file else [np.empty(self.stop - self.start, dtype) for _ in shards]
+            # A row's whole length is in the summary, read in the same pull:
+            # `stop` is the bound the client checks, the service the real one.
+            parts += [(replace(h, key=f"shard-{shard}", dtype=dtype.str, length=self.stop), out, self.start)
+                      for shard, out in zip(shards, mine)]
+            received.append((place, summary, mine))
+        self._pulls().pull(parts)
+        results, files = [], set()
+        for place, summary, mine in received:
+            shards = plan.assignment[place.worker]
+            if not mine and shards:
+                mine = self._rows_in_file(plan, place, summary, shards, files)
+            result = WorkerResult.from_summary(summary, plan.step, mine)
+            if result.worker != place.worker or tuple(g.shard for g in result.grads) != shards:
+                raise StaleStep(f"parameter server {self.index}: step {plan.step + 1}'s result from worker "
+                                f"{place.worker} is worker {result.worker}'s of shards "
+                                f"{[g.shard for g in result.grads]}")
+            results.append(result)
+        self._views.forget_except(files)
+        return results
+
+    def _rows_in_file(self, plan: StepPlan, place: ResultAt, summary: np.ndarray, shards: tuple,
+                      files: set) -> list[np.ndarray]:
+        """This slice of a co-located worker's rows, viewed in its shared
+        file, or pulled from its service when it had no file (no room)."""
+        made = WorkerResult.summary_rows_file(summary)
+        length = int(summary[4])
+        if made <= 0:
+            mine = [np.empty(self.stop - self.start, self.params.dtype) for _ in shards]
+            self._pulls().pull([(replace(place.summary, key=f"shard-{shard}", dtype=self.params.dtype.str,
+                                         length=length), out, self.start) for shard, out in zip(shards, mine)])
+            return mine
+        path = shared.OwnedFile.path_in(plan.shared_dir, shared.worker_stem(place.worker), made, "grads")
+        files.add(path)
+        return [self._views.view(shared.SharedArray(path, self.params.dtype.str, length, i))[self.start:self.stop]
+                for i in range(len(shards))]
 
     def _gradient_slices(self, grads: list[ShardGradient]) -> list[np.ndarray]:
         """This slice of each shard gradient as sent: an array, a view of a
@@ -182,6 +262,10 @@ class ParameterServer(transport.ArrayPeer):
         """Apply the reduced step if every slice was finite. Returns the step's
         statistics, with this slice's new parameters if the plan asks for them
         (to evaluate) and its whole state if it asks for a checkpoint."""
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+            return self._commit(plan, finite)
+
+    def _commit(self, plan: StepPlan, finite: tuple) -> StepStats:
         step = plan.step
         self._refuse_other_epochs(step, plan)
         pending = self.pending
@@ -196,12 +280,14 @@ class ParameterServer(transport.ArrayPeer):
         health = StepHealth.measure(pending.mean, before, self.params, self.layers, self.start)
         self.version = step + 1
         self.pending = None
+        if plan.net_token:  # the next step's parameters, served from now on
+            self._offer(plan.net_token, step + 1, {"params": self.params})
         return replace(pending.stats, applied=applied, version=self.version, health=health,
                        reduce_apply_s=pending.reduce_s + time.perf_counter() - began,
                        params=self.params.copy() if plan.want_params else None,
                        states=(self.state(),) if plan.want_state else ())
 
-    def apply(self, plan: StepPlan, *results: WorkerResult) -> StepStats:
+    def apply(self, plan: StepPlan, *results: WorkerResult | ResultAt) -> StepStats:
         """`reduce` then `commit` in one call, for a server that holds the whole
         vector: one hop less on every step's critical path."""
         self.reduce(plan, *results)

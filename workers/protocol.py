@@ -29,7 +29,9 @@ class StepPlan:
     directory for zero-copy arrays (workers.shared), `net_token` the job's
     token for arrays over TCP (workers.transport); both None: send arrays.
     `epoch` is the job's membership epoch the plan was made in
-    (workers.fencing): servers and workers refuse a plan of another."""
+    (workers.fencing): servers and workers refuse a plan of another. With
+    both a directory and a token (the direct graph), only the actors on
+    node `shared_node` (the driver's) use the files, and the others TCP."""
 
     step: int
     assignment: Mapping[int, tuple[int, ...]]  # worker index -> its shards, in order
@@ -38,6 +40,7 @@ class StepPlan:
     shared_dir: str | None = None
     net_token: str | None = None
     epoch: int = 0
+    shared_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,62 @@ class WorkerResult:
     wait_s: float = 0.0  # async: waiting for the parameters to be published
     transfer_s: float = 0.0  # async: fetching them
     epoch: int = 0
+
+    # A sync result as a float64 vector, for a server to read over TCP
+    # beside the gradient rows (workers.transport): the worker, its epoch,
+    # compute and idle seconds, the gradients' length, which of the worker's
+    # shared files holds its rows (workers.shared.OwnedFile.made; 0: none),
+    # the shard count, then each shard's number, sample count and loss sum.
+    # Every integer is far below 2**53 and every float is a float64: the
+    # vector carries them exactly.
+    HEAD: ClassVar[int] = 7
+
+    @staticmethod
+    def summary_size(shards: int) -> int:
+        return WorkerResult.HEAD + 3 * shards
+
+    def summary(self, length: int, rows_file: int = 0) -> np.ndarray:
+        head = [self.worker, self.epoch, self.compute_s, self.idle_s, length, rows_file, len(self.grads)]
+        return np.array(head + [x for g in self.grads for x in (g.shard, g.count, g.loss_sum)], np.float64)
+
+    @staticmethod
+    def summary_rows_file(values: np.ndarray) -> int:
+        return int(values[5])
+
+    @staticmethod
+    def from_summary(values: np.ndarray, step: int, grads: list) -> "WorkerResult":
+        """The result a summary describes, its gradient sums `grads` (one per
+        shard, in the summary's order: arrays or handles)."""
+        worker, epoch, compute_s, idle_s, _, _, n = values[:WorkerResult.HEAD].tolist()
+        rows = values[WorkerResult.HEAD:].reshape(-1, 3).tolist()
+        if int(n) != len(rows) or len(rows) != len(grads):
+            raise ValueError(f"a worker's summary names {int(n)} shards in {len(rows)} rows for {len(grads)} gradients")
+        return WorkerResult(int(worker), tuple(ShardGradient(int(shard), step, g, int(count), loss)
+                                               for (shard, count, loss), g in zip(rows, grads)),
+                            compute_s, idle_s=idle_s, epoch=int(epoch))
+
+
+@dataclass(frozen=True)
+class ResultAt:
+    """Where worker `worker`'s result of a step will be (the direct step
+    graph): `summary` is a handle (workers.transport.NetArray) to its
+    WorkerResult.summary on the worker's array service, the gradient rows
+    beside it."""
+
+    worker: int
+    summary: object
+    on_shared_node: bool = False  # the worker is on the plan's shared_node: its rows are in its shared file
+
+
+@dataclass(frozen=True)
+class SharedAt:
+    """A server's parameters of a step for a worker on its node (the direct
+    step graph): wait until `ready` (a handle to the server's array service,
+    of which nothing is read) is offered, then read `array` (a
+    workers.shared.SharedArray) in place."""
+
+    ready: object
+    array: object
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,11 @@ def create(path: Path, rows: int, length: int, dtype: np.dtype) -> np.ndarray:
     return mapped[:size].view(dtype).reshape(rows, length)
 
 
+def worker_stem(index: int) -> str:
+    """The stem of worker `index`'s gradient files (OwnedFile)."""
+    return f"worker-{index}"
+
+
 class OwnedFile:
     """The one shared file an actor writes, `<stem>-<n>.<suffix>` in the job's
     directory: made on first use, and made anew when the directory changes or
@@ -235,6 +240,16 @@ class OwnedFile:
         self.rows: np.ndarray | None = None
         self._made = 0
 
+    @staticmethod
+    def path_in(directory: str, stem: str, made: int, suffix: str) -> str:
+        """The path of the `made`-th file an actor of `stem` made in `directory`."""
+        return os.path.join(directory, f"{stem}-{made}.{suffix}")
+
+    @property
+    def made(self) -> int:
+        """Which of its files is the current one (`path_in`); 0: none."""
+        return self._made if self.path is not None else 0
+
     def get(self, directory: str, rows: int, length: int, dtype: np.dtype) -> tuple[np.ndarray, bool] | None:
         """(the file's rows, whether it is new), or None when it cannot be
         made (no room: the caller sends arrays through the channels)."""
@@ -243,7 +258,7 @@ class OwnedFile:
         for old in Path(directory).glob(f"{self.family}-*.{self.suffix}"):
             old.unlink(missing_ok=True)  # readers that mapped it keep their mapping
         self._made += 1
-        path = os.path.join(directory, f"{self.stem}-{self._made}.{self.suffix}")
+        path = self.path_in(directory, self.stem, self._made, self.suffix)
         try:
             self.rows = create(Path(path), rows, length, dtype)
         except OSError:
@@ -297,7 +312,7 @@ class JobFiles:
         """Remove a dropped worker's gradient files (worker indices are never
         reused, so nobody reads them again)."""
         if self.path is not None:
-            for path in self.path.glob(f"worker-{index}-*.grads"):
+            for path in self.path.glob(f"{worker_stem(index)}-*.grads"):
                 path.unlink(missing_ok=True)
 
     def remove(self) -> None:

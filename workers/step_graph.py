@@ -1,9 +1,9 @@
-"""A sync step as a graph of actor calls, and its two executors.
+"""A sync step as a graph of actor calls, and its three executors.
 
 One description (`describe_step`): the servers publish the parameters, every
 worker computes its shards from them, the servers reduce and apply (for k
 servers, each reduces its slice, then each commits if every slice was
-finite). Two executors of it, behind one interface (`execute`, `result`,
+finite). Three executors of it, behind one interface (`execute`, `result`,
 `hung`, `close`):
 
 - `CompiledStep`: compiled to Ray's shared-memory channels, with no task
@@ -11,22 +11,25 @@ finite). Two executors of it, behind one interface (`execute`, `result`,
   gradients themselves go through shared files (workers.shared), only
   handles through the channels (measured here: a 2-worker step's overhead
   over its compute fell from ~9 ms to ~1.8 ms).
-- `InterpretedStep`: ordinary actor calls chained by object refs; Ray hands
-  each call its inputs once they exist, so a step still needs no driver
-  round trip. When every actor and the driver share one node (an attached
-  one-machine cluster) the arrays go through the same shared files, and
-  when they span nodes over the actors' own TCP services (workers.transport);
-  either way only handles go through the object store (workers.sync_loop
-  decides).
+- `DirectStep`: ordinary actor calls that depend on nothing: the driver
+  names the arrays each actor will offer, and the actors wait for each
+  other over their own array services (workers.transport), zero-copy
+  through shared files between those on the driver's node. No step waits
+  for the driver or for Ray to resolve a dependency.
+- `InterpretedStep`: the calls chained by object refs, when the job cannot
+  have the array transport; Ray hands each call its inputs once they
+  exist, so a step still needs no driver round trip. The arrays go through
+  shared files on one node, else through Ray's object store.
 
-`build_step_graph` compiles only when every actor of the job is on one node
+`workers.sync_loop` compiles only when every actor of the job is on one node
 of the private Ray instance this process started (a local run, the embedded
-service). Ray 2.60's compiled graphs are experimental, and only in instances
-of our own have they held: across nodes their channels crashed a raylet on
-teardown here, and a service attached to a one-node `ray start` cluster
-failed two CI runs out of three, the last with its compiled step waiting for
-good (cause not found). A channel to a reader on another node is a second
-buffer on that node, each write copied into it by a raylet RPC.
+service), and takes the direct graph everywhere else. Ray 2.60's compiled
+graphs are experimental, and only in instances of our own have they held:
+across nodes their channels crashed a raylet on teardown here, and a service
+attached to a one-node `ray start` cluster failed two CI runs out of three,
+the last with its compiled step waiting for good (cause not found). A
+channel to a reader on another node is a second buffer on that node, each
+write copied into it by a raylet RPC.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ import ray
 from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from workers import transport
 from workers.pool import JobCancelled
-from workers.protocol import StepPlan, StepStats
-from workers.runtime import started_here
+from workers.protocol import ResultAt, SharedAt, StepPlan, StepStats, WorkerResult
 
 HUNG_PROBE_TIMEOUT_S = 5.0  # how long a worker may take to say whether it is computing
 RESULT_POLL_S = 0.5
+FIRST_FAILURE_WAIT_S = 5.0  # how long a failed direct step's other calls may take to fail in turn
 
 
 def describe_step(servers: list, workers: list, plan, call: Callable, worker_calls: list | None = None) -> list:
@@ -171,9 +175,87 @@ class InterpretedStep:
         pass
 
 
-def build_step_graph(servers: list, workers: list, nodes: set[str], max_inflight: int) -> StepGraph:
-    """The compiled graph when the job's actors and this driver share one node
-    of a Ray instance this process started, else the interpreted one."""
-    if len(nodes) == 1 and started_here():
+class DirectStep(InterpretedStep):
+    """The step as actor calls that depend on nothing: the actors wait for
+    each other over their array services (workers.transport), so no step
+    waits for the driver, and Ray only carries the calls.
+
+    The driver names every array before it exists: a server's parameters of
+    step n, each worker's result of step n (its summary and gradient rows).
+    A worker's `step` pulls the parameters as soon as they are offered, a
+    server's `apply` (or `reduce`) pulls the results the same way, and each
+    call is submitted the moment the plan is made. When an actor's part of
+    a step fails, its service refuses every reader from then on, so the
+    actors waiting for it fail at once in turn, and `result` names the
+    first failure rather than the refusals that followed it."""
+
+    transport = "tcp"
+
+    def __init__(self, servers: list, workers: list, indices: list[int], opened: transport.Opened,
+                 on_shared_node: list[bool] | None = None, shared_params: list | None = None):
+        super().__init__(servers, workers)
+        self.indices, self.opened = list(indices), opened
+        self.on_shared_node = on_shared_node or [False] * len(workers)
+        self.shared_params = shared_params or [None] * len(servers)  # SharedArray of a server on the shared node
+        self._published: dict[int, list] = {}  # step -> the servers' publish_step calls
+        self._outputs: dict[int, list] = {}  # id of a step's outputs -> its step
+
+    def execute(self, plan: StepPlan) -> list:
+        if not self._published:  # later steps' parameters are offered by the commit of the step before
+            self._published[plan.step] = [s.publish_step.remote(plan) for s in self.servers]
+        over_tcp = [replace(h, step=plan.step, wait=True) for h in self.opened.servers]
+        in_files = [p if f is None else SharedAt(p, f) for p, f in zip(over_tcp, self.shared_params)]
+        calls = [w.step.remote(plan, *(in_files if local else over_tcp))
+                 for w, local in zip(self.workers, self.on_shared_node)]
+        places = [ResultAt(i, replace(h, key="summary", step=plan.step, dtype="<f8", wait=True,
+                                      length=WorkerResult.summary_size(len(plan.assignment[i]))), local)
+                  for i, h, local in zip(self.indices, self.opened.workers, self.on_shared_node)]
+        if len(self.servers) == 1:
+            out = [self.servers[0].apply.remote(plan, *places)]
+        else:
+            finite = [s.reduce.remote(plan, *places) for s in self.servers]
+            out = [s.commit.remote(plan, *finite) for s in self.servers]
+        self._worker_calls[plan.step] = calls
+        self._outputs[id(out)] = plan.step
+        self._worker_calls.pop(plan.step - 8, None)
+        return out
+
+    def result(self, outputs: list, cancelled: threading.Event) -> StepStats:
+        step = self._outputs.pop(id(outputs), None)
+        try:
+            return super().result(outputs, cancelled)
+        except RayTaskError as err:
+            if isinstance(err.cause, transport.Refused) and step is not None:
+                raise self._first_failure(step) or err from None
+            raise
+
+    def _first_failure(self, step: int) -> Exception | None:
+        """What failed first in `step` when a server was refused: an actor's
+        death, else an error of an actor's own, else a lost peer."""
+        calls = self._worker_calls.get(step, []) + self._published.get(step, [])
+        done, _ = ray.wait(calls, num_returns=len(calls), timeout=FIRST_FAILURE_WAIT_S) if calls else ([], [])
+        failures = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError as err:
+                return err
+            except RayTaskError as err:
+                failures.append(err)
+        rank = {transport.PeerLost: 1, transport.Refused: 2}
+        failures.sort(key=lambda e: next((r for t, r in rank.items() if isinstance(e.cause, t)), 0))
+        return failures[0] if failures else None
+
+
+def build_step_graph(servers: list, workers: list, indices: list[int], compiled: bool, max_inflight: int,
+                     opened: transport.Opened | None, on_shared_node: list[bool] | None = None,
+                     shared_params: list | None = None) -> StepGraph:
+    """The compiled graph when asked (every actor of the job and this driver
+    on one node of a Ray instance this process started), else the direct
+    one when the job has the array transport (zero-copy between the actors
+    on the shared node), else the interpreted one."""
+    if compiled:
         return CompiledStep(servers, workers, max_inflight)
+    if opened is not None:
+        return DirectStep(servers, workers, indices, opened, on_shared_node, shared_params)
     return InterpretedStep(servers, workers)

@@ -7,10 +7,12 @@ flight are finished first. When a result fails, the graph is torn down,
 what died is found, and the job recovers (workers.recovery) and goes on from
 the step it names, with a new graph over the actors it has then.
 
-The step's arrays (parameters out, gradients back) go through shared files
-when the job and its driver share one node (workers.shared), over the
-actors' own TCP services when they span nodes (workers.transport), and
-through Ray itself when neither can be had.
+The graph is compiled when the job and its driver share one node of the
+Ray instance this process started, the arrays (parameters out, gradients
+back) through shared files (workers.shared). Anywhere else it is direct:
+the actors exchange the arrays over their own TCP services
+(workers.transport), zero-copy between those on the driver's node; and
+interpreted, the arrays through Ray itself, when the services cannot be had.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 
 import ray
-from ray.exceptions import RayActorError, RayChannelError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
 
 from core.spec import stop_step
 from core.trainer import TrainingError
@@ -28,7 +30,7 @@ from workers.pool import JobCancelled
 from workers.protocol import GraphBuilt, ServerState, StepPlan, StepStats
 from workers.recovery import ActorLost, Loss, Work, job_error
 from workers.reporting import Outcome
-from workers.runtime import ALIVE_TIMEOUT_S
+from workers.runtime import ALIVE_TIMEOUT_S, started_here
 from workers.step_graph import StepGraph, build_step_graph
 
 
@@ -39,6 +41,7 @@ class SyncLoop:
         self.graph: StepGraph | None = None
         self.shared_dir: str | None = None  # the current graph's (None: arrays go through it)
         self.net_token: str | None = None  # the current graph's, when arrays go over TCP
+        self.shared_node: str | None = None  # with a token: the node whose actors use shared_dir
         self.first_step = 0  # the first step the current graph makes
 
     def run(self, start: int) -> list:
@@ -87,7 +90,7 @@ class SyncLoop:
         reporter = self.job.reporter
         return StepPlan(step, self.job.pool.assignment(), reporter.should_evaluate(step),
                         reporter.should_checkpoint(step), self.shared_dir, net_token=self.net_token,
-                        epoch=self.job.membership.epoch)
+                        epoch=self.job.membership.epoch, shared_node=self.shared_node)
 
     def _build(self, step: int) -> StepGraph:
         job, self.first_step = self.job, step
@@ -97,26 +100,53 @@ class SyncLoop:
             raise ActorLost(Loss(Work(("step", step + 1), f"step {step + 1}", step + 1), dead, servers=False))
         nodes = job.servers.node_ids() | {job.pool.locations[i].node_id for i in job.pool.indices}
         nodes.add(ray.get_runtime_context().get_node_id())  # the driver reads and writes channels too
-        self.graph = build_step_graph(job.servers.actors, job.pool.actors, nodes, job.pipeline_depth + 1)
-        # Parameters and gradients go through the job's files on /dev/shm
-        # whenever every actor and the driver share one node, whichever
-        # executor runs the step: only handles then go through Ray (its
-        # channels, or its object store when attached to a cluster).
-        self.shared_dir = job.files.directory() if len(nodes) == 1 else None
-        # Across nodes, over the actors' own TCP services when they all start
-        # and reach each other (else through Ray's object store).
-        self.net_token, fallback = None, None
-        if len(nodes) > 1:
+        # Compiled (Ray's channels, the arrays in the job's files on
+        # /dev/shm) when every actor and the driver share one node of a Ray
+        # instance this process started; else direct, the actors exchanging
+        # the arrays over their own TCP services when they all start and
+        # reach each other; else interpreted, the arrays through Ray's object
+        # store (or the job's files, on one node).
+        compiled = len(nodes) == 1 and started_here()
+        opened, fallback = None, None
+        if not compiled:
             try:
-                self.net_token = transport.open_transport(job.servers.actors, job.pool.actors, ALIVE_TIMEOUT_S)
+                opened = transport.open_transport(job.servers.actors, job.pool.actors, ALIVE_TIMEOUT_S)
             except transport.Unavailable as why:
                 fallback = str(why)
             except ValueError as err:  # a node's SHARDPROP_DATA_PORTS is malformed
                 raise TrainingError(f"the array transport cannot start: {err}") from None
-        job.on_event(GraphBuilt("tcp" if self.net_token else self.graph.transport, len(nodes),
-                                job.reporter.reported, self.shared_dir is not None, fallback))
+        self.net_token = opened.token if opened is not None else None
+        self.shared_dir, self.shared_node, local, shared_params = None, None, None, None
+        if opened is None:
+            self.shared_dir = job.files.directory() if len(nodes) == 1 else None
+        else:  # zero-copy between the actors on the driver's node, if any
+            here = ray.get_runtime_context().get_node_id()
+            local = [job.pool.locations[i].node_id == here for i in job.pool.indices]
+            servers_here = [loc.node_id == here for loc in job.servers.locations]
+            if any(local) and any(servers_here):
+                self.shared_dir = job.files.directory()
+            if self.shared_dir is not None:
+                self.shared_node = here
+                shared_params = self._share_params(servers_here)
+        self.graph = build_step_graph(job.servers.actors, job.pool.actors, job.pool.indices, compiled,
+                                      job.pipeline_depth + 1, opened, local, shared_params)
+        job.on_event(GraphBuilt(self.graph.transport, len(nodes), job.reporter.reported,
+                                self.shared_dir is not None, fallback))
         job.reporter.restart_clock()  # the build is the work of the pause that needed it
         return self.graph
+
+    def _share_params(self, servers_here: list[bool]) -> list | None:
+        """Each server's parameter file on the shared node (None for a
+        server elsewhere, or one without room); None when a server does not
+        answer (the first step finds out why)."""
+        servers = self.job.servers.actors
+        refs = [s.share.remote(self.shared_dir) if here else None for s, here in zip(servers, servers_here)]
+        try:
+            got = ray.get([r for r in refs if r is not None], timeout=ALIVE_TIMEOUT_S)
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            return None
+        it = iter(got)
+        return [next(it) if r is not None else None for r in refs]
 
     @property
     def computing(self) -> bool:

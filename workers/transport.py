@@ -8,10 +8,16 @@ own arrays from a small service of its own, and only handles go through Ray
 (small enough for Ray to inline them in the task's message):
 
 - a parameter server offers its slice of the parameters for the step it
-  holds; `publish_step` sends a `NetArray` handle, and each worker pulls the
-  bytes straight into its parameter vector;
-- a worker offers its shard gradients for the step it computed and sends
-  handles; each server pulls only its slice of every row.
+  holds, and each worker pulls the bytes straight into its parameter vector;
+- a worker offers its shard gradients for the step it computed, with a
+  summary of its result, and each server pulls only its slice of every row.
+
+On the direct step graph (workers.step_graph) nobody sends these handles:
+the driver names them before they exist (`wait`), and a pull of a step
+still to come waits for its offer, answered WAITING every HEARTBEAT_S
+meanwhile. An owner whose step failed `abort`s its service, refusing its
+waiting readers at once; `open` (each new graph) sets the token and serves
+nothing offered before.
 
 The service is a daemon thread, started on first use, listening on the
 node's IP on a port of `SHARDPROP_DATA_PORTS` (`lo-hi`; unset: an
@@ -43,6 +49,7 @@ import struct
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,13 +67,18 @@ MAX_KEY = 256
 # requests (thousands sent at once did, with small buffers).
 BATCH = 16
 
-MAGIC = b"SPA1"
-# magic, token, service instance, step, start item, stop item, key length
-REQUEST = struct.Struct("!4s16s16sqQQH")
-# status, bytes that follow (the payload, or the refusal's message)
+HEARTBEAT_S = 1.0  # a request waiting for its step is answered "still waiting" this often
+
+MAGIC = b"SPA2"
+# magic, token, service instance, step, start item, stop item, key length, flags
+REQUEST = struct.Struct("!4s16s16sqQQHB")
+WAIT = 1  # flag: a step not offered yet is waited for, not refused
+# status, bytes that follow (the payload, the refusal's message, or none while waiting)
 RESPONSE = struct.Struct("!BQ")
-OK, REFUSED = 0, 1
+OK, REFUSED, WAITING = 0, 1, 2
 WRONG_TOKEN = "wrong token"
+_WAITING = object()  # a waiting request's step has not come yet
+_CLOSED = object()  # the service closed: its connections end unanswered, as a peer's death would
 INTACT, TORN = b"\x00", b"\x01"
 
 
@@ -92,7 +104,10 @@ class Refused(TransportError):
 @dataclass(frozen=True)
 class NetArray:
     """A handle to array `key` of step `step` (`length` items of `dtype`),
-    served at host:port by service instance `service` to holders of `token`."""
+    served at host:port by service instance `service` to holders of `token`.
+    With `wait`, a pull of a step the owner has not offered yet waits for
+    it (the direct step graph's readers name steps before they exist);
+    without, it is refused."""
 
     host: str
     port: int
@@ -102,6 +117,7 @@ class NetArray:
     dtype: str
     length: int
     token: str
+    wait: bool = False
 
 
 def data_ports(value: str | None) -> range:
@@ -167,9 +183,12 @@ class ArrayService:
         self.host, self.token = host, token
         self.instance = uuid.uuid4().hex
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever what is served changes
         self._step: int | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._generation = 0  # bumped whenever the offered arrays change
+        self._last_step: int | None = None  # the newest step offered, even once withdrawn
+        self._aborted: str | None = None  # why the owner's step failed: every request refused until `open`
         self._sock = self._bind(host, ports if ports is not None else data_ports(os.environ.get(PORTS_ENV)))
         self.port = self._sock.getsockname()[1]
         self.closed = False
@@ -202,8 +221,17 @@ class ArrayService:
         with self._lock:
             self._generation += 1
             self._step, self._arrays = step, {k: np.ascontiguousarray(a).reshape(-1) for k, a in arrays.items()}
+            self._last_step = step
+            self._changed.notify_all()
             return {k: NetArray(self.host, self.port, self.instance, k, step, a.dtype.str, a.size, self.token)
                     for k, a in self._arrays.items()}
+
+    def held(self, step: int, key: str) -> NetArray | None:
+        """A handle to array `key` if it is offered as of `step`."""
+        with self._lock:
+            a = self._arrays.get(key) if self._step == step else None
+            return None if a is None else NetArray(self.host, self.port, self.instance, key, step, a.dtype.str,
+                                                   a.size, self.token)
 
     def withdraw(self) -> None:
         """Serve nothing until the next offer (before the owner changes an
@@ -211,6 +239,25 @@ class ArrayService:
         with self._lock:
             self._generation += 1
             self._step, self._arrays = None, {}
+            self._changed.notify_all()
+
+    def open(self, token: str) -> None:
+        """Serve holders of `token` (a new step graph's) from now on, and
+        nothing offered before; forget an abort. Requests with another token
+        are refused, waiting ones included."""
+        with self._lock:
+            self.token, self._aborted = token, None
+            self._generation += 1
+            self._step, self._arrays, self._last_step = None, {}, None
+            self._changed.notify_all()
+
+    def abort(self, reason: str) -> None:
+        """The owner's step failed: refuse every request, those waiting for
+        a step first, until the next `open` (a waiting reader learns at once
+        that its step will not come, and fails in turn)."""
+        with self._lock:
+            self._aborted = reason
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop listening and cut every connection."""
@@ -224,6 +271,7 @@ class ArrayService:
         self._sock.close()
         with self._lock:
             conns, self._conns = self._conns, set()
+            self._changed.notify_all()
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -256,22 +304,41 @@ class ArrayService:
                 self._conns.discard(conn)
         conn.close()
 
-    def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int):
-        """(reason, None, 0) or (None, the bytes to send, their generation)."""
+    def _refusal(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int,
+                 wait: bool = False):
+        """(reason, None, 0) or (None, the bytes to send, their generation);
+        for a waiting request whose step has not come within HEARTBEAT_S,
+        (_WAITING, None, 0)."""
         with self._lock:
-            if not self.token or not hmac.compare_digest(token, bytes.fromhex(self.token)):
-                return WRONG_TOKEN, None, 0
-            if instance != bytes.fromhex(self.instance):
-                return f"not service {instance.hex()[:8]} (this is {self.instance[:8]}): the peer was replaced", None, 0
-            if key == "":  # a ping (reach)
-                return None, b"", self._generation
-            array = self._arrays.get(key)
-            if array is None or step != self._step:
-                held = "nothing" if self._step is None else f"step {self._step + 1}"
-                return f"{key!r} of step {step + 1} asked for, {held} held", None, 0
-            if not start <= stop <= array.size:
-                return f"{key!r}: items [{start}, {stop}) asked for, it has {array.size}", None, 0
-            return None, memoryview(array[start:stop]).cast("B"), self._generation
+            deadline = time.monotonic() + HEARTBEAT_S
+            while True:
+                found = self._lookup(token, instance, step, key, start, stop, wait)
+                left = deadline - time.monotonic()
+                if found[0] is not _WAITING or left <= 0:
+                    return found
+                self._changed.wait(left)
+
+    def _lookup(self, token: bytes, instance: bytes, step: int, key: str, start: int, stop: int, wait: bool):
+        """_refusal's answer from what is held now (the lock held)."""
+        if not self.token or not hmac.compare_digest(token, bytes.fromhex(self.token)):
+            return WRONG_TOKEN, None, 0
+        if instance != bytes.fromhex(self.instance):
+            return f"not service {instance.hex()[:8]} (this is {self.instance[:8]}): the peer was replaced", None, 0
+        if key == "":  # a ping (reach)
+            return None, b"", self._generation
+        if self.closed:
+            return _CLOSED, None, 0
+        if self._aborted is not None:
+            return f"aborted: {self._aborted}", None, 0
+        array = self._arrays.get(key)
+        if wait and step != self._step and (self._last_step is None or step > self._last_step):
+            return _WAITING, None, 0  # a step still to come
+        if array is None or step != self._step:
+            held = "nothing" if self._step is None else f"step {self._step + 1}"
+            return f"{key!r} of step {step + 1} asked for, {held} held", None, 0
+        if not start <= stop <= array.size:
+            return f"{key!r}: items [{start}, {stop}) asked for, it has {array.size}", None, 0
+        return None, memoryview(array[start:stop]).cast("B"), self._generation
 
     def _serve(self, conn: socket.socket) -> None:
         """Answer `conn`'s requests in order until it closes. Its first
@@ -298,14 +365,21 @@ class ArrayService:
         head = _recv_exact(conn, REQUEST.size)
         if head is None:
             return False
-        magic, token, instance, step, start, stop, key_len = REQUEST.unpack(head)
+        magic, token, instance, step, start, stop, key_len, flags = REQUEST.unpack(head)
         if magic != MAGIC or key_len > MAX_KEY:
             return False
         key = _recv_exact(conn, key_len) if key_len else b""
         if key is None:
             return False
-        reason, payload, generation = self._refusal(token, instance, step, key.decode("utf-8", "replace"),
-                                                    start, stop)
+        while True:
+            reason, payload, generation = self._refusal(token, instance, step, key.decode("utf-8", "replace"),
+                                                        start, stop, bool(flags & WAIT))
+            if reason is _CLOSED:
+                return False
+            if reason is not _WAITING:
+                break
+            conn.settimeout(None)  # the token was right: a peer's
+            conn.sendall(RESPONSE.pack(WAITING, 0))  # alive, still waiting (a reader gone ends it here)
         if reason != WRONG_TOKEN:
             conn.settimeout(None)  # a peer's: no deadline from now on
         if reason is not None:
@@ -399,14 +473,17 @@ class ArrayClient:
     def _request(h: NetArray, out: np.ndarray, start: int) -> bytes:
         key = h.key.encode()
         return REQUEST.pack(MAGIC, bytes.fromhex(h.token), bytes.fromhex(h.service), h.step, start,
-                            start + out.size, len(key)) + key
+                            start + out.size, len(key), WAIT if h.wait else 0) + key
 
     @staticmethod
     def _answer(conn: socket.socket, h: NetArray, into: memoryview) -> None:
-        head = _recv_exact(conn, RESPONSE.size)
-        if head is None:
-            raise ConnectionError("connection closed by the peer")
-        status, size = RESPONSE.unpack(head)
+        while True:  # a waiting request is answered WAITING every HEARTBEAT_S until its step comes
+            head = _recv_exact(conn, RESPONSE.size)
+            if head is None:
+                raise ConnectionError("connection closed by the peer")
+            status, size = RESPONSE.unpack(head)
+            if status != WAITING:
+                break
         if status != OK:
             message = (_recv_exact(conn, size) or b"").decode("utf-8", "replace") if size <= 4096 else "?"
             raise Refused(f"the array service at {h.host}:{h.port} refused {h.key!r} of step {h.step + 1}: {message}")
@@ -441,7 +518,7 @@ class ArrayPeer:
                 self._array_service = ArrayService(ray.util.get_node_ip_address())
             except OSError as err:
                 return str(err)
-        self._array_service.token = token
+        self._array_service.open(token)
         s = self._array_service
         return NetArray(s.host, s.port, s.instance, "", 0, "|u1", 0, token)
 
@@ -460,9 +537,24 @@ class ArrayPeer:
             raise Refused("this actor's array service was not opened for the job's token (workers.transport)")
         return self._array_service.offer(step, arrays)
 
+    def _held(self, token: str, step: int, key: str) -> NetArray | None:
+        s = self._array_service
+        return s.held(step, key) if s is not None and s.token == token else None
+
     def _withdraw(self) -> None:
         if self._array_service is not None:
             self._array_service.withdraw()
+
+    @contextmanager
+    def _aborting(self, what: str):
+        """Run a step's part; if it fails, abort this actor's service (its
+        waiting readers are refused at once, saying `what` failed and why)."""
+        try:
+            yield
+        except BaseException as err:
+            if self._array_service is not None:
+                self._array_service.abort(f"{what} failed ({type(err).__name__}: {str(err)[:200]})")
+            raise
 
     def _pulls(self) -> ArrayClient:
         if self._array_client is None:
@@ -470,7 +562,18 @@ class ArrayPeer:
         return self._array_client
 
 
-def open_transport(servers: list, workers: list, timeout_s: float) -> str:
+@dataclass(frozen=True)
+class Opened:
+    """A job's transport for one step graph: its token, and a handle to each
+    server's parameter slice (`key` "params"; `step` to be set) and to each
+    worker's service (a ping), in the order of the actors given."""
+
+    token: str
+    servers: tuple[NetArray, ...]
+    workers: tuple[NetArray, ...]
+
+
+def open_transport(servers: list, workers: list, timeout_s: float) -> Opened:
     """A new random token, once every server's and worker's array service
     has started and each reaches the other side's. Raises Unavailable
     saying why not (the arrays go through Ray then); a malformed
@@ -500,4 +603,4 @@ def open_transport(servers: list, workers: list, timeout_s: float) -> str:
     unreached = [w for w in why if w is not None]
     if unreached:
         raise Unavailable(f"a peer cannot be reached: {unreached[0]}")
-    return token
+    return Opened(token, tuple(at_servers), tuple(at_workers))
