@@ -1,34 +1,29 @@
 """A step-time model of a synchronous job, for planning and for docs/scaling.md.
 
 One step of shardprop's parameter-server design across nodes, as the code
-does it (workers/step_graph.py, the interpreted graph; workers/transport.py):
-the driver's calls are chained by object refs that carry only small handles
-(inlined in Ray's task messages), and the arrays go over the actors' own TCP
-array services. With the servers on the driver's node, and a worker there
-too, the critical path of a step is:
+does it (workers/step_graph.py, the direct graph; workers/transport.py):
+the driver submits every call of a step the moment its plan is made, each
+depending on nothing, and the actors wait for each other over their own TCP
+array services, which carry the arrays. The critical path of a step:
 
-1. a server's `publish_step` offers its slice and returns a handle to the
-   driver (the owner of the ref), which pushes each worker's `step` task
-   with the handles inlined: 1 one-way latency to a remote worker;
-2. the worker pulls every slice (one request per server on a kept
-   connection, all sent before any answer is read): 2 latencies, and the
-   parameters through the servers' link, P b bytes to each remote worker;
-3. it computes, offers its shard rows and replies with handles: 1 latency;
-4. the driver pushes `apply` (or `reduce` and `commit` for k > 1 slices) to
-   the servers, which pull their slice of every shard's row (requests first,
-   answers read one after another): 2 latencies, and the rows of the shards
-   computed off the servers' node through their link;
-5. reduce in shard order, apply; the next step's `publish_step` is queued
-   behind it on the same actor.
+1. the servers' commit of the step before offers the new parameters; each
+   worker's pull of them was sent ahead and waits at the server's service,
+   so they leave at once: 1 one-way latency to a worker off the servers'
+   node, and P b bytes through the servers' link to each such worker;
+2. the worker computes and offers its shard rows and a summary of its
+   result; the server's pull of them (summary and its slice of every row,
+   one request batch) waits at the worker's service, so they leave at
+   once: 1 latency, and the rows of the shards computed off the servers'
+   node through their link;
+3. reduce in shard order, apply, and offer the next parameters.
 
-So h = 6 one-way latencies a step, whatever N (the workers pull and are
-pulled from at once); when Ray puts the servers on a node other than the
-driver's, the handles cross to the driver and back: still 6 on two nodes,
-8 from three on (a worker on neither node),
-plus 2 for the reduce/commit round when k > 1 servers are off the driver's
-node (`latency_hops` counts them from a `Placement`). Every worker's arrays
-go over TCP once the job spans nodes, even the one beside the servers
-(loopback, no link).
+So h = 2 one-way latencies a step, whatever N (the workers pull and are
+pulled from at once), whichever node the driver is on; plus 2 when k > 1
+servers are off the driver's node (their finite flags go from `reduce` to
+the driver and on to `commit` as object refs). `latency_hops` counts them
+from a `Placement`. Between actors on the driver's node the arrays go
+through shared files; every other pair's over TCP (through the node's own
+stack, no link, when they share a node elsewhere).
 
     T = c0 + c_w W + compute + rho (S + 1) P / k
           + [spans nodes] (h L + 2 alpha + bytes max(1 / (eta B), mu))
@@ -207,17 +202,14 @@ def spans_nodes(workers: int, placement: Placement) -> bool:
 
 def latency_hops(workers: int, placement: Placement, servers: int = 1) -> int:
     """One-way latencies on a step's critical path (the module's docstring):
-    the handles from the servers to the driver and on to a worker, the
-    worker's pull of the parameters and its reply, the handles to the
-    servers and their pull of the rows; the slowest worker's chain, then the
-    servers'. A hop between actors on one node costs no latency."""
+    the parameters to a worker off the servers' node and its rows back,
+    whose requests were sent ahead and waited; and, for k > 1 servers off
+    the driver's node, their finite flags through the driver. A hop between
+    actors on one node costs no latency."""
     if not spans_nodes(workers, placement):
         return 0
-    apart = 0 if placement.servers_with_driver else 1
-    nodes = worker_nodes(workers, placement)
-    to_worker = max(apart + 2 * (not on_driver) + 2 * (not on_servers) for on_servers, on_driver in nodes)
-    to_servers = apart + max(2 * (not on_servers) for on_servers, _ in nodes) + (2 * apart if servers > 1 else 0)
-    return to_worker + to_servers
+    apart = any(not on_servers for on_servers, _ in worker_nodes(workers, placement))
+    return 2 * apart + (2 if servers > 1 and not placement.servers_with_driver else 0)
 
 
 def ring_bytes_per_node(shape: JobShape, nodes: int) -> float:
