@@ -20,7 +20,8 @@ setups interleaved within each round. Rows:
   `SHARDPROP_DATA_PORTS=off`, so the arrays go through Ray's object store
   (the path before the transport), for comparison in the same run.
 
-Then one in-process run per setup (`--phase-steps` steps) reports the median
+Then in-process runs per setup (`--phase-steps` steps each, `--phase-rounds`
+of them interleaved, their figures' medians kept) report the median
 phases of a step from the job's records: compute (slowest worker), transfer
 (parameters out and gradients in: the slowest worker's idle time less the
 servers' reduce and apply), reduce_apply, and the fastest worker's wait;
@@ -34,7 +35,8 @@ namespaces, bridge and links are made here under names of our own and
 removed at the end. The 2-host row needs root and `ip`; without them it says
 why it was not run.
 
-    .venv/bin/python bench/multihost.py [--steps 600] [--rounds 3] [--phase-steps 200] [--only private,attached,2hosts]
+    .venv/bin/python bench/multihost.py [--steps 600] [--rounds 3] [--phase-steps 200] [--phase-rounds 1]
+        [--only private,attached,2hosts]
 """
 
 from __future__ import annotations
@@ -182,11 +184,20 @@ def two_hosts() -> tuple[list[Setup], NetnsCluster]:
             Setup("2 hosts x 1 CPU, object store", nets.address, nets.prefix(0), {"SHARDPROP_DATA_PORTS": "off"})], nets
 
 
+def combined(runs: list[dict]) -> dict:
+    """Phase runs of one setup as one: each figure's median, and every run's steady step."""
+    return {"phases": {k: statistics.median(r["phases"][k] for r in runs) for k in runs[0]["phases"]},
+            "step_gap_s": statistics.median(r["step_gap_s"] for r in runs),
+            "step_gaps_s": [r["step_gap_s"] for r in runs],
+            "step_mean_s": statistics.median(r["step_mean_s"] for r in runs), "graph": runs[-1]["graph"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=600, help="N: runs of N and 2N steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--phase-steps", type=int, default=200, help="steps of the per-phase run (0: none)")
+    ap.add_argument("--phase-rounds", type=int, default=1, help="phase runs per setup, interleaved")
     ap.add_argument("--only", default="private,attached,2hosts")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -213,30 +224,42 @@ def main() -> int:
                 times[s.name].append((long - short) / args.steps)
                 print(f"round {r + 1} {s.name}: T(N)={short:.2f} s T(2N)={long:.2f} s "
                       f"step {times[s.name][-1] * 1e3:.1f} ms", file=sys.stderr)
-        phases = {s.name: s.phases(args.phase_steps, work) for s in setups} if args.phase_steps else {}
+        runs: dict[str, list[dict]] = {s.name: [] for s in setups}
+        for r in range(args.phase_rounds if args.phase_steps else 0):
+            for s in (setups if r % 2 == 0 else setups[::-1]):
+                runs[s.name].append(s.phases(args.phase_steps, work))
+                print(f"phase run {r + 1} {s.name}: steady step {runs[s.name][-1]['step_gap_s'] * 1e3:.1f} ms",
+                      file=sys.stderr)
+        phases = {name: combined(got) for name, got in runs.items() if got}
     finally:
         for s in setups:
             s.close()
         if nets is not None:
             nets.close()
         shutil.rmtree(work, ignore_errors=True)
-    step = {name: statistics.median(ts) for name, ts in times.items()}
+    step = {name: statistics.median(ts) if ts else None for name, ts in times.items()}
     base = step.get("private 2-CPU local")
-    print(f"\nN = {args.steps}, {args.rounds} rounds; per step (T(2N) - T(N)) / N, median\n")
-    print("| setup | step (ms) | rounds (ms) | speed vs private | steady step of the phase run (ms) "
-          "| compute | transfer | reduce+apply | wait | step graph |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    base_gap = phases.get("private 2-CPU local", {}).get("step_gap_s")
+    print(f"\nN = {args.steps}, {args.rounds} rounds; per step (T(2N) - T(N)) / N, median; "
+          f"phase runs of {args.phase_steps} steps, {args.phase_rounds} rounds, medians\n")
+    print("| setup | step (ms) | rounds (ms) | speed vs private | steady step (ms) | steady rounds (ms) "
+          "| steady vs private | compute | transfer | reduce+apply | wait | step graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name, s in step.items():
-        ph = phases.get(name, {}).get("phases", {})
+        got = phases.get(name, {})
+        ph = got.get("phases", {})
         cells = [f"{ph[k] * 1e3:.1f}" if k in ph else "" for k in ("compute", "transfer", "reduce_apply", "wait")]
-        ratio = f"{base / s:.2f}x" if base else ""
-        gap = phases.get(name, {}).get("step_gap_s")
-        cells.insert(0, f"{gap * 1e3:.1f}" if gap is not None else "")
-        print(f"| {name} | {s * 1e3:.1f} | {' / '.join(f'{t * 1e3:.1f}' for t in times[name])} | {ratio} | "
-              + " | ".join(cells) + f" | {phases.get(name, {}).get('graph', '')} |")
-        results.append({"setup": name, "step_s": s, "rounds_s": times[name], "ratio": base / s if base else None,
-                        **phases.get(name, {})})
+        gap = got.get("step_gap_s")
+        cells[:0] = [f"{gap * 1e3:.1f}" if gap is not None else "",
+                     " / ".join(f"{g * 1e3:.1f}" for g in got.get("step_gaps_s", [])),
+                     f"{base_gap / gap:.2f}x" if base_gap and gap else ""]
+        whole = [f"{s * 1e3:.1f}" if s else "", " / ".join(f"{t * 1e3:.1f}" for t in times[name]),
+                 f"{base / s:.2f}x" if base and s else ""]
+        print(f"| {name} | " + " | ".join(whole + cells) + f" | {got.get('graph', '')} |")
+        results.append({"setup": name, "step_s": s, "rounds_s": times[name],
+                        "ratio": base / s if base and s else None,
+                        "steady_ratio": base_gap / gap if base_gap and gap else None, **got})
     for name, why in skipped.items():
         print(f"| {name} | not run: {why} | | | | | | | | |")
     if args.json:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.transport import ArrayClient, ArrayService, NetArray, PeerLost, Refused, data_ports
+from workers.transport import Aborted, ArrayClient, ArrayService, NetArray, PeerLost, Refused, data_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "ab" * 16
@@ -473,20 +473,46 @@ def test_a_wait_longer_than_the_socket_timeout_lives_on_the_services_heartbeats(
 
 
 def test_an_abort_refuses_the_waiting_readers_at_once_and_an_open_ends_it(service):
+    service.offer(4, {"summary": np.arange(4.0)})  # step 5's result, still being read
     waiting = [in_thread(lambda: pull(named(service, "summary", 5, 4, "<f8"))) for _ in range(2)]
     time.sleep(0.3)
     began = time.monotonic()
-    service.abort("worker 1's step 6 failed (WorkerFault: injected)")
+    service.abort(5, "worker 1's step 6 failed (WorkerFault: injected)")
     for got in waiting:
-        with pytest.raises(Refused, match=r"aborted: worker 1's step 6 failed \(WorkerFault: injected\)"):
+        with pytest.raises(Aborted, match=r"step 6: worker 1's step 6 failed \(WorkerFault: injected\)"):
             got()
     assert time.monotonic() - began < 2.0  # at once, not at a heartbeat or timeout
+    assert pull(named(service, "summary", 4, 4, "<f8")).tolist() == [0.0, 1.0, 2.0, 3.0]  # an earlier step's
     service.offer(5, {"summary": np.arange(4.0)})
-    with pytest.raises(Refused, match="aborted"):  # until the next graph opens the service
+    with pytest.raises(Aborted):  # until the next graph opens the service
         pull(named(service, "summary", 5, 4, "<f8"))
+    assert service.aborted() == "worker 1's step 6 failed (WorkerFault: injected)"
     service.open(TOKEN)
+    assert service.aborted() is None
     service.offer(5, {"summary": np.arange(4.0)})
     assert pull(named(service, "summary", 5, 4, "<f8")).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_an_actor_whose_part_failed_fails_its_later_parts_without_pulling(service):
+    from workers.transport import ArrayPeer
+
+    class Peer(ArrayPeer):
+        def part(self, step, fail=False):
+            with self._aborting(f"worker 0's step {step + 1}", step):
+                if fail:
+                    raise ValueError("bad rows")
+                return "made"
+
+    peer = Peer()
+    peer._array_service = service
+    assert peer.part(3) == "made"
+    with pytest.raises(ValueError, match="bad rows"):
+        peer.part(4, fail=True)
+    with pytest.raises(Aborted, match=r"worker 0's step 6: not made, an earlier step's part failed here: "
+                                      r"worker 0's step 5 failed \(ValueError: bad rows\)"):
+        peer.part(5)
+    service.open(TOKEN)  # the next graph
+    assert peer.part(5) == "made"
 
 
 def test_opening_for_a_new_graph_serves_nothing_offered_before_and_refuses_the_old_token(service):

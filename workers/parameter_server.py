@@ -18,8 +18,9 @@ A single server does both in one node, `apply`.
 
 Each server holds the job's membership epoch (workers.fencing), given when
 it is started and whenever the job's actor set changes (`fence`), and
-refuses every plan and worker result of another epoch (`StaleEpoch`),
-before it touches anything; each refusal is kept for the coordinator to
+refuses every plan and worker result of another epoch (`StaleEpoch`)
+before it changes anything (on the direct graph a result's epoch is in the
+summary it pulls first); each refusal is kept for the coordinator to
 report (`refusals`).
 """
 
@@ -135,12 +136,11 @@ class ParameterServer(transport.ArrayPeer):
         optimizer updates the file in place); with a TCP token, a handle to
         this server's array service, which serves them until the step's
         commit."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
             self._refuse_other_epochs(plan.step, plan)
             self._expect(plan.step, "asked for")
-            if plan.net_token:  # offered already when the step before committed here
-                return (self._held(plan.net_token, plan.step, "params")
-                        or self._offer(plan.net_token, plan.step, {"params": self.params})["params"])
+            if plan.net_token:  # served until this step's commit, which offers the next step's
+                return self._offer(plan.net_token, plan.step, {"params": self.params})["params"]
             if not plan.shared_dir:
                 return self.params
             return self.share(plan.shared_dir) or self.params  # no space: the array through the channel
@@ -164,7 +164,7 @@ class ParameterServer(transport.ArrayPeer):
         in shard order; True if the mean is finite. The results are the
         workers' own, or (the direct graph) where they will be: this server
         pulls them, waiting for the step."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
             return self._reduce(plan, results)
 
     def _reduce(self, plan: StepPlan, results: tuple) -> bool:
@@ -262,7 +262,7 @@ class ParameterServer(transport.ArrayPeer):
         """Apply the reduced step if every slice was finite. Returns the step's
         statistics, with this slice's new parameters if the plan asks for them
         (to evaluate) and its whole state if it asks for a checkpoint."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}"):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
             return self._commit(plan, finite)
 
     def _commit(self, plan: StepPlan, finite: tuple) -> StepStats:

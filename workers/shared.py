@@ -23,6 +23,14 @@ every worker has replied; a worker rewrites its rows only after the next
 after a failure gets new files (worker indices are never reused), so a dying
 worker's last write can land only in a file nobody reads again.
 
+The direct step graph of an attached driver (workers.step_graph) uses the
+same files between the actors on the driver's node, with the same rule
+kept by other means: a worker maps the parameters once the server's array
+service says the step's are offered (the commit of the step before offers
+them, after every worker's rows of that step were read), and is done with
+them before it offers its own result; a server finds a worker's rows by the
+file its summary names (`OwnedFile.made`, `path_in`).
+
 Space for shardprop's own files is reserved up front (`posix_fallocate`): a
 full file system is an `OSError` at creation, not a SIGBUS later, and a job
 falls back to sending arrays through the channels. The coordinator removes

@@ -11,11 +11,12 @@ finite). Three executors of it, behind one interface (`execute`, `result`,
   gradients themselves go through shared files (workers.shared), only
   handles through the channels (measured here: a 2-worker step's overhead
   over its compute fell from ~9 ms to ~1.8 ms).
-- `DirectStep`: ordinary actor calls that depend on nothing: the driver
-  names the arrays each actor will offer, and the actors wait for each
-  other over their own array services (workers.transport), zero-copy
-  through shared files between those on the driver's node. No step waits
-  for the driver or for Ray to resolve a dependency.
+- `DirectStep`: ordinary actor calls that depend on nothing (but k > 1
+  servers' `commit`, on their `reduce`s' finite flags): the driver names
+  the arrays each actor will offer, and the actors wait for each other
+  over their own array services (workers.transport), zero-copy through
+  shared files between those on the driver's node. No step waits for the
+  driver or for Ray to resolve a dependency.
 - `InterpretedStep`: the calls chained by object refs, when the job cannot
   have the array transport; Ray hands each call its inputs once they
   exist, so a step still needs no driver round trip. The arrays go through
@@ -176,18 +177,20 @@ class InterpretedStep:
 
 
 class DirectStep(InterpretedStep):
-    """The step as actor calls that depend on nothing: the actors wait for
-    each other over their array services (workers.transport), so no step
-    waits for the driver, and Ray only carries the calls.
+    """The step as actor calls that depend on nothing (with k > 1 servers,
+    `commit` on the `reduce`s' finite flags, through the driver): the actors
+    wait for each other over their array services (workers.transport), so
+    no step waits for the driver, and Ray only carries the calls.
 
     The driver names every array before it exists: a server's parameters of
     step n, each worker's result of step n (its summary and gradient rows).
     A worker's `step` pulls the parameters as soon as they are offered, a
     server's `apply` (or `reduce`) pulls the results the same way, and each
     call is submitted the moment the plan is made. When an actor's part of
-    a step fails, its service refuses every reader from then on, so the
-    actors waiting for it fail at once in turn, and `result` names the
-    first failure rather than the refusals that followed it."""
+    a step fails, its service refuses every reader of that step or later
+    (transport.Aborted), so the actors waiting for it fail at once in turn,
+    and `result` names the first failure among the calls in flight rather
+    than the refusals that followed it."""
 
     transport = "tcp"
 
@@ -198,7 +201,7 @@ class DirectStep(InterpretedStep):
         self.on_shared_node = on_shared_node or [False] * len(workers)
         self.shared_params = shared_params or [None] * len(servers)  # SharedArray of a server on the shared node
         self._published: dict[int, list] = {}  # step -> the servers' publish_step calls
-        self._outputs: dict[int, list] = {}  # id of a step's outputs -> its step
+        self._server_calls: dict[int, list] = {}  # step -> the servers' reduce, commit or apply calls
 
     def execute(self, plan: StepPlan) -> list:
         if not self._published:  # later steps' parameters are offered by the commit of the step before
@@ -210,29 +213,32 @@ class DirectStep(InterpretedStep):
         places = [ResultAt(i, replace(h, key="summary", step=plan.step, dtype="<f8", wait=True,
                                       length=WorkerResult.summary_size(len(plan.assignment[i]))), local)
                   for i, h, local in zip(self.indices, self.opened.workers, self.on_shared_node)]
+        finite = []
         if len(self.servers) == 1:
             out = [self.servers[0].apply.remote(plan, *places)]
         else:
             finite = [s.reduce.remote(plan, *places) for s in self.servers]
             out = [s.commit.remote(plan, *finite) for s in self.servers]
-        self._worker_calls[plan.step] = calls
-        self._outputs[id(out)] = plan.step
-        self._worker_calls.pop(plan.step - 8, None)
+        self._worker_calls[plan.step], self._server_calls[plan.step] = calls, finite + out
+        for kept in (self._worker_calls, self._server_calls):
+            kept.pop(plan.step - 8, None)
         return out
 
     def result(self, outputs: list, cancelled: threading.Event) -> StepStats:
-        step = self._outputs.pop(id(outputs), None)
         try:
             return super().result(outputs, cancelled)
         except RayTaskError as err:
-            if isinstance(err.cause, transport.Refused) and step is not None:
-                raise self._first_failure(step) or err from None
+            if isinstance(err.cause, (transport.Refused, transport.Aborted)):
+                raise self._first_failure() or err from None
             raise
 
-    def _first_failure(self, step: int) -> Exception | None:
-        """What failed first in `step` when a server was refused: an actor's
-        death, else an error of an actor's own, else a lost peer."""
-        calls = self._worker_calls.get(step, []) + self._published.get(step, [])
+    def _first_failure(self) -> Exception | None:
+        """What failed first when a server was refused or its peer aborted,
+        among every call of the graph still kept (the steps in flight): an
+        actor's death, else an error of an actor's own, else a lost peer,
+        else an aborted one."""
+        kept = (*self._worker_calls.values(), *self._published.values(), *self._server_calls.values())
+        calls = [ref for refs in kept for ref in refs]
         done, _ = ray.wait(calls, num_returns=len(calls), timeout=FIRST_FAILURE_WAIT_S) if calls else ([], [])
         failures = []
         for ref in done:
@@ -242,7 +248,7 @@ class DirectStep(InterpretedStep):
                 return err
             except RayTaskError as err:
                 failures.append(err)
-        rank = {transport.PeerLost: 1, transport.Refused: 2}
+        rank = {transport.PeerLost: 1, transport.Aborted: 2, transport.Refused: 3}
         failures.sort(key=lambda e: next((r for t, r in rank.items() if isinstance(e.cause, t)), 0))
         return failures[0] if failures else None
 

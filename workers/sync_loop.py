@@ -114,7 +114,9 @@ class SyncLoop:
             except transport.Unavailable as why:
                 fallback = str(why)
             except ValueError as err:  # a node's SHARDPROP_DATA_PORTS is malformed
-                raise TrainingError(f"the array transport cannot start: {err}") from None
+                if len(nodes) > 1:  # across nodes the job needs it: say so, naming the value
+                    raise TrainingError(f"the array transport cannot start: {err}") from None
+                fallback = str(err)  # on one node the job's files serve as well
         self.net_token = opened.token if opened is not None else None
         self.shared_dir, self.shared_node, local, shared_params = None, None, None, None
         if opened is None:
@@ -194,7 +196,7 @@ class SyncLoop:
             raise
         except RayTaskError as err:
             cause = err.cause if err.cause is not None else err
-            if not isinstance(cause, (RayActorError, RayChannelError, transport.PeerLost)):
+            if not isinstance(cause, (RayActorError, RayChannelError, transport.PeerLost, transport.Aborted)):
                 raise job_error(cause) from None
             raise self._lost(work, err) from None
         except (RayActorError, RayChannelError, ValueError) as err:
@@ -210,6 +212,6 @@ class SyncLoop:
         # A peer's array service that stopped answering while every actor
         # still answers Ray (a link cut and back, say) is a loss too: the
         # step is made again, up to the policy's limit.
-        if servers or dead or isinstance(getattr(err, "cause", err), transport.PeerLost):
+        if servers or dead or isinstance(getattr(err, "cause", err), (transport.PeerLost, transport.Aborted)):
             return ActorLost(Loss(work, dead, servers))
         return TrainingError(f"{work.name} failed: {err}")

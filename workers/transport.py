@@ -75,10 +75,14 @@ REQUEST = struct.Struct("!4s16s16sqQQHB")
 WAIT = 1  # flag: a step not offered yet is waited for, not refused
 # status, bytes that follow (the payload, the refusal's message, or none while waiting)
 RESPONSE = struct.Struct("!BQ")
-OK, REFUSED, WAITING = 0, 1, 2
+OK, REFUSED, WAITING, ABORTED = 0, 1, 2, 3
 WRONG_TOKEN = "wrong token"
 _WAITING = object()  # a waiting request's step has not come yet
 _CLOSED = object()  # the service closed: its connections end unanswered, as a peer's death would
+
+
+class _Abort(str):
+    """A refusal because the owner's part of the step failed (ABORTED)."""
 INTACT, TORN = b"\x00", b"\x01"
 
 
@@ -99,6 +103,12 @@ class Unavailable(TransportError):
 class Refused(TransportError):
     """A peer's array service refused a request (wrong token, instance, step
     or array, or the array changed while sent): a stale read, never served."""
+
+
+class Aborted(TransportError):
+    """A peer's part of the step asked for failed (its service was
+    aborted): the step will not come from it. Its own error says why; the
+    reader fails in turn, a loss to recover from like PeerLost."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +198,7 @@ class ArrayService:
         self._arrays: dict[str, np.ndarray] = {}
         self._generation = 0  # bumped whenever the offered arrays change
         self._last_step: int | None = None  # the newest step offered, even once withdrawn
-        self._aborted: str | None = None  # why the owner's step failed: every request refused until `open`
+        self._aborted: tuple[int, str] | None = None  # (step, why) the owner's part failed: refused until `open`
         self._sock = self._bind(host, ports if ports is not None else data_ports(os.environ.get(PORTS_ENV)))
         self.port = self._sock.getsockname()[1]
         self.closed = False
@@ -226,13 +236,6 @@ class ArrayService:
             return {k: NetArray(self.host, self.port, self.instance, k, step, a.dtype.str, a.size, self.token)
                     for k, a in self._arrays.items()}
 
-    def held(self, step: int, key: str) -> NetArray | None:
-        """A handle to array `key` if it is offered as of `step`."""
-        with self._lock:
-            a = self._arrays.get(key) if self._step == step else None
-            return None if a is None else NetArray(self.host, self.port, self.instance, key, step, a.dtype.str,
-                                                   a.size, self.token)
-
     def withdraw(self) -> None:
         """Serve nothing until the next offer (before the owner changes an
         offered array in place: a send under way is then marked torn)."""
@@ -251,13 +254,20 @@ class ArrayService:
             self._step, self._arrays, self._last_step = None, {}, None
             self._changed.notify_all()
 
-    def abort(self, reason: str) -> None:
-        """The owner's step failed: refuse every request, those waiting for
-        a step first, until the next `open` (a waiting reader learns at once
-        that its step will not come, and fails in turn)."""
+    def abort(self, step: int, reason: str) -> None:
+        """The owner's part of `step` failed: refuse every request for that
+        step or a later one, those waiting first, until the next `open` (a
+        waiting reader learns at once that its step will not come, and fails
+        in turn); what was offered for an earlier step is still served."""
         with self._lock:
-            self._aborted = reason
+            if self._aborted is None or step < self._aborted[0]:
+                self._aborted = (step, reason)
             self._changed.notify_all()
+
+    def aborted(self) -> str | None:
+        """Why the owner's part of a step failed since the last `open`, if it did."""
+        with self._lock:
+            return None if self._aborted is None else self._aborted[1]
 
     def close(self) -> None:
         """Stop listening and cut every connection."""
@@ -328,8 +338,8 @@ class ArrayService:
             return None, b"", self._generation
         if self.closed:
             return _CLOSED, None, 0
-        if self._aborted is not None:
-            return f"aborted: {self._aborted}", None, 0
+        if self._aborted is not None and step >= self._aborted[0]:
+            return _Abort(self._aborted[1]), None, 0
         array = self._arrays.get(key)
         if wait and step != self._step and (self._last_step is None or step > self._last_step):
             return _WAITING, None, 0  # a step still to come
@@ -384,7 +394,7 @@ class ArrayService:
             conn.settimeout(None)  # a peer's: no deadline from now on
         if reason is not None:
             message = reason.encode()
-            conn.sendall(RESPONSE.pack(REFUSED, len(message)) + message)
+            conn.sendall(RESPONSE.pack(ABORTED if isinstance(reason, _Abort) else REFUSED, len(message)) + message)
             return reason != WRONG_TOKEN
         conn.sendall(RESPONSE.pack(OK, len(payload)))
         conn.sendall(payload)
@@ -486,6 +496,9 @@ class ArrayClient:
                 break
         if status != OK:
             message = (_recv_exact(conn, size) or b"").decode("utf-8", "replace") if size <= 4096 else "?"
+            if status == ABORTED:
+                raise Aborted(f"the array service at {h.host}:{h.port} cannot give {h.key!r} of step {h.step + 1}: "
+                              f"{message}")
             raise Refused(f"the array service at {h.host}:{h.port} refused {h.key!r} of step {h.step + 1}: {message}")
         if size != len(into):
             raise Refused(f"the array service at {h.host}:{h.port} sent {size} bytes of {h.key!r}, "
@@ -537,23 +550,25 @@ class ArrayPeer:
             raise Refused("this actor's array service was not opened for the job's token (workers.transport)")
         return self._array_service.offer(step, arrays)
 
-    def _held(self, token: str, step: int, key: str) -> NetArray | None:
-        s = self._array_service
-        return s.held(step, key) if s is not None and s.token == token else None
-
     def _withdraw(self) -> None:
         if self._array_service is not None:
             self._array_service.withdraw()
 
     @contextmanager
-    def _aborting(self, what: str):
-        """Run a step's part; if it fails, abort this actor's service (its
-        waiting readers are refused at once, saying `what` failed and why)."""
+    def _aborting(self, what: str, step: int):
+        """Run this actor's part of `step`; if it fails, abort this actor's
+        service from `step` on (its waiting readers are refused at once,
+        saying `what` failed and why). Once aborted, a later part (a
+        pipelined step still queued) fails at once, without pulling."""
+        s = self._array_service
+        before = s.aborted() if s is not None else None
+        if before is not None:
+            raise Aborted(f"{what}: not made, an earlier step's part failed here: {before}")
         try:
             yield
         except BaseException as err:
-            if self._array_service is not None:
-                self._array_service.abort(f"{what} failed ({type(err).__name__}: {str(err)[:200]})")
+            if s is not None:
+                s.abort(step, f"{what} failed ({type(err).__name__}: {str(err)[:200]})")
             raise
 
     def _pulls(self) -> ArrayClient:
