@@ -95,14 +95,16 @@ class ObjectStoreCalibration:
 
 
 # docs/scaling.md says where each comes from. bench/scaling.py on 1-4
-# namespace hosts of this 2-core machine, quiet (2026-12-03 16:49-17:00
-# UTC, load average 0.1-4): c0, c_w, alpha and eta fitted on the 1-, 2-
-# and 4-host points (c_w fitted 0: not seen at 1-4 workers), F and rho
-# from its 1-host points. mu from bench/transport_rate.py (the transport
-# on loopback, no relay): the bench's own fit of mu (10.2 ns/B) is the link
-# emulator's relays, not shardprop's.
-FITTED = Calibration(flop_rate=81.0e9, step_overhead_s=3.72e-3, per_worker_s=0.0, per_transfer_s=1.76e-3,
-                     link_efficiency=0.958, per_byte_s=0.31e-9, reduce_s_per_value=5.3e-9)
+# namespace hosts of this 2-core machine with the direct step graph
+# (2026-12-06 22:05-22:17 UTC, load average 1-6.5, the bench's own hosts):
+# c0, c_w, alpha and eta fitted on the 1-, 2- and 4-host points (c_w fitted
+# 0: not seen at 1-4 workers; eta fitted 1.08, above the wire's 1, taken as
+# 1), F and rho from its 1-host points (this machine computed ~35% slower
+# that day than on 2026-12-03). mu from bench/transport_rate.py (the
+# transport on loopback, no relay): the bench's own fit of mu (11.8 ns/B)
+# is the link emulator's relays, not shardprop's.
+FITTED = Calibration(flop_rate=50.5e9, step_overhead_s=3.01e-3, per_worker_s=0.0, per_transfer_s=0.26e-3,
+                     link_efficiency=1.0, per_byte_s=0.31e-9, reduce_s_per_value=7.9e-9)
 
 # The object-store transport (SHARDPROP_DATA_PORTS=off): fitted by
 # bench/scaling.py on 2 namespace hosts under a load average of ~35
