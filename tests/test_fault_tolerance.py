@@ -85,9 +85,17 @@ def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_clus
             lost.set()
 
     records = []
+    node_back = threading.Event()
+
+    def on_step(record):
+        records.append(record["workers"])
+        if record["step"] == 5:
+            step_5.set()
+        if lost.is_set():  # the job's steps (~25 ms) wait here until the node is back, so steps are left to use it
+            assert node_back.wait(120), "the node was not added back"
+
     # Slowed steps (20 ms per worker call) keep the job running while Ray notices the lost node.
-    coordinator = Coordinator(spec(workers=6, steps=150), tmp_path / "run",
-                              on_step=lambda r: (records.append(r["workers"]), r["step"] == 5 and step_5.set()),
+    coordinator = Coordinator(spec(workers=6, steps=150), tmp_path / "run", on_step=on_step,
                               on_event=by_kind(on_event),
                               start_worker=fault_plan({i: {"delay_s": 0.02} for i in range(12)}))
     job = threading.Thread(target=lambda: state.update(net=coordinator.run()))
@@ -99,7 +107,9 @@ def test_a_removed_node_moves_its_shards_and_returning_capacity_is_used(ray_clus
                                 allow_graceful=False)
         assert lost.wait(120), "the lost node was not recovered from"
         added = ray_cluster.add_node(num_cpus=2)
+        ray_cluster.wait_for_nodes()
     finally:
+        node_back.set()
         job.join(300)
     assert np.array_equal(state["net"].params, train(spec(workers=6, steps=150))[0].params)
     assert state["workers_after_loss"] == 4  # no spare capacity: survivors took the shards

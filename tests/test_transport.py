@@ -497,8 +497,8 @@ def test_an_actor_whose_part_failed_fails_its_later_parts_without_pulling(servic
     from workers.transport import ArrayPeer
 
     class Peer(ArrayPeer):
-        def part(self, step, fail=False):
-            with self._aborting(f"worker 0's step {step + 1}", step):
+        def part(self, step, fail=False, token=TOKEN):
+            with self._aborting(f"worker 0's step {step + 1}", step, token):
                 if fail:
                     raise ValueError("bad rows")
                 return "made"
@@ -511,6 +511,10 @@ def test_an_actor_whose_part_failed_fails_its_later_parts_without_pulling(servic
     with pytest.raises(Aborted, match=r"worker 0's step 6: not made, an earlier step's part failed here: "
                                       r"worker 0's step 5 failed \(ValueError: bad rows\)"):
         peer.part(5)
+    assert peer.part(5, token=None) == "made"  # a call of no graph (a stray, late plan) is not refused for it
+    with pytest.raises(ValueError):
+        peer.part(6, fail=True, token=None)  # nor aborts the service when it fails
+    assert service.aborted() == "worker 0's step 5 failed (ValueError: bad rows)"
     service.open(TOKEN)  # the next graph
     assert peer.part(5) == "made"
 

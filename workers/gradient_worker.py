@@ -216,7 +216,7 @@ class GradientWorker(transport.ArrayPeer):
         servers, their reduce and apply, and the new parameters coming back.
         If the step fails, this worker's array service refuses every reader
         (the servers waiting for its gradients learn at once)."""
-        with self._aborting(f"worker {self.index}'s step {plan.step + 1}", plan.step):
+        with self._aborting(f"worker {self.index}'s step {plan.step + 1}", plan.step, plan.net_token):
             return self._step(plan, param_slices)
 
     def _step(self, plan: StepPlan, param_slices: tuple) -> WorkerResult:

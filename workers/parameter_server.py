@@ -136,7 +136,7 @@ class ParameterServer(transport.ArrayPeer):
         optimizer updates the file in place); with a TCP token, a handle to
         this server's array service, which serves them until the step's
         commit."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step, plan.net_token):
             self._refuse_other_epochs(plan.step, plan)
             self._expect(plan.step, "asked for")
             if plan.net_token:  # served until this step's commit, which offers the next step's
@@ -164,7 +164,7 @@ class ParameterServer(transport.ArrayPeer):
         in shard order; True if the mean is finite. The results are the
         workers' own, or (the direct graph) where they will be: this server
         pulls them, waiting for the step."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step, plan.net_token):
             return self._reduce(plan, results)
 
     def _reduce(self, plan: StepPlan, results: tuple) -> bool:
@@ -262,7 +262,7 @@ class ParameterServer(transport.ArrayPeer):
         """Apply the reduced step if every slice was finite. Returns the step's
         statistics, with this slice's new parameters if the plan asks for them
         (to evaluate) and its whole state if it asks for a checkpoint."""
-        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step):
+        with self._aborting(f"parameter server {self.index}'s step {plan.step + 1}", plan.step, plan.net_token):
             return self._commit(plan, finite)
 
     def _commit(self, plan: StepPlan, finite: tuple) -> StepStats:

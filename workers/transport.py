@@ -555,19 +555,22 @@ class ArrayPeer:
             self._array_service.withdraw()
 
     @contextmanager
-    def _aborting(self, what: str, step: int):
-        """Run this actor's part of `step`; if it fails, abort this actor's
-        service from `step` on (its waiting readers are refused at once,
-        saying `what` failed and why). Once aborted, a later part (a
-        pipelined step still queued) fails at once, without pulling."""
+    def _aborting(self, what: str, step: int, token: str | None):
+        """Run this actor's part of `step` of the graph whose token is
+        `token`; if it fails, abort this actor's service from `step` on (its
+        waiting readers are refused at once, saying `what` failed and why).
+        Once aborted, a later part of the same graph (a pipelined step still
+        queued) fails at once, without pulling. A call of no graph of this
+        service's (another token, or none) neither aborts nor is refused."""
         s = self._array_service
-        before = s.aborted() if s is not None else None
+        mine = s is not None and token is not None and s.token == token
+        before = s.aborted() if mine else None
         if before is not None:
             raise Aborted(f"{what}: not made, an earlier step's part failed here: {before}")
         try:
             yield
         except BaseException as err:
-            if s is not None:
+            if mine:
                 s.abort(step, f"{what} failed ({type(err).__name__}: {str(err)[:200]})")
             raise
 
