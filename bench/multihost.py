@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from tests.netns_cluster import BENCH, NetnsCluster, end_group, unavailable_reason  # noqa: E402
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
+       "SHARDPROP_STEP_GRAPH": "direct",  # across nodes too (docs/distributed.md)
        "RAY_USAGE_STATS_ENABLED": "0"}
 
 SPEC = {

@@ -266,7 +266,7 @@ class Cluster:
             no_gso(self.nets)
             self.rtt_ms["unshaped"] = rtt_ms(self.nets)
             self.driver = subprocess.Popen(self.nets.prefix(0) + [sys.executable, "-c", DRIVER, self.nets.address],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**ENV, "SHARDPROP_STEP_GRAPH": "direct"},
                                            cwd=ROOT, start_new_session=True)
             self.driver_node = self._read()["node"]
         except BaseException:
